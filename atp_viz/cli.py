@@ -1,0 +1,106 @@
+"""Command line: ``python -m atp_viz <command>`` (also installed as ``atp-viz``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from atp_viz.models import ModelLoadError
+from atp_viz.texts import TextError
+
+
+def _read_text(path: str) -> str:
+    from atp_viz.texts import decode_upload
+
+    p = Path(path)
+    if not p.is_file():
+        raise TextError(f"No such text file: {path}")
+    return decode_upload(p.read_bytes(), p.name)
+
+
+def _write_json(obj, out: str | None) -> None:
+    text = json.dumps(obj, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def cmd_spectra(args: argparse.Namespace) -> int:
+    from atp_viz import spectra
+    from atp_viz.capture import capture
+    from atp_viz.models import load_model
+
+    text = _read_text(args.text_file)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    cap = capture(loaded, text, attentions="none")
+    sps = spectra.layer_spectra(
+        [layer.x for layer in cap.layers], centered=args.centered, skip_first=args.skip_first
+    )
+    rows = []
+    print(f"{cap.info.label}: L = {cap.n_tokens} tokens, d = {cap.info.d_model}", file=sys.stderr)
+    for note in cap.notes:
+        print(f"note: {note}", file=sys.stderr)
+    header = "layer  erank  " + "  ".join(f"r@{t:.0%}" for t in spectra.THRESHOLDS)
+    print(header, file=sys.stderr)
+    for i, sp in enumerate(sps):
+        ranks = [sp.rank_for(t) for t in spectra.THRESHOLDS]
+        print(f"{i:5d}  {sp.effective_rank:5.1f}  " + "  ".join(f"{r:5d}" for r in ranks), file=sys.stderr)
+        rows.append(
+            {
+                "layer": i,
+                "effective_rank": sp.effective_rank,
+                "rank_for": {f"{t}": r for t, r in zip(spectra.THRESHOLDS, ranks, strict=True)},
+                "singular_values": sp.singular_values.tolist(),
+            }
+        )
+    _write_json(
+        {
+            "model": args.model,
+            "n_tokens": cap.n_tokens,
+            "n_tokens_before_truncation": cap.n_original,
+            "centered": args.centered,
+            "skip_first": args.skip_first,
+            "load_seconds": t_load,
+            "notes": list(cap.notes),
+            "layers": rows,
+        },
+        args.json,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atp-viz", description="ATP Explorer command line.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("spectra", help="singular-value spectra of every layer's attention input")
+    s.add_argument("--model", default="minilm", help="minilm | smollm2 | tiny-* | folder | hub id")
+    s.add_argument("--text-file", required=True)
+    s.add_argument("--centered", action="store_true", help="PCA (subtract the mean token) instead of SVD")
+    s.add_argument("--skip-first", action="store_true", help="leave out the first token")
+    s.add_argument("--json", help="write the result here (default: stdout)")
+    s.set_defaults(func=cmd_spectra)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ModelLoadError, TextError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

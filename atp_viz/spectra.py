@@ -1,0 +1,142 @@
+"""Singular-value spectra of attention inputs and keys: pure functions, arrays in, arrays out.
+
+Definitions used throughout (and shown in the UI):
+
+- singular values s_1 >= s_2 >= ... of X (``[L, d]``), uncentred (SVD, what ATP uses: its basis is
+  the top left singular vectors of X itself) or centred (PCA: the mean token is subtracted first);
+- energy of component i: s_i^2 / sum_j s_j^2; cumulative energy E(k) = sum_{i<=k} s_i^2 / sum_j s_j^2;
+- rank needed for a threshold t: the smallest k with E(k) >= t;
+- effective rank (Roy & Vetterli, 2007): exp(H(p)) with p_i = s_i / sum_j s_j and
+  H(p) = -sum_i p_i log p_i. It is 1 for a rank-1 matrix and min(L, d) for a flat spectrum.
+
+The first token of a decoder is often an attention sink with activations tens of times larger than
+the rest; it alone can make X look "rank 1 at 90% energy". ``skip_first`` leaves it out so the user
+can see the structure of the other tokens; the UI explains why the option exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+THRESHOLDS: tuple[float, ...] = (0.9, 0.95, 0.99)
+EFFECTIVE_RANK_FORMULA = (
+    r"\operatorname{erank}(X) = \exp\Big(-\sum_i p_i \log p_i\Big),"
+    r"\quad p_i = \frac{\sigma_i}{\sum_j \sigma_j}"
+)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The spectrum of one matrix with ``n_rows`` rows (tokens) and ``n_cols`` features."""
+
+    singular_values: np.ndarray  # [min(n_rows, n_cols)], descending
+    n_rows: int
+    n_cols: int
+    centered: bool
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """s_i / s_1."""
+        s = self.singular_values
+        return s / s[0] if s.size and s[0] > 0 else np.zeros_like(s)
+
+    @property
+    def energy(self) -> np.ndarray:
+        """s_i^2 / sum_j s_j^2."""
+        e = self.singular_values.astype(np.float64) ** 2
+        total = e.sum()
+        return e / total if total > 0 else np.zeros_like(e)
+
+    @property
+    def cumulative_energy(self) -> np.ndarray:
+        return np.cumsum(self.energy)
+
+    def rank_for(self, threshold: float) -> int:
+        return rank_for_energy(self.singular_values, threshold)
+
+    @property
+    def effective_rank(self) -> float:
+        return effective_rank(self.singular_values)
+
+    def fraction_for(self, threshold: float) -> float:
+        """Rank needed as a fraction of the number of tokens (r / L: what ATP's cost depends on)."""
+        return self.rank_for(threshold) / self.n_rows
+
+
+def singular_values(
+    x: np.ndarray | torch.Tensor, *, centered: bool = False, skip_first: bool = False
+) -> np.ndarray:
+    """Singular values of ``x`` ``[L, d]`` (float64, descending); optionally centred / without row 0."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu", torch.float64)
+    else:
+        t = torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: captured arrays are read-only
+    if t.ndim != 2:
+        raise ValueError(f"expected a matrix [L, d], got shape {tuple(t.shape)}")
+    if skip_first:
+        t = t[1:]
+    if t.shape[0] == 0:
+        raise ValueError("no rows left (a single token with skip_first)")
+    if centered:
+        t = t - t.mean(dim=0, keepdim=True)
+    return torch.linalg.svdvals(t).numpy()
+
+
+def spectrum(x: np.ndarray | torch.Tensor, *, centered: bool = False, skip_first: bool = False) -> Spectrum:
+    s = singular_values(x, centered=centered, skip_first=skip_first)
+    n_rows = x.shape[0] - (1 if skip_first else 0)
+    return Spectrum(singular_values=s, n_rows=n_rows, n_cols=x.shape[1], centered=centered)
+
+
+def rank_for_energy(s: np.ndarray, threshold: float) -> int:
+    """Smallest k with sum_{i<=k} s_i^2 >= threshold * sum_i s_i^2 (0 for an all-zero matrix)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    e = np.asarray(s, dtype=np.float64) ** 2
+    total = e.sum()
+    if total <= 0:
+        return 0
+    cum = np.cumsum(e) / total
+    # A small tolerance so that threshold 1.0 is reached despite rounding in the cumulative sum.
+    return int(np.searchsorted(cum, threshold - 1e-12) + 1)
+
+
+def effective_rank(s: np.ndarray) -> float:
+    """Roy & Vetterli's effective rank exp(H(p)), p_i = s_i / sum_j s_j (see module docstring)."""
+    s = np.asarray(s, dtype=np.float64)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def layer_spectra(
+    xs: Sequence[np.ndarray], *, centered: bool = False, skip_first: bool = False
+) -> list[Spectrum]:
+    """One spectrum per layer, from each layer's attention input X ``[L, d]``."""
+    return [spectrum(x, centered=centered, skip_first=skip_first) for x in xs]
+
+
+def head_spectra(k: np.ndarray, *, centered: bool = False, skip_first: bool = False) -> list[Spectrum]:
+    """One spectrum per key/value head, from keys ``[Hkv, L, dh]``."""
+    return [spectrum(kh, centered=centered, skip_first=skip_first) for kh in k]
+
+
+def ranks_table(spectra: Sequence[Spectrum], thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
+    """``[n_layers, n_thresholds]`` ranks needed (int)."""
+    return np.array([[sp.rank_for(t) for t in thresholds] for sp in spectra], dtype=np.int64)
+
+
+def prefix_lengths(n_tokens: int, *, start: int = 16, factor: float = 2.0) -> list[int]:
+    """Geometric prefix lengths up to ``n_tokens`` (which is always included)."""
+    out, n = [], start
+    while n < n_tokens:
+        out.append(int(n))
+        n *= factor
+    out.append(n_tokens)
+    return out

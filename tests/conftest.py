@@ -1,0 +1,31 @@
+"""Shared fixtures: models are loaded once per test session (the bundled ones take seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = ("tiny-bert", "tiny-llama", "tiny-qwen2")
+BUNDLED = ("minilm", "smollm2")
+
+
+@pytest.fixture(scope="session")
+def load():
+    """``load(key)`` -> LoadedModel, cached for the session."""
+    from atp_viz.models import load_model
+
+    cache = {}
+
+    def _load(key: str):
+        if key not in cache:
+            cache[key] = load_model(key, device="cpu")
+        return cache[key]
+
+    return _load
+
+
+SENTENCE = "Attention on top principal keys keeps the few directions that carry most of the energy."
