@@ -1,0 +1,63 @@
+"""Home: pick a model and a text, see its tokens and a one-glance low-rank summary."""
+
+import numpy as np
+import streamlit as st
+
+from atp_viz import plots, spectra
+from atp_viz.analysis import sink_ratio
+from atp_viz.texts import readable_tokens
+from pages.common import load_or_explain, model_caption, sidebar
+
+MAX_TOKENS_SHOWN = 600
+
+st.title("ATP Explorer")
+st.markdown(
+    "Are the inputs of attention layers **low-rank**? If a sequence of L tokens is well described by "
+    "r << L principal directions, attention can be computed on those r *principal keys* instead of all L "
+    "tokens: **ATP**, *Attention on Top Principal keys* (Niu, Prakash, Avestimehr, arXiv 2403.02352). "
+    "Pick a model and a text in the sidebar; the pages show the spectra behind the claim."
+)
+
+sel = sidebar()
+if sel is None:
+    st.stop()
+result = load_or_explain(sel)
+if result is None:
+    st.stop()
+loaded, cap = result
+st.caption(model_caption(loaded))
+
+sps = spectra.layer_spectra([layer.x for layer in cap.layers])
+eranks = [sp.effective_rank for sp in sps]
+r90 = [sp.rank_for(0.9) for sp in sps]
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Tokens L", f"{cap.n_tokens:,}", help="after truncation to the model's limit, if any")
+c2.metric("Width d", cap.info.d_model)
+c3.metric("Mean effective rank", f"{np.mean(eranks):.1f}", help="averaged over layers")
+c4.metric(
+    "Mean rank for 90% energy",
+    f"{np.mean(r90):.1f}",
+    f"{np.mean(r90) / cap.n_tokens:.0%} of L",
+    delta_color="off",
+)
+
+st.plotly_chart(plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model), key="home_erank")
+st.latex(spectra.EFFECTIVE_RANK_FORMULA)
+st.caption(
+    "Effective rank (Roy & Vetterli, 2007) of each layer's attention input X (uncentred, all tokens). "
+    "It is 1 for a rank-1 matrix and min(L, d) for a flat spectrum."
+)
+sink = max(sink_ratio(layer.resid) for layer in cap.layers)
+if sink > 10:
+    st.warning(
+        f"In the residual stream the first token's activations are up to {sink:.0f}x the median token's (an "
+        "*attention sink*). That one row dominates the energy and makes those layers look nearly rank 1. The "
+        "spectra page compares the residual stream with the attention input X and can leave the first token "
+        "out to show the structure of the others."
+    )
+
+st.subheader(f"Tokens ({cap.n_tokens:,})")
+shown = readable_tokens(cap.tokens[:MAX_TOKENS_SHOWN])
+st.code(" | ".join(shown), language=None, wrap_lines=True)
+if cap.n_tokens > MAX_TOKENS_SHOWN:
+    st.caption(f"Showing the first {MAX_TOKENS_SHOWN} of {cap.n_tokens:,} tokens; all of them are used.")

@@ -1,0 +1,74 @@
+"""The app and every page run on the bundled default model (Streamlit's AppTest, no browser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+TIMEOUT = 180
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+def _app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if page:
+        at.switch_page(page)
+    return at
+
+
+def _charts(at: AppTest) -> list:
+    return at.get("plotly_chart")
+
+
+def test_home_runs_on_default_model():
+    at = _app().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "ATP Explorer"
+    assert at.selectbox(key="model_choice").value == "minilm"
+    assert len(_charts(at)) == 1
+    assert any(m.label == "Tokens L" for m in at.metric)
+
+
+def test_spectra_page_charts_and_length_study():
+    at = _app("pages/spectra.py").run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 5  # spectra, energy, ranks heatmap, key spectra, token norms
+    at.button(key="run_length_study").click().run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 6
+    assert any("fraction of components needed" in m.value for m in at.markdown)
+
+
+def test_spectra_options_rerun():
+    at = _app("pages/spectra.py").run()
+    at.checkbox(key="skip_first").check().run()
+    at.radio(key="spectra_mode").set_value("PCA (centred)").run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 5
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_typed_text_shows_message(text):
+    at = _app().run()
+    at.radio(key="text_source").set_value("Type").run()
+    at.text_area(key="typed_text").input(text).run()
+    assert not at.exception
+    assert any("empty" in w.value for w in at.warning)
+
+
+def test_unknown_model_shows_error():
+    at = _app().run()
+    at.selectbox(key="model_choice").set_value("__other__").run()
+    at.text_input(key="other_model").input("nobody/no-such-model-xyz").run()
+    assert not at.exception
+    assert any("not a bundled model" in e.value for e in at.error)
+
+
+def test_smollm2_home_and_sink_warning():
+    at = _app().run()
+    at.selectbox(key="model_choice").set_value("smollm2").run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 1
+    assert any("attention sink" in w.value for w in at.warning)
