@@ -1,0 +1,200 @@
+"""Plotly figure builders: arrays in, ``plotly.graph_objects.Figure`` out. No Streamlit here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+
+from atp_viz.spectra import Spectrum
+
+TEMPLATE = "plotly_white"
+THRESHOLD_DASH = ("dot", "dash", "dashdot")
+
+
+def _layer_colors(n: int) -> list[str]:
+    return sample_colorscale("Viridis", [i / max(n - 1, 1) for i in range(n)])
+
+
+def _base(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis_title=x,
+        yaxis_title=y,
+        height=height,
+        margin=dict(l=60, r=20, t=60, b=50),
+        legend=dict(font=dict(size=10)),
+    )
+    return fig
+
+
+def spectra_figure(
+    spectra: Sequence[Spectrum],
+    labels: Sequence[str],
+    *,
+    log: bool = True,
+    title: str = "Singular values of the attention input X, per layer",
+) -> go.Figure:
+    """One line per matrix: normalised singular values s_i / s_1 against the component index."""
+    fig = go.Figure()
+    for sp, label, color in zip(spectra, labels, _layer_colors(len(spectra)), strict=True):
+        idx = np.arange(1, sp.singular_values.size + 1)
+        fig.add_trace(
+            go.Scatter(
+                x=idx,
+                y=sp.normalized,
+                mode="lines",
+                name=label,
+                line=dict(color=color, width=1.6),
+                hovertemplate=f"{label}<br>component %{{x}}<br>s_i/s_1 = %{{y:.3g}}<extra></extra>",
+            )
+        )
+    fig = _base(fig, title, "component i", "s_i / s_1")
+    if log:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def energy_figure(
+    spectra: Sequence[Spectrum],
+    labels: Sequence[str],
+    thresholds: Sequence[float],
+    *,
+    title: str = "Cumulative energy: how many components hold most of X",
+) -> go.Figure:
+    fig = go.Figure()
+    for sp, label, color in zip(spectra, labels, _layer_colors(len(spectra)), strict=True):
+        idx = np.arange(1, sp.singular_values.size + 1)
+        fig.add_trace(
+            go.Scatter(
+                x=idx,
+                y=sp.cumulative_energy,
+                mode="lines",
+                name=label,
+                line=dict(color=color, width=1.6),
+                hovertemplate=f"{label}<br>%{{x}} components: %{{y:.1%}}<extra></extra>",
+            )
+        )
+    for t, dash in zip(thresholds, THRESHOLD_DASH, strict=False):
+        fig.add_hline(y=t, line=dict(color="grey", dash=dash, width=1), annotation_text=f"{t:.0%}")
+    fig = _base(fig, title, "components kept (k)", "energy E(k)")
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def ranks_heatmap(
+    table: np.ndarray,
+    row_labels: Sequence[str],
+    thresholds: Sequence[float],
+    n_tokens: int,
+    *,
+    title: str = "Components needed per layer and energy threshold",
+) -> go.Figure:
+    """``table[layer, threshold]`` = rank needed; cells also show it as a fraction of L."""
+    text = [[f"{v} ({v / n_tokens:.0%} of L)" for v in row] for row in table]
+    fig = go.Figure(
+        go.Heatmap(
+            z=table,
+            x=[f"{t:.0%}" for t in thresholds],
+            y=list(row_labels),
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            colorbar=dict(title="rank"),
+            hovertemplate="%{y}, %{x} energy: %{text}<extra></extra>",
+        )
+    )
+    fig = _base(fig, title, "energy threshold", "", height=max(300, 28 * len(row_labels) + 120))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def effective_rank_figure(
+    eranks: Sequence[float],
+    ranks_90: Sequence[int],
+    n_tokens: int,
+    d_model: int,
+    *,
+    title: str = "Effective rank of X per layer",
+) -> go.Figure:
+    """Bars: effective rank; markers: rank for 90% energy; lines: the ceilings L and d."""
+    layers = [f"L{i}" for i in range(len(eranks))]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=layers, y=list(eranks), name="effective rank", marker_color="#4c78a8"))
+    fig.add_trace(
+        go.Scatter(
+            x=layers, y=list(ranks_90), name="rank for 90% energy", mode="markers", marker=dict(size=9)
+        )
+    )
+    ceiling = min(n_tokens, d_model)
+    fig.add_hline(
+        y=ceiling,
+        line=dict(dash="dash", color="grey"),
+        annotation_text=f"max possible = min(L, d) = {ceiling}",
+    )
+    return _base(fig, f"{title} (L = {n_tokens} tokens)", "layer", "rank")
+
+
+def fraction_vs_length_figure(
+    lengths: Sequence[int],
+    fractions: np.ndarray,
+    labels: Sequence[str],
+    d_model: int,
+    threshold: float,
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """``fractions[series, point]`` = rank needed / L, one series per layer (or summary).
+
+    The dashed curve d / L is the ceiling: rank(X) <= d, so past L = d the fraction must fall even
+    for a matrix with no structure at all. A claim of "relatively lower rank" is only interesting
+    where the measured fractions sit clearly below that ceiling (and below 1).
+    """
+    fig = go.Figure()
+    lengths = np.asarray(lengths)
+    for row, label, color in zip(fractions, labels, _layer_colors(len(labels)), strict=True):
+        fig.add_trace(
+            go.Scatter(
+                x=lengths,
+                y=row,
+                mode="lines+markers",
+                name=label,
+                line=dict(color=color, width=1.4),
+                hovertemplate=f"{label}<br>L = %{{x}}<br>%{{y:.1%}} of L<extra></extra>",
+            )
+        )
+    grid = np.geomspace(max(lengths.min(), 1), lengths.max(), 64)
+    fig.add_trace(
+        go.Scatter(
+            x=grid,
+            y=np.minimum(1.0, d_model / grid),
+            mode="lines",
+            name="ceiling min(1, d/L)",
+            line=dict(color="black", dash="dash", width=1),
+        )
+    )
+    title = title or f"Fraction of components needed for {threshold:.0%} energy vs sequence length"
+    fig = _base(fig, title, "sequence length L (tokens)", "rank needed / L", height=460)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    return fig
+
+
+def token_norms_figure(norms: np.ndarray, tokens: Sequence[str], *, title: str) -> go.Figure:
+    """Row norms of X per token: shows an attention-sink token whose activations dwarf the rest."""
+    fig = go.Figure(
+        go.Bar(
+            x=np.arange(len(norms)),
+            y=norms,
+            customdata=list(tokens),
+            hovertemplate="token %{x}: %{customdata}<br>|x| = %{y:.3g}<extra></extra>",
+            marker_color="#f58518",
+        )
+    )
+    fig = _base(fig, title, "token position", "row norm of X", height=320)
+    fig.update_yaxes(type="log")
+    return fig
