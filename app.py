@@ -14,6 +14,7 @@ st.set_page_config(page_title="ATP Explorer", page_icon=":material/scatter_plot:
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/spectra.py", title="Low-rank spectra", icon=":material/insights:", url_path="spectra"),
+    st.Page("pages/explorer.py", title="Rank explorer", icon=":material/tune:", url_path="explorer"),
 ]
 
 st.navigation(PAGES).run()

@@ -188,10 +188,14 @@ def activate(
     model: nn.Module,
     *,
     capture: bool = False,
+    outputs: bool = False,
     atp: Any = None,
     key_mask: torch.Tensor | None = None,
 ) -> Iterator[CallState]:
     """Within this block, forward passes of ``model`` in this thread capture and/or run ATP.
+
+    ``capture`` records everything (X, Q, K, V, attention, block input and output); ``outputs`` only
+    each block's output (what a comparison of ATP with dense needs).
 
     ``key_mask`` ``[B, L]`` (True = real token) tells ATP which rows are padding, so padding never
     enters a basis or a spectrum.
@@ -252,6 +256,7 @@ def activate(
             handles.append(m.attn.register_forward_pre_hook(attn_pre_hook(m.index), with_kwargs=True))
             if capture:
                 handles.append(m.block.register_forward_pre_hook(block_pre_hook(m.index), with_kwargs=True))
+            if capture or outputs:
                 handles.append(m.block.register_forward_hook(block_hook(m.index)))
             if atp is not None and atp.lowrank_linear and atp.applies_to(m.index) and m.mlp is not None:
                 handles.append(m.mlp.register_forward_pre_hook(mlp_pre_hook(m.index), with_kwargs=True))

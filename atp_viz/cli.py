@@ -78,6 +78,67 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_rank(text: str) -> int | float:
+    """'64' -> 64 principal keys; '0.5' -> half of L."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an int or a fraction (0.5), got {text!r}") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from atp_viz import compare
+    from atp_viz.engine import ATPConfig, parse_layers
+    from atp_viz.models import load_model
+    from atp_viz.texts import tokenize
+
+    text = _read_text(args.text_file)
+    loaded = load_model(args.model)
+    tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
+    config = ATPConfig(
+        rank=args.rank,
+        form=args.form,
+        layers=parse_layers(args.layers, loaded.info.n_layers),
+        basis_source=args.basis,
+        lowrank_linear=args.lowrank_linear,
+    )
+    dense = compare.forward(loaded, tok)
+    run = compare.forward(loaded, tok, config)
+    result = compare.compare(dense, run).as_dict(loaded.tokenizer)
+    result.update(model=args.model, text_file=args.text_file, truncation_notice=tok.notice)
+    if tok.notice:
+        print(f"note: {tok.notice}", file=sys.stderr)
+    if loaded.info.is_decoder and args.new_tokens > 0:
+        cont = compare.continuation(loaded, tok, config, n_new=args.new_tokens)
+        result["continuation"] = {
+            "dense": loaded.tokenizer.decode(list(cont.dense_ids)),
+            "atp": loaded.tokenizer.decode(list(cont.atp_ids)),
+            "first_divergence": cont.first_divergence,
+            "agreement": sum(a == b for a, b in zip(cont.dense_ids, cont.atp_ids, strict=False))
+            / max(1, min(len(cont.dense_ids), len(cont.atp_ids))),
+        }
+    if args.sweep:
+        sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
+        result["sweep"] = {
+            "metric": sw.metric,
+            "ranks": sw.ranks.tolist(),
+            "exact": sw.exact.tolist(),
+            "linear": sw.linear.tolist(),
+            "linearisation": sw.linearisation.tolist(),
+        }
+    summary = f"{config.label()}: r = {result['rank']} of L = {result['n_tokens']}"
+    if "embedding_cosine_to_dense" in result:
+        summary += f", embedding cosine to dense {result['embedding_cosine_to_dense']:.4f}"
+    else:
+        summary += (
+            f", next-token KL {result['next_token_kl_dense_to_atp']:.4f} nats, "
+            f"top-1 agrees: {result['next_token_top1_agree']}"
+        )
+    print(summary, file=sys.stderr)
+    _write_json(result, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atp-viz", description="ATP Explorer command line.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -89,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-first", action="store_true", help="leave out the first token")
     s.add_argument("--json", help="write the result here (default: stdout)")
     s.set_defaults(func=cmd_spectra)
+
+    c = sub.add_parser("compare", help="ATP vs dense on one text at one rank")
+    c.add_argument("--model", default="minilm", help="minilm | smollm2 | tiny-* | folder | hub id")
+    c.add_argument("--text-file", required=True)
+    c.add_argument("--rank", type=parse_rank, default=0.5, help="int (principal keys) or fraction of L")
+    c.add_argument("--form", choices=["exact", "linear"], default="exact")
+    c.add_argument("--layers", default="all", help="'all', '3', '0-5' or '1,3,7'")
+    c.add_argument("--basis", choices=["input", "keys"], default="input", help="basis from X or from K")
+    c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
+    c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
+    c.add_argument("--sweep", action="store_true", help="also sweep the rank for both forms")
+    c.add_argument("--json", help="write the result here (default: stdout)")
+    c.set_defaults(func=cmd_compare)
     return p
 
 
@@ -97,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ModelLoadError, TextError, ValueError) as err:
+    except (ModelLoadError, TextError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

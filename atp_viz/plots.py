@@ -198,3 +198,73 @@ def token_norms_figure(norms: np.ndarray, tokens: Sequence[str], *, title: str) 
     fig = _base(fig, title, "token position", "row norm of X", height=320)
     fig.update_yaxes(type="log")
     return fig
+
+
+def heatmap_figure(
+    m: np.ndarray,
+    *,
+    title: str,
+    x_title: str,
+    y_title: str = "query token",
+    diverging: bool = False,
+    block: int = 1,
+    height: int = 420,
+) -> go.Figure:
+    """A map as a heatmap; ``diverging`` centres the colour scale on 0 (for differences).
+
+    ``block`` > 1 means the map was average-pooled in blocks of that many tokens (said in the title).
+    """
+    kw: dict = dict(colorscale="RdBu_r", zmid=0.0) if diverging else dict(colorscale="Viridis")
+    if block > 1:
+        title = f"{title} (averaged over blocks of {block} tokens)"
+    fig = go.Figure(go.Heatmap(z=m, hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>", **kw))
+    fig = _base(fig, title, x_title, y_title, height=height)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def layer_error_figure(
+    errors: np.ndarray, *, title: str = "Relative error of each layer's output"
+) -> go.Figure:
+    """||H_ATP - H_dense|| / ||H_dense|| per block output."""
+    fig = go.Figure(
+        go.Bar(
+            x=[f"L{i}" for i in range(len(errors))],
+            y=errors,
+            marker_color="#e45756",
+            hovertemplate="%{x}: %{y:.3g}<extra></extra>",
+        )
+    )
+    return _base(fig, title, "layer", "relative error", height=320)
+
+
+def sweep_figure(
+    ranks, exact, linear, *, metric: str, n_tokens: int, current: int | None = None
+) -> go.Figure:
+    """Error vs rank for both forms, with linearisation (linear - exact) as its own line."""
+    ranks = np.asarray(ranks)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(x=ranks, y=exact, name="exact form: error from dropped bases", mode="lines+markers")
+    )
+    fig.add_trace(
+        go.Scatter(x=ranks, y=linear, name="linear form (the paper's): total error", mode="lines+markers")
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=ranks,
+            y=np.asarray(linear) - np.asarray(exact),
+            name="linearisation = linear - exact",
+            mode="lines",
+            line=dict(dash="dot"),
+        )
+    )
+    if current is not None:
+        fig.add_vline(x=current, line=dict(color="grey", dash="dash"), annotation_text=f"r = {current}")
+    for frac in (0.25, 0.5):
+        fig.add_vline(x=max(1, round(frac * n_tokens)), line=dict(color="lightgrey", width=1))
+    fig = _base(
+        fig, f"Error vs rank (L = {n_tokens}; light lines at L/4 and L/2)", "rank r", metric, height=420
+    )
+    fig.update_xaxes(type="log")
+    return fig

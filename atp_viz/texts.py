@@ -94,7 +94,7 @@ def tokenize(tokenizer, text: str, max_tokens: int, *, min_tokens: int = 2) -> T
     A spectrum needs at least ``min_tokens`` tokens; one token gives a clear error instead.
     """
     text = validate_text(text)
-    enc = tokenizer(text, return_tensors="pt", truncation=False)
+    enc = tokenizer(text, return_tensors="pt", truncation=False, verbose=False)
     ids = enc["input_ids"]
     n_original = ids.shape[1]
     if n_original > max_tokens:

@@ -31,7 +31,7 @@ def get_model(key: str) -> LoadedModel:
 # Captures are frozen dataclasses of read-only arrays, so they are shared (cache_resource) rather
 # than copied on every rerun (cache_data pickles; SmolLM2 at 2k tokens would copy ~500 MB per rerun).
 @st.cache_resource(show_spinner="Running the model and capturing every layer...", max_entries=8)
-def get_capture(model_key: str, text: str, attentions: str = "auto") -> Capture:
+def get_capture(model_key: str, text: str, attentions: str | tuple[int, ...] = "auto") -> Capture:
     return capture(get_model(model_key), text, attentions=attentions)
 
 

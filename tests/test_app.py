@@ -72,3 +72,43 @@ def test_smollm2_home_and_sink_warning():
     assert not at.exception, at.exception
     assert len(_charts(at)) == 1
     assert any("attention sink" in w.value for w in at.warning)
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_explorer_minilm_slider_changes_metrics():
+    at = _app("pages/explorer.py").run()
+    assert not at.exception, at.exception
+    first = _metric(at, "Sentence-embedding cosine to dense")
+    assert len(_charts(at)) == 5  # layer errors + 4 attention maps
+    at.slider(key="rank_frac").set_value(0.2).run()
+    assert not at.exception, at.exception
+    assert _metric(at, "Sentence-embedding cosine to dense") != first
+    at.slider(key="rank_frac").set_value(1.0).run()
+    assert float(_metric(at, "Sentence-embedding cosine to dense")) == pytest.approx(1.0, abs=1e-4)
+    at.radio(key="form").set_value("linear").run()
+    assert not at.exception, at.exception
+    at.button(key="run_sweep").click().run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 6
+
+
+def test_explorer_bad_layer_spec_shows_error():
+    at = _app("pages/explorer.py").run()
+    at.text_input(key="atp_layers").input("0-99").run()
+    assert not at.exception
+    assert any("do not exist" in e.value for e in at.error)
+
+
+def test_explorer_smollm2_decoder_outputs():
+    at = _app("pages/explorer.py").run()
+    at.selectbox(key="model_choice").set_value("smollm2").run()
+    assert not at.exception, at.exception
+    first = _metric(at, "Next-token KL(dense || ATP)")
+    assert len(at.dataframe) == 1  # top-10 dense vs ATP
+    at.radio(key="rank_unit").set_value("tokens").run()
+    at.slider(key="rank_tokens").set_value(8).run()
+    assert not at.exception, at.exception
+    assert _metric(at, "Next-token KL(dense || ATP)") != first

@@ -1,0 +1,239 @@
+"""ATP inside real models: full-rank exactness end to end, per-call settings, padding, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import SENTENCE, TINY
+
+from atp_viz import backend, compare, engine
+from atp_viz.engine import ATPConfig
+from atp_viz.texts import tokenize
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _tok(loaded, text=SENTENCE, n=None):
+    return tokenize(loaded.tokenizer, text, n or loaded.info.max_tokens)
+
+
+def _final(run):
+    return run.next_logits if run.next_logits is not None else run.embedding
+
+
+@pytest.mark.parametrize("key", TINY + ("minilm", "smollm2"))
+@pytest.mark.parametrize("source", ["input", "keys"])
+def test_exact_form_at_full_rank_equals_dense_end_to_end(load, key, source):
+    loaded = load(key)
+    tok = _tok(loaded)
+    dense = compare.forward(loaded, tok)
+    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="exact", basis_source=source))
+    assert run.ranks == (tok.n_tokens,)
+    np.testing.assert_allclose(_final(run), _final(dense), **TOL)
+    for a, d in zip(run.layer_outputs, dense.layer_outputs, strict=True):
+        np.testing.assert_allclose(a, d, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["tiny-bert", "tiny-qwen2", "minilm"])
+def test_lowrank_linear_layers_at_full_rank_equal_dense(load, key):
+    loaded = load(key)
+    tok = _tok(loaded)
+    dense = compare.forward(loaded, tok)
+    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="exact", lowrank_linear=True))
+    np.testing.assert_allclose(_final(run), _final(dense), **TOL)
+
+
+def test_lowrank_linear_layers_change_output_below_full_rank(load):
+    loaded = load("minilm")
+    tok = _tok(loaded)
+    plain = compare.forward(loaded, tok, ATPConfig(rank=0.25, form="exact"))
+    lowrank = compare.forward(loaded, tok, ATPConfig(rank=0.25, form="exact", lowrank_linear=True))
+    assert not np.allclose(plain.embedding, lowrank.embedding, atol=1e-3)
+
+
+def test_linear_form_at_full_rank_is_the_linearised_model(load):
+    """At r = L the linear form is exactly first-order attention on the full keys, in every layer."""
+    from atp_viz import atp
+
+    loaded = load("tiny-llama")
+    tok = _tok(loaded)
+    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="linear"))
+
+    def linearised(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
+        out = atp.linearised_dense_attention(q, k, v, causal=True, scaling=scaling)
+        return out.transpose(1, 2), None
+
+    # Reference: the same model with every attention replaced by the explicit linearised formula.
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("test_linearised", linearised)
+    try:
+        loaded.model.set_attn_implementation("test_linearised")
+        with torch.inference_mode():
+            ref = loaded.model(input_ids=tok.input_ids, logits_to_keep=1).logits[0, -1].numpy()
+    finally:
+        loaded.model.set_attn_implementation(backend.NAME)
+    np.testing.assert_allclose(run.next_logits, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_layers_subset_leaves_other_layers_dense(load):
+    loaded = load("tiny-llama")
+    tok = _tok(loaded)
+    dense = compare.forward(loaded, tok)
+    run = compare.forward(loaded, tok, ATPConfig(rank=2, form="exact", layers=(1,)))
+    np.testing.assert_allclose(run.layer_outputs[0], dense.layer_outputs[0], atol=1e-6)
+    assert not np.allclose(run.layer_outputs[1], dense.layer_outputs[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("key", ["tiny-bert", "tiny-llama"])
+@pytest.mark.parametrize("form", ["exact", "linear"])
+@pytest.mark.parametrize("rank", [0.5, 3])
+def test_padded_batch_equals_unbatched(load, key, form, rank):
+    loaded = load(key)
+    texts = [SENTENCE, "Short text here."]
+    cfg = ATPConfig(rank=rank, form=form, lowrank_linear=(form == "exact"))
+    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True)  # right padding
+    kwargs = {"logits_to_keep": 0} if loaded.info.is_decoder else {}
+    with torch.inference_mode():
+        plan = engine.make_plan(cfg, loaded.info.n_layers)
+        with backend.activate(loaded.model, atp=plan, key_mask=batch["attention_mask"]):
+            out = loaded.model(**batch, **kwargs)
+        for b, text in enumerate(texts):
+            tok = _tok(loaded, text)
+            n = tok.n_tokens
+            single_plan = engine.make_plan(cfg, loaded.info.n_layers)
+            with backend.activate(loaded.model, atp=single_plan, key_mask=tok.attention_mask):
+                ref = loaded.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, **kwargs)
+            got = out.logits[b, :n] if loaded.info.is_decoder else out.last_hidden_state[b, :n]
+            want = ref.logits[0] if loaded.info.is_decoder else ref.last_hidden_state[0]
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-4, rtol=1e-4)
+            assert plan.ranks[b] == single_plan.ranks[0]
+
+
+def test_two_threads_with_different_ranks_get_their_own_results(load):
+    """Two app sessions share one model object; each call's settings stay its own."""
+    loaded = load("minilm")
+    tok = _tok(loaded)
+    cfgs = {"low": ATPConfig(rank=2, form="exact"), "full": ATPConfig(rank=1.0, form="exact")}
+    expected = {name: compare.forward(loaded, tok, cfg).embedding for name, cfg in cfgs.items()}
+    dense = compare.forward(loaded, tok).embedding
+    results: dict[str, list] = {"low": [], "full": [], "dense": []}
+    barrier = threading.Barrier(3)
+
+    def work(name):
+        barrier.wait()
+        for _ in range(6):
+            cfg = cfgs.get(name)
+            results[name].append(compare.forward(loaded, tok, cfg).embedding)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for emb in results["low"]:
+        np.testing.assert_allclose(emb, expected["low"], atol=1e-5)
+    for emb in results["full"]:
+        np.testing.assert_allclose(emb, expected["full"], atol=1e-5)
+    for emb in results["dense"]:
+        np.testing.assert_allclose(emb, dense, atol=1e-5)
+    assert not np.allclose(expected["low"], dense, atol=1e-3)
+
+
+def test_rank_clamping_and_errors(load):
+    loaded = load("tiny-bert")
+    tok = _tok(loaded)
+    run = compare.forward(loaded, tok, ATPConfig(rank=10_000, form="exact"))
+    assert run.ranks == (tok.n_tokens,)
+    assert any("exceeds the sequence length" in n for n in run.notices)
+    for bad in (0, -3, 0.0, 1.5):
+        with pytest.raises(ValueError):
+            ATPConfig(rank=bad)
+    with pytest.raises(TypeError):
+        ATPConfig(rank=True)
+    with pytest.raises(ValueError, match="do not exist"):
+        compare.forward(loaded, tok, ATPConfig(rank=2, layers=(7,)))
+    with pytest.raises(ValueError):
+        ATPConfig(form="softmax")
+
+
+def test_single_token_sequence(load):
+    loaded = load("tiny-llama")
+    tok = _tok(loaded)
+    one = type(tok)(tok.input_ids[:, :1], tok.attention_mask[:, :1], tok.tokens[:1], 1, tok.max_tokens)
+    dense = compare.forward(loaded, one)
+    for form in ("exact", "linear"):
+        run = compare.forward(loaded, one, ATPConfig(rank=1, form=form))
+        assert run.ranks == (1,)
+        # One token: the basis spans it, and first-order attention over one key is exact too.
+        np.testing.assert_allclose(run.next_logits, dense.next_logits, atol=1e-4)
+
+
+def test_parse_layers():
+    assert engine.parse_layers("all", 6) == "all"
+    assert engine.parse_layers("", 6) == "all"
+    assert engine.parse_layers("0-2, 5", 6) == (0, 1, 2, 5)
+    with pytest.raises(ValueError, match="do not exist"):
+        engine.parse_layers("9", 6)
+    with pytest.raises(ValueError, match="Cannot read"):
+        engine.parse_layers("one", 6)
+
+
+def test_comparison_metrics_and_maps(load):
+    loaded = load("tiny-llama")
+    tok = _tok(loaded)
+    dense = compare.forward(loaded, tok)
+    from atp_viz.capture import capture
+
+    cap = capture(loaded, SENTENCE, attentions="all")
+    for form in ("exact", "linear"):
+        run = compare.forward(loaded, tok, ATPConfig(rank=4, form=form), map_layers=[1])
+        c = compare.compare(dense, run)
+        assert c.rank == 4 and c.kl >= 0 and len(c.top_dense) == len(c.top_atp) == 10
+        assert c.layer_rel_error.shape == (2,)
+        maps = compare.attention_maps(cap.layers[1].attn, run, layer=1, head=3)
+        L = tok.n_tokens
+        assert maps.dense.shape == maps.lifted.shape == (L, L) and maps.principal.shape == (L, 4)
+        np.testing.assert_allclose(maps.dense, cap.layers[1].attn[3])
+        # The lifted map and the principal map describe the same output: P V' = A_lift V.
+        u = run.maps[1]["basis"]
+        np.testing.assert_allclose(
+            maps.principal @ u.T, maps.lifted if form == "linear" else maps.lifted @ u @ u.T, atol=1e-5
+        )
+
+
+def test_full_rank_comparison_reports_no_error(load):
+    loaded = load("minilm")
+    tok = _tok(loaded)
+    c = compare.compare(compare.forward(loaded, tok), compare.forward(loaded, tok, ATPConfig(rank=1.0)))
+    assert c.embedding_cosine == pytest.approx(1.0, abs=1e-5)
+    assert c.final_rel_error < 1e-4
+
+
+def test_kl_and_downsample():
+    logits = np.array([1.0, 2.0, 3.0])
+    assert compare.kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    assert compare.kl_divergence(logits, logits[::-1]) > 0
+    m = np.arange(600 * 600, dtype=float).reshape(600, 600)
+    small, f = compare.downsample(m, 256)
+    assert f == 3 and small.shape == (200, 200)
+    assert small[0, 0] == pytest.approx(m[:3, :3].mean())
+    same, f1 = compare.downsample(m[:100, :100], 256)
+    assert f1 == 1 and same.shape == (100, 100)
+
+
+def test_continuation_and_sweep(load):
+    loaded = load("tiny-llama")
+    tok = _tok(loaded)
+    cont = compare.continuation(loaded, tok, ATPConfig(rank=1.0, form="exact"), n_new=4)
+    assert cont.dense_ids == cont.atp_ids and cont.first_divergence is None
+    dense = compare.forward(loaded, tok)
+    ranks = compare.sweep_ranks(tok.n_tokens, 5)
+    assert ranks[-1] == tok.n_tokens and tok.n_tokens // 2 in ranks
+    sw = compare.error_sweep(loaded, tok, dense, ATPConfig(), ranks)
+    assert sw.exact.shape == sw.linear.shape == (len(ranks),)
+    assert sw.exact[-1] == pytest.approx(0.0, abs=1e-6)  # full rank: the exact form is dense
+    np.testing.assert_allclose(sw.linearisation, sw.linear - sw.exact)
