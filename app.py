@@ -7,9 +7,14 @@ import logging
 
 import streamlit as st
 
+from ui import use_this_navigation
+
+use_this_navigation()
+
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-st.set_page_config(page_title="ATP Explorer", page_icon=":material/scatter_plot:", layout="wide")
+# A local icon: a Material icon as favicon would be fetched from a CDN, and the app must stay offline.
+st.set_page_config(page_title="ATP Explorer", page_icon="assets/icon.png", layout="wide")
 
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),

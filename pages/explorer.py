@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import compare, plots
 from atp_viz.engine import ATPConfig, parse_layers
 from atp_viz.texts import Tokenized, tokenize
-from pages.common import get_capture, get_model, load_or_explain, sidebar
+from ui import get_capture, get_model, load_or_explain, sidebar
 
 st.title("Rank explorer: ATP vs dense")
 st.markdown(

@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import plots, spectra
 from atp_viz.analysis import sink_ratio
 from atp_viz.texts import readable_tokens
-from pages.common import load_or_explain, model_caption, sidebar
+from ui import load_or_explain, model_caption, sidebar
 
 MAX_TOKENS_SHOWN = 600
 

@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from atp_viz import analysis, plots, spectra, texts
-from pages.common import get_model, load_or_explain, sidebar
+from ui import get_model, load_or_explain, sidebar
 
 st.title("Low-rank spectra")
 st.markdown(

@@ -1,6 +1,6 @@
 """What every page shares: cached model/capture loaders and the sidebar's model and text pickers.
 
-Not a page itself (app.py lists the pages). Only widgets, caching and library calls live here.
+Lives beside app.py, not in pages/ (one file per view). Only widgets, caching and library calls here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,29 @@ from atp_viz.models import LoadedModel, ModelLoadError
 from atp_viz.texts import TextError
 
 OTHER = "__other__"
+
+
+def use_this_navigation() -> None:
+    """Make even the first session after server start use app.py's ``st.navigation``.
+
+    Streamlit decides once per server process, before any script runs, whether the app uses its
+    legacy ``pages/`` folder routing (it sees our ``pages/`` folder), and routes that first session
+    through an auto-generated navigation that runs a page file without app.py (no page config, a
+    menu listing every file). ``st.navigation`` clears that flag for later sessions; clearing it here
+    and rerunning gives the first visitor the real app too. Internal API: see
+    ``streamlit/runtime/pages_manager.py`` (``PagesManager.uses_pages_directory``).
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without this class: nothing to work around
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 DEFAULT_SAMPLE = "04_attention_explainer"
+
+
+use_this_navigation()  # pages import this module first; see the docstring
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
