@@ -158,7 +158,8 @@ def test_explorer_slider_rerenders(server, page):
         slider.press("ArrowLeft")
     page.wait_for_function(
         """([label, before]) => {
-            const m = [...document.querySelectorAll('[data-testid="stMetric"]')].find(e => e.innerText.includes(label));
+            const metrics = [...document.querySelectorAll('[data-testid="stMetric"]')];
+            const m = metrics.find((e) => e.innerText.includes(label));
             return m && !m.innerText.includes(before);
         }""",
         arg=[label, before],
@@ -167,8 +168,9 @@ def test_explorer_slider_rerenders(server, page):
     # Wait until the shown rank matches the slider (the last key press's rerun has finished).
     page.wait_for_function(
         """() => {
-            const v = parseFloat(document.querySelector('[data-testid="stSlider"] input[type="range"]').value);
-            const h = [...document.querySelectorAll('h3')].find(e => /r = \\d+ of L = \\d+/.test(e.innerText));
+            const input = document.querySelector('[data-testid="stSlider"] input[type="range"]');
+            const v = parseFloat(input.value);
+            const h = [...document.querySelectorAll('h3')].find((e) => /r = \\d+ of L/.test(e.innerText));
             if (!h) return false;
             const [, r, L] = h.innerText.match(/r = (\\d+) of L = (\\d+)/).map(Number);
             return r === Math.max(1, Math.floor(v * L + 0.5));
