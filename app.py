@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/spectra.py", title="Low-rank spectra", icon=":material/insights:", url_path="spectra"),
     st.Page("pages/explorer.py", title="Rank explorer", icon=":material/tune:", url_path="explorer"),
+    st.Page("pages/serving.py", title="Serving", icon=":material/bolt:", url_path="serving"),
 ]
 
 st.navigation(PAGES).run()

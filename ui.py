@@ -34,6 +34,8 @@ def use_this_navigation() -> None:
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
+
+
 DEFAULT_SAMPLE = "04_attention_explainer"
 
 

@@ -139,6 +139,96 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from atp_viz import serving
+    from atp_viz.models import load_model
+    from atp_viz.texts import tokenize
+
+    loaded = load_model(args.model)
+    if args.text_file:
+        text, source = _read_text(args.text_file), args.text_file
+    else:
+        text, mods = serving.stdlib_text()
+        source = "Python standard-library docstrings (inspect.getdoc) of: " + ", ".join(mods)
+    tok = tokenize(loaded.tokenizer, text, min(args.tokens, loaded.info.max_tokens))
+    ids = tok.input_ids.to(loaded.device)
+    print(f"{tok.n_tokens} tokens from {source}; chunks of {args.chunk}", file=sys.stderr)
+
+    def show(label: str, res) -> None:
+        print(
+            f"{label:>22}: perplexity {res.perplexity:8.3f}  top-1 {res.top1:.3f}  ({res.seconds:.1f} s)",
+            file=sys.stderr,
+        )
+
+    dense = serving.perplexity(loaded, ids, rank=None, chunk=args.chunk)
+    show("dense", dense)
+    results = []
+    for form in args.forms.split(","):
+        for r in args.ranks:
+            res = serving.perplexity(loaded, ids, rank=r, form=form, chunk=args.chunk)
+            show(f"{form} r={r}", res)
+            results.append(res)
+    _write_json(
+        {
+            "model": args.model,
+            "text_source": source,
+            "n_tokens": tok.n_tokens,
+            "chunk": args.chunk,
+            "mode": "strictly causal: each chunk attends to the past chunks compressed to r principal "
+            "keys/values (basis from past tokens only) and to itself exactly",
+            "rows": serving.as_table(results, dense),
+        },
+        args.json,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from atp_viz import atp, serving
+    from atp_viz.models import load_model
+    from atp_viz.texts import tokenize
+
+    loaded = load_model(args.model)
+    tok = tokenize(loaded.tokenizer, _read_text(args.prompt_file), loaded.info.max_tokens, min_tokens=1)
+    ids = tok.input_ids.to(loaded.device)
+    r, notice = atp.resolve_rank(args.rank, tok.n_tokens)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    dense = serving.generate(loaded, ids, rank=None, max_new_tokens=args.max_new_tokens)
+    comp = serving.generate(loaded, ids, rank=r, form=args.form, max_new_tokens=args.max_new_tokens)
+    share, first = serving.agreement(dense.new_ids, comp.new_ids)
+    dec = loaded.tokenizer.decode
+    result = {
+        "model": args.model,
+        "prompt_tokens": tok.n_tokens,
+        "rank": r,
+        "form": args.form,
+        "dense_text": dec(list(dense.new_ids)),
+        "atp_text": dec(list(comp.new_ids)),
+        "first_divergence": first,
+        "token_agreement": share,
+        "kv_cache_bytes_dense": dense.kv_cache_bytes,
+        "kv_cache_bytes_atp": comp.kv_cache_bytes,
+        "kv_cache_ratio": comp.kv_cache_bytes / dense.kv_cache_bytes,
+        "seconds_dense": dense.seconds,
+        "seconds_atp": comp.seconds,
+    }
+    print(
+        f"r = {r} of {tok.n_tokens}: agreement {share:.2f}, first divergence {first}, "
+        f"KV cache {comp.kv_cache_bytes / 1e6:.2f} MB vs {dense.kv_cache_bytes / 1e6:.2f} MB dense",
+        file=sys.stderr,
+    )
+    _write_json(result, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atp-viz", description="ATP Explorer command line.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -163,6 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", action="store_true", help="also sweep the rank for both forms")
     c.add_argument("--json", help="write the result here (default: stdout)")
     c.set_defaults(func=cmd_compare)
+
+    pp = sub.add_parser("perplexity", help="strictly causal perplexity, compressed past, rank grid")
+    pp.add_argument("--model", default="smollm2")
+    pp.add_argument("--text-file", help="default: Python standard-library docstrings (real text)")
+    pp.add_argument("--tokens", type=int, default=2048, help="tokens of text to evaluate")
+    pp.add_argument("--chunk", type=int, default=256, help="tokens per chunk")
+    pp.add_argument("--ranks", type=_ints, default=[16, 32, 64, 128], help="principal keys for the past")
+    pp.add_argument("--forms", default="exact,linear")
+    pp.add_argument("--json")
+    pp.set_defaults(func=cmd_perplexity)
+
+    g = sub.add_parser("generate", help="greedy generation: dense KV cache vs ATP-compressed prompt cache")
+    g.add_argument("--model", default="smollm2")
+    g.add_argument("--prompt-file", required=True)
+    g.add_argument("--rank", type=parse_rank, default=0.5)
+    g.add_argument("--form", choices=["exact", "linear"], default="exact")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--json")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

@@ -268,3 +268,39 @@ def sweep_figure(
     )
     fig.update_xaxes(type="log")
     return fig
+
+
+def rank_grid_figure(
+    ranks_by_form: dict[str, Sequence[int]],
+    values_by_form: dict[str, Sequence[float]],
+    dense_value: float,
+    *,
+    title: str,
+    y_title: str,
+    log_y: bool = False,
+) -> go.Figure:
+    """A metric vs rank, one line per form, with the dense value as a reference line."""
+    fig = go.Figure()
+    for form, ranks in ranks_by_form.items():
+        fig.add_trace(
+            go.Scatter(x=list(ranks), y=list(values_by_form[form]), name=f"ATP {form}", mode="lines+markers")
+        )
+    fig.add_hline(y=dense_value, line=dict(dash="dash", color="black"), annotation_text="dense")
+    fig = _base(fig, title, "rank r (principal keys for the past)", y_title, height=380)
+    fig.update_xaxes(type="log")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def cost_scaling_figure(
+    lengths: Sequence[int], series: dict[str, Sequence[float]], *, title: str, y_title: str
+) -> go.Figure:
+    """Cost (analytical or measured) vs L on log-log axes: quadratic vs linear shows as slope 2 vs 1."""
+    fig = go.Figure()
+    for name, ys in series.items():
+        fig.add_trace(go.Scatter(x=list(lengths), y=list(ys), name=name, mode="lines+markers"))
+    fig = _base(fig, title, "sequence length L", y_title, height=420)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return fig

@@ -112,3 +112,20 @@ def test_explorer_smollm2_decoder_outputs():
     at.slider(key="rank_tokens").set_value(8).run()
     assert not at.exception, at.exception
     assert _metric(at, "Next-token KL(dense || ATP)") != first
+
+
+def test_serving_page_encoder_message_and_decoder_generation():
+    at = _app("pages/serving.py").run()
+    assert not at.exception, at.exception
+    assert any("encoder" in i.value for i in at.info)
+    at.selectbox(key="model_choice").set_value("smollm2").run()
+    at.number_input(key="serve_new").set_value(4).run()
+    at.button(key="serve_go").click().run()
+    assert not at.exception, at.exception
+    assert any(m.label == "KV cache, ATP" for m in at.metric)
+    at.number_input(key="ppl_tokens").set_value(96).run()
+    at.number_input(key="ppl_chunk").set_value(32).run()
+    at.multiselect(key="ppl_ranks").set_value([8]).run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 2 and len(at.dataframe) == 1
