@@ -21,6 +21,7 @@ PAGES = [
     st.Page("pages/spectra.py", title="Low-rank spectra", icon=":material/insights:", url_path="spectra"),
     st.Page("pages/explorer.py", title="Rank explorer", icon=":material/tune:", url_path="explorer"),
     st.Page("pages/serving.py", title="Serving", icon=":material/bolt:", url_path="serving"),
+    st.Page("pages/costs.py", title="Cost", icon=":material/speed:", url_path="costs"),
 ]
 
 st.navigation(PAGES).run()

@@ -129,3 +129,17 @@ def test_serving_page_encoder_message_and_decoder_generation():
     at.button(key="ppl_go").click().run()
     assert not at.exception, at.exception
     assert len(_charts(at)) == 2 and len(at.dataframe) == 1
+
+
+def test_cost_page_counts_follow_inputs():
+    at = _app("pages/costs.py").run()
+    assert not at.exception, at.exception
+    assert len(_charts(at)) == 1
+    at.number_input(key="cost_L").set_value(8192).run()
+    at.number_input(key="cost_r").set_value(128).run()
+    assert not at.exception, at.exception
+    ceiling = next(m.value for m in at.metric if m.label.startswith("Counted speed-up"))
+    from atp_viz import costs
+
+    # MiniLM (the default): 12 heads, 12 kv heads, head size 32, d = 384.
+    assert ceiling == f"{costs.speedup_ceiling(8192, 128, 12, 12, 32, 384):.1f}x"
