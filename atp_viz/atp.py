@@ -41,6 +41,10 @@ __all__ = [
 # Extra random directions of the randomised range finder (Halko, Martinsson & Tropp 2011, sec. 4.2;
 # torch.svd_lowrank's docs suggest the same order of oversampling).
 RANDOMIZED_OVERSAMPLE = 10
+# The number of test vectors is rounded up to a multiple of this: GEMMs whose output width is a multiple
+# of the SIMD width run much faster (on AVX-512, [8192, 576] @ [576, 144] takes ~2/3 of the time of
+# [576, 138]); the extra directions only add accuracy.
+RANDOMIZED_BLOCK = 16
 # Block length of the causal linear form: the only quadratic buffer it holds is chunk x chunk per head.
 CAUSAL_CHUNK = 128
 # Fixed seed of the directions that complete a basis beyond the numerical rank of x (determinism).
@@ -69,12 +73,14 @@ def principal_basis(
     would be lost.
 
     ``method="randomized"`` is the randomised range finder with power iterations (Halko, Martinsson &
-    Tropp 2011, Alg. 4.4; the algorithm of ``torch.svd_lowrank``): ``rank + RANDOMIZED_OVERSAMPLE``
-    Gaussian test vectors, ``niter`` power iterations each re-orthonormalised by QR, then an exact SVD of
-    the small projected matrix. Cost O(L d r) instead of O(L d min(L, d)). It is written out here
-    rather than calling ``torch.svd_lowrank`` because that function takes no ``generator`` and so
-    cannot be made reproducible without touching the global RNG. When ``rank + oversampling`` reaches
-    ``min(L, d)`` nothing can be saved and the exact SVD is used.
+    Tropp 2011, Alg. 4.4; the algorithm of ``torch.svd_lowrank``): ``p`` Gaussian test vectors (at least
+    ``rank + RANDOMIZED_OVERSAMPLE``, rounded up to a multiple of ``RANDOMIZED_BLOCK``), ``niter`` power
+    iterations with the iterate re-normalised after every product, then an exact SVD of the small
+    projected matrix; see :func:`_randomized_svd` for how it is kept cheap. Cost O(L d r) instead of
+    O(L d min(L, d)). It is written out here rather than calling ``torch.svd_lowrank`` because that
+    function takes no ``generator`` and so cannot be made reproducible without touching the global RNG.
+    When ``rank + RANDOMIZED_OVERSAMPLE`` reaches ``min(L, d)`` nothing can be saved and the exact SVD is
+    used.
 
     Sign convention (deterministic): each column is flipped so that its entry of largest absolute
     value is positive (ties: the first such row); an all-zero column is left as is. The ATP linear
@@ -153,16 +159,104 @@ def _check_basis_rank(rank: Any, L: int) -> int:
 def _randomized_svd(
     xw: torch.Tensor, m: int, niter: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomised range finder + small exact SVD; returns U ``[..., L, m]`` and S ``[..., m]``."""
+    """Randomised range finder + small exact SVD; returns U ``[..., L, m]`` and S ``[..., m]``.
+
+    The range is ``Q = orth((X X^T)^niter X Omega)`` (Halko et al. 2011, Alg. 4.4) with ``p`` test vectors.
+    After every product the iterate is re-normalised so that float32 keeps its small directions: the
+    ``d x p`` ones by QR (cheap), the tall ``L x p`` ones by :func:`_normalise_tall` (a Cholesky factor of
+    their ``p x p`` Gram matrix, LU as fallback). Re-normalising changes the basis of an iterate, never its
+    span, so ``Q``'s span and hence U are those of the QR-at-every-step algorithm (up to rounding). The
+    final orthonormal ``Q`` is Cholesky-QR applied twice (:func:`_orthonormal_tall`; Householder QR where
+    that would be inaccurate), kept implicit as ``Q = Q1 T``.
+
+    Everything tall is a GEMM with X (6 passes over X for ``niter = 2``) or a thin GEMM; the tall QRs of
+    the textbook algorithm (slow, and serial inside LAPACK) are gone.
+    """
     L, d = xw.shape[-2], xw.shape[-1]
-    p = min(m + RANDOMIZED_OVERSAMPLE, min(L, d))
+    k = min(L, d)
+    p = min(-(-(m + RANDOMIZED_OVERSAMPLE) // RANDOMIZED_BLOCK) * RANDOMIZED_BLOCK, k)
     omega = torch.randn(*xw.shape[:-2], d, p, generator=generator, dtype=xw.dtype, device=xw.device)
-    Q = torch.linalg.qr(xw @ omega).Q  # (..., L, p)
+    Y = xw @ omega  # (..., L, p)
     for _ in range(niter):
-        Z = torch.linalg.qr(xw.mT @ Q).Q  # (..., d, p)
-        Q = torch.linalg.qr(xw @ Z).Q  # (..., L, p)
-    Ub, S, _ = torch.linalg.svd(Q.mT @ xw, full_matrices=False)  # (..., p, p), (..., p)
-    return (Q @ Ub)[..., :m], S[..., :m]
+        Z = torch.linalg.qr(xw.mT @ _normalise_tall(Y)).Q  # (..., d, p)
+        Y = xw @ Z.contiguous()  # (..., L, p); a row-major Z is the fast GEMM layout
+    Q1, T = _orthonormal_tall(Y)  # Q = Q1 T: (..., L, p), (..., p, p) or None
+    B = Q1.mT @ xw  # (..., p, d)
+    if T is not None:
+        B = T.mT @ B  # Q^T X
+    # SVD of the wide B via its R factor: B^T = Q_b R_b, so B = R_b^T Q_b^T has the left singular vectors
+    # and singular values of the p x p matrix R_b^T (half the time of LAPACK's SVD of B here).
+    Rb = torch.linalg.qr(B.mT, mode="r").R  # (..., p, p)
+    Ub, S, _ = torch.linalg.svd(Rb.mT)  # (..., p, p), (..., p)
+    Ub = Ub[..., :m]
+    return Q1 @ (Ub if T is None else T @ Ub), S[..., :m]
+
+
+def _cholesky_inverse_factor(y: torch.Tensor) -> torch.Tensor | None:
+    """``R^{-1}`` for ``y^T y = R^T R`` (upper-triangular R), or None where the Gram matrix is not
+    numerically positive definite (y rank-deficient or too ill-conditioned for its dtype)."""
+    R, info = torch.linalg.cholesky_ex(y.mT @ y, upper=True)  # (..., p, p)
+    if bool(info.ne(0).any()):
+        return None
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    Rinv = torch.linalg.solve_triangular(R, eye, upper=True)  # (..., p, p)
+    return Rinv if bool(torch.isfinite(Rinv).all()) else None
+
+
+def _normalise_tall(y: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned matrix with the column span of the tall ``y`` ``[..., L, p]`` (not orthonormal).
+
+    ``y R^{-1}`` with R the Cholesky factor of ``y^T y``: two thin GEMMs and a ``p x p`` factorisation.
+    Any invertible R keeps the span; the Cholesky one makes the columns near-orthonormal whenever
+    ``cond(y)^2 eps < 1``. Where the Gram matrix is not positive definite the LU normaliser is used.
+    """
+    Rinv = _cholesky_inverse_factor(y)
+    if Rinv is None:
+        return _lu_normalise(y)
+    return y @ Rinv
+
+
+def _orthonormal_tall(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An orthonormal basis of the columns of a full-rank tall ``y``, as ``(Q1, T)`` with ``Q = Q1 T``.
+
+    Cholesky-QR twice ("CholeskyQR2", Fukaya et al. 2014): ``Q1 = y R1^{-1}``, then ``T = R2^{-1}`` from
+    ``Q1^T Q1 = R2^T R2``; orthonormal to working precision when ``cond(y)^2 eps`` is well below 1, which is
+    checked on ``Q1^T Q1`` (it must be within 0.5 of the identity). Otherwise Householder QR, ``T`` None.
+    """
+    Rinv = _cholesky_inverse_factor(y)
+    if Rinv is not None:
+        Q1 = y @ Rinv  # (..., L, p)
+        G = Q1.mT @ Q1  # (..., p, p)
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        if bool(((G - eye).abs().amax() < 0.5).all()):
+            R2, info = torch.linalg.cholesky_ex(G, upper=True)
+            if bool(info.eq(0).all()):
+                return Q1, torch.linalg.solve_triangular(R2, eye, upper=True)
+    return torch.linalg.qr(y).Q, None
+
+
+def _lu_normalise(y: torch.Tensor) -> torch.Tensor:
+    """``P L`` from the partial-pivoting LU ``y = P L U`` of a tall ``[..., L, p]`` matrix: the same span as
+    y (a superset if y is rank-deficient), unit lower-trapezoidal up to the row permutation (entries at
+    most 1 in magnitude). The "LU" normaliser of scikit-learn's ``randomized_svd``; here the fallback of
+    :func:`_normalise_tall`."""
+    LU, piv, _ = torch.linalg.lu_factor_ex(y)  # (..., L, p), (..., p); a singular U still yields L
+    n_rows, p = LU.shape[-2], LU.shape[-1]
+    top = LU[..., :p, :]  # (..., p, p): U on and above the diagonal, L below
+    top.copy_(top.tril(-1))
+    top.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    low_t = LU.mT.reshape(-1, p, n_rows)  # (N, p, L): L^T, row-major (LAPACK's factors are column-major)
+    outs = []
+    rows = torch.arange(n_rows, device=y.device)
+    for b, pivots in enumerate(piv.reshape(-1, p).tolist()):
+        perm = list(range(n_rows))  # LAPACK swaps row i with row pivots[i] - 1, in order: y[perm] = L U
+        for i, pv in enumerate(pivots):
+            perm[i], perm[pv - 1] = perm[pv - 1], perm[i]
+        inv = torch.empty_like(rows)
+        inv[torch.tensor(perm, device=y.device)] = rows  # (P L) = L[inv]
+        outs.append(low_t[b].index_select(1, inv))  # (p, L)
+    out = outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)  # (N, p, L)
+    return out.reshape(*y.shape[:-2], p, n_rows).mT  # (..., L, p), column-major
 
 
 def _complete_basis(
@@ -207,10 +301,19 @@ def _complete_basis(
 
 
 def _fix_signs(U: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its largest-magnitude entry (first one on ties) is positive."""
-    idx = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, r)
-    top = U.gather(-2, idx)  # (..., 1, r)
-    return U * torch.where(top < 0, -1.0, 1.0).to(U.dtype)
+    """Flip each column so that its largest-magnitude entry (first one on ties) is positive.
+
+    The column max and min decide it without an ``|U|`` temporary; only a column whose max and min have
+    equal magnitude (a tie between a positive and a negative entry) needs the position of the first one.
+    """
+    hi = U.amax(dim=-2, keepdim=True)  # (..., 1, r)
+    lo = U.amin(dim=-2, keepdim=True)  # (..., 1, r)
+    negative = -lo > hi
+    tie = -lo == hi
+    if bool(tie.any()):
+        idx = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, r)
+        negative = torch.where(tie, U.gather(-2, idx) < 0, negative)
+    return U * torch.where(negative, -1.0, 1.0).to(U.dtype)
 
 
 def resolve_rank(rank: int | float, L: int) -> tuple[int, str | None]:
@@ -460,6 +563,9 @@ def atp_attention(
     if km is not None:
         U = U * km.unsqueeze(-1).to(U.dtype)  # (B, L, r): padding never enters
 
+    if form == "linear" and not causal and not return_maps:
+        return _linear_noncausal(q, k, v, U, km, c, G)
+
     Ut = U.mT.unsqueeze(1)  # (B, 1, r, L)
     Kp = Ut @ k  # (B, Hkv, r, dh)  principal keys K'
     Vp = Ut @ v  # (B, Hkv, r, dh)  principal values V'
@@ -506,6 +612,75 @@ def atp_attention(
         pmap = torch.where(n5 > 0, pmap, torch.zeros((), dtype=q.dtype))
         return out, {"principal": _ungrouped(pmap)}  # (B, H, L, r)
     return out
+
+
+def _principal(U: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``U_r^T t`` per key/value head: U ``[B, L, r]``, t ``[B, Hkv, L, dh]`` -> ``[B, Hkv, r, dh]``.
+
+    When t is a head-transposed view of a ``[B, L, Hkv * dh]`` projection (how models hand over keys and
+    values) the Hkv heads are one matrix and this is one GEMM with no copy; otherwise a batched GEMM.
+    """
+    B, Hkv, L, dh = t.shape
+    flat = t.transpose(1, 2)  # (B, L, Hkv, dh)
+    if flat.is_contiguous():
+        out = U.mT @ flat.reshape(B, L, Hkv * dh)  # (B, r, Hkv*dh)
+        return out.reshape(B, -1, Hkv, dh).transpose(1, 2)  # (B, Hkv, r, dh)
+    return U.mT.unsqueeze(1) @ t  # (B, Hkv, r, dh)
+
+
+def reassociate_linear(r: int, dh: int) -> bool:
+    """Whether the non-causal linear form is evaluated as ``q (K'^T V')`` (True) or ``(q K'^T) V'``: the
+    cheaper per query, ``dh (dh + 1)`` vs ``r (2 dh + 1)`` multiply-adds."""
+    return dh * (dh + 1) < r * (2 * dh + 1)
+
+
+def _linear_noncausal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    U: torch.Tensor,
+    km: torch.Tensor | None,
+    c: float,
+    G: int,
+) -> torch.Tensor:
+    """The non-causal linear form without maps (the serving path); same formula as ``atp_attention``.
+
+    With ``phi_i = c q_i K'^T`` and ``s = U_r^T 1``, numerator and denominator are one product with the
+    value matrix augmented by the column ``s``::
+
+        [num_i | den_i] = [s^T V' | n] + phi_i [V' | s]
+
+    Evaluated in the cheaper association (same maths, a different order of the same sums): as
+    ``q_i (c K'^T [V' | s])``, with one ``dh x (dh + 1)`` matrix per key/value head, when its per-query cost
+    ``dh (dh + 1)`` is below the ``r (2 dh + 1)`` of ``(c q_i K'^T) [V' | s]`` (r > ~dh / 2); then no
+    ``L x r`` scores are held either. Either way: no L x L tensor, no float64, no K/V repeat. The result
+    is a view of the numerator buffer (divided in place), so it may be non-contiguous.
+    """
+    B, H, L, dh = q.shape
+    Hkv = H // G
+    r = U.shape[-1]
+    Kp = _principal(U, k)  # (B, Hkv, r, dh)  principal keys K'
+    Vp = _principal(U, v)  # (B, Hkv, r, dh)  principal values V'
+    s = U.sum(dim=1)  # (B, r)  U_r^T 1
+    n = torch.full((B,), L, dtype=q.dtype, device=q.device) if km is None else km.sum(-1).to(q.dtype)
+    s_col = s[:, None, :, None].expand(B, Hkv, r, 1)
+    Vaug = torch.cat([Vp, s_col], dim=-1)  # (B, Hkv, r, dh + 1)  [V' | s]
+    bias = torch.cat(
+        [s[:, None, None, :] @ Vp, n[:, None, None, None].expand(B, Hkv, 1, 1)], dim=-1
+    )  # (B, Hkv, 1, dh + 1)  [s^T V' | n]
+    qg = _grouped(q, Hkv, G)  # (B, Hkv, G, L, dh)
+    if reassociate_linear(r, dh):
+        M = (c * Kp.mT) @ Vaug  # (B, Hkv, dh, dh + 1)
+        nd = torch.matmul(qg, M.unsqueeze(2))  # (B, Hkv, G, L, dh + 1)
+    else:
+        phi = torch.matmul(qg, (c * Kp.mT).unsqueeze(2))  # (B, Hkv, G, L, r)
+        nd = phi @ Vaug.unsqueeze(2)  # (B, Hkv, G, L, dh + 1)
+    nd += bias.unsqueeze(2)
+    out = nd[..., :dh].div_(nd[..., dh:])  # (B, Hkv, G, L, dh), in place: a view with row stride dh + 1
+    if km is not None:
+        n5 = n[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        out = torch.where(n5 > 0, out, torch.zeros((), dtype=q.dtype))
+    return _ungrouped(out)  # (B, H, L, dh)
 
 
 def _causal_linear_attention(

@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json")
     g.set_defaults(func=cmd_generate)
+
+    from atp_viz import bench
+
+    bench.register(sub)
     return p
 
 
