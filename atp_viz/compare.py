@@ -64,7 +64,10 @@ def forward(
     ids = tok.input_ids.to(loaded.device)
     mask = tok.attention_mask.to(loaded.device)
     t0 = time.perf_counter()
-    kwargs = {"logits_to_keep": 1, "output_hidden_states": True} if info.is_decoder else {}
+    # Decoders: only the last position's logits are reported; no KV cache is needed for one pass.
+    kwargs = {}
+    if info.is_decoder:
+        kwargs = {"logits_to_keep": 1, "output_hidden_states": True, "use_cache": False}
     with backend.activate(loaded.model, capture=False, atp=plan, key_mask=mask, outputs=True) as state:
         out = loaded.model(input_ids=ids, attention_mask=mask, **kwargs)
     seconds = time.perf_counter() - t0

@@ -62,3 +62,39 @@ def linear_layer_macs(L: int, r: int, d: int, d_out: int) -> tuple[float, float]
 def speedup_ceiling(L: int, r: int, H: int, Hkv: int, dh: int, d: int, **kw) -> float:
     """Dense over ATP multiply-adds: the best speed-up a perfect implementation could show."""
     return dense_cost(L, H, dh).macs / atp_cost(L, r, H, Hkv, dh, d, **kw).macs
+
+
+def measured_series(bench: dict, *, basis_method: str = "randomized") -> tuple[list[int], dict[str, list]]:
+    """Median seconds per path vs L from a ``python -m atp_viz bench`` JSON (schema atp_viz.bench/1).
+
+    Returns (lengths, {path name: [median seconds or None per length]}); a path skipped at some L
+    (dense eager past its memory limit) has None there.
+    """
+    entries = bench["layer"]["lengths"]
+    lengths = [e["L"] for e in entries]
+    series: dict[str, list] = {"dense SDPA": [], "dense eager": []}
+    for e in entries:
+        for key, name in (("dense_sdpa", "dense SDPA"), ("dense_eager", "dense eager")):
+            path = e.get(key) or {}
+            series[name].append(path.get("median_s"))
+    specs = []
+    for e in entries:
+        for a in e["atp"]:
+            if a["basis_method"] == basis_method:
+                for spec in a["rank_spec"]:
+                    if spec not in specs:
+                        specs.append(spec)
+    for spec in specs:
+        name = f"ATP linear, r = {spec}, {basis_method} basis"
+        series[name] = [
+            next(
+                (
+                    a["total"]["median_s"]
+                    for a in e["atp"]
+                    if a["basis_method"] == basis_method and spec in a["rank_spec"]
+                ),
+                None,
+            )
+            for e in entries
+        ]
+    return lengths, series

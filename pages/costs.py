@@ -10,7 +10,9 @@ import streamlit as st
 from atp_viz import costs, plots
 from ui import load_or_explain, sidebar
 
-BENCH_JSON = Path(__file__).resolve().parent.parent / "bench-results" / "bench.json"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_JSON = ROOT / "bench-results" / "bench.json"  # written by `make bench` (not in git)
+REFERENCE_JSON = ROOT / "docs" / "bench-reference.json"  # the run quoted in the README
 
 st.title("Cost: dense vs ATP attention")
 st.markdown(
@@ -73,6 +75,11 @@ m1.metric(
     help="what a perfect implementation could show; measured speed-ups are below it",
 )
 m2.metric("Attention-score memory ratio", f"{dense.scores / atp.scores:.0f}x")
+st.caption(
+    "Counted in the paper's order, 2 L r d_h per query head. The implementation evaluates the same sums as "
+    "q (K'^T [V' | U_r^T 1]) whenever r > (d_h + 1) / 2, which costs L d_h (d_h + 1) per query head instead: "
+    "cheaper than counted here for large r."
+)
 dense_ll, low_ll = costs.linear_layer_macs(int(L), int(r), d, d)
 st.caption(
     f"Low-rank inputs for a d x d linear layer (claim 3): L d^2 = {dense_ll / 1e9:.2f} G vs "
@@ -93,12 +100,61 @@ st.plotly_chart(
 )
 
 st.subheader("Measured")
-if BENCH_JSON.exists():
+st.markdown(
+    "Times of one attention layer with SmolLM2's geometry on random inputs, from `python -m atp_viz bench` "
+    "(`make bench` writes `bench-results/bench.json`), or from a quick run here. On log-log axes quadratic "
+    "cost shows as slope 2 and linear cost as slope 1."
+)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _quick_bench(lengths: tuple[int, ...]) -> dict:
+    from atp_viz import bench
+
+    bar = st.progress(0.0, text="Benchmarking...")
     try:
-        bench = json.loads(BENCH_JSON.read_text())
-        st.caption(f"From {BENCH_JSON.relative_to(BENCH_JSON.parent.parent)} (run `make bench` to refresh).")
-        st.json(bench.get("machine", {}), expanded=False)
-    except (OSError, ValueError) as err:
-        st.warning(f"Could not read {BENCH_JSON}: {err}")
+        layer = bench.run_layer_bench(
+            lengths,
+            "64,128,L/8",
+            repeats=3,
+            warmup=1,
+            measure_memory=False,
+            progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
+        )
+    finally:
+        bar.empty()
+    return {"layer": layer, "machine": bench.machine_info()}
+
+
+data, origin = None, None
+if st.button("Run a quick benchmark here (L = 256 ... 2048, about a minute)", key="cost_bench"):
+    data, origin = _quick_bench((256, 512, 1024, 2048)), "a quick run in this session"
 else:
-    st.info("No benchmark results yet: run `make bench` (it writes bench-results/bench.json).")
+    for path, what in (
+        (BENCH_JSON, "your last `make bench`"),
+        (REFERENCE_JSON, "the reference run in the README"),
+    ):
+        if path.exists():
+            try:
+                data, origin = json.loads(path.read_text()), f"{path.relative_to(ROOT)} ({what})"
+                break
+            except (OSError, ValueError) as err:
+                st.warning(f"Could not read {path}: {err}")
+if data is None:
+    st.info("No benchmark results yet: run `make bench`, or the quick run above.")
+else:
+    try:
+        lengths_m, measured = costs.measured_series(data)
+    except (KeyError, TypeError) as err:
+        st.warning(f"The benchmark file does not have the expected layout ({err}); run `make bench` again.")
+    else:
+        ms = {k: [None if v is None else v * 1e3 for v in vs] for k, vs in measured.items()}
+        st.plotly_chart(
+            plots.cost_scaling_figure(lengths_m, ms, title="Measured time per layer (median)", y_title="ms"),
+            key="cost_measured",
+        )
+        machine = data.get("machine", {})
+        where = ", ".join(
+            f"{k} {machine.get(k, '?')}" for k in ("cpu_model", "torch_threads", "torch_version", "device")
+        )
+        st.caption(f"Source: {origin}. Machine: {where}. ATP times include the basis.")

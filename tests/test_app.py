@@ -134,7 +134,7 @@ def test_serving_page_encoder_message_and_decoder_generation():
 def test_cost_page_counts_follow_inputs():
     at = _app("pages/costs.py").run()
     assert not at.exception, at.exception
-    assert len(_charts(at)) == 1
+    assert _charts(at)[0].key == "cost_counted"
     at.number_input(key="cost_L").set_value(8192).run()
     at.number_input(key="cost_r").set_value(128).run()
     assert not at.exception, at.exception
@@ -143,3 +143,11 @@ def test_cost_page_counts_follow_inputs():
 
     # MiniLM (the default): 12 heads, 12 kv heads, head size 32, d = 384.
     assert ceiling == f"{costs.speedup_ceiling(8192, 128, 12, 12, 32, 384):.1f}x"
+
+
+def test_cost_page_shows_measured_reference_curves():
+    at = _app("pages/costs.py").run()
+    assert not at.exception, at.exception
+    # The reference benchmark in docs/ (or a local `make bench`) gives the measured chart.
+    assert len(_charts(at)) == 2
+    assert any("Source:" in c.value for c in at.caption)
