@@ -144,6 +144,18 @@ def load_or_explain(sel: Selection) -> tuple[LoadedModel, Capture] | None:
     return loaded, cap
 
 
+def page_inputs() -> tuple[Selection, LoadedModel, Capture]:
+    """The sidebar's selection, its model and capture; stops the page (after saying why) if none."""
+    sel = sidebar()
+    if sel is None:
+        st.stop()
+    result = load_or_explain(sel)
+    if result is None:
+        st.stop()
+    loaded, cap = result
+    return sel, loaded, cap
+
+
 def model_caption(loaded: LoadedModel) -> str:
     i = loaded.info
     kind = "decoder (causal LM)" if i.is_decoder else "encoder"

@@ -31,6 +31,23 @@ def _base(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.F
     return fig
 
 
+def _spectrum_lines(spectra: Sequence[Spectrum], labels: Sequence[str], values, hover: str) -> go.Figure:
+    """One coloured line per spectrum: ``values(spectrum)`` against the component index 1..n."""
+    fig = go.Figure()
+    for sp, label, color in zip(spectra, labels, _layer_colors(len(spectra)), strict=True):
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(1, sp.singular_values.size + 1),
+                y=values(sp),
+                mode="lines",
+                name=label,
+                line=dict(color=color, width=1.6),
+                hovertemplate=f"{label}<br>{hover}<extra></extra>",
+            )
+        )
+    return fig
+
+
 def spectra_figure(
     spectra: Sequence[Spectrum],
     labels: Sequence[str],
@@ -39,19 +56,7 @@ def spectra_figure(
     title: str = "Singular values of the attention input X, per layer",
 ) -> go.Figure:
     """One line per matrix: normalised singular values s_i / s_1 against the component index."""
-    fig = go.Figure()
-    for sp, label, color in zip(spectra, labels, _layer_colors(len(spectra)), strict=True):
-        idx = np.arange(1, sp.singular_values.size + 1)
-        fig.add_trace(
-            go.Scatter(
-                x=idx,
-                y=sp.normalized,
-                mode="lines",
-                name=label,
-                line=dict(color=color, width=1.6),
-                hovertemplate=f"{label}<br>component %{{x}}<br>s_i/s_1 = %{{y:.3g}}<extra></extra>",
-            )
-        )
+    fig = _spectrum_lines(spectra, labels, lambda sp: sp.normalized, "component %{x}<br>s_i/s_1 = %{y:.3g}")
     fig = _base(fig, title, "component i", "s_i / s_1")
     if log:
         fig.update_yaxes(type="log")
@@ -65,19 +70,7 @@ def energy_figure(
     *,
     title: str = "Cumulative energy: how many components hold most of X",
 ) -> go.Figure:
-    fig = go.Figure()
-    for sp, label, color in zip(spectra, labels, _layer_colors(len(spectra)), strict=True):
-        idx = np.arange(1, sp.singular_values.size + 1)
-        fig.add_trace(
-            go.Scatter(
-                x=idx,
-                y=sp.cumulative_energy,
-                mode="lines",
-                name=label,
-                line=dict(color=color, width=1.6),
-                hovertemplate=f"{label}<br>%{{x}} components: %{{y:.1%}}<extra></extra>",
-            )
-        )
+    fig = _spectrum_lines(spectra, labels, lambda sp: sp.cumulative_energy, "%{x} components: %{y:.1%}")
     for t, dash in zip(thresholds, THRESHOLD_DASH, strict=False):
         fig.add_hline(y=t, line=dict(color="grey", dash=dash, width=1), annotation_text=f"{t:.0%}")
     fig = _base(fig, title, "components kept (k)", "energy E(k)")

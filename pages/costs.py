@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from atp_viz import costs, plots
-from ui import load_or_explain, sidebar
+from ui import page_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_JSON = ROOT / "bench-results" / "bench.json"  # written by `make bench` (not in git)
@@ -21,13 +21,7 @@ st.markdown(
     "at least as much as dense."
 )
 
-sel = sidebar()
-if sel is None:
-    st.stop()
-result = load_or_explain(sel)
-if result is None:
-    st.stop()
-loaded, cap = result
+_, loaded, cap = page_inputs()
 info = loaded.info
 
 c1, c2, c3 = st.columns(3)

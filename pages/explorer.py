@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import compare, plots
 from atp_viz.engine import ATPConfig, parse_layers
 from atp_viz.texts import Tokenized, tokenize
-from ui import get_capture, get_model, load_or_explain, sidebar
+from ui import get_capture, get_model, page_inputs
 
 st.title("Rank explorer: ATP vs dense")
 st.markdown(
@@ -19,13 +19,7 @@ st.markdown(
     "untouched, as here, loses much more, and the linear form much more than the exact one."
 )
 
-sel = sidebar()
-if sel is None:
-    st.stop()
-result = load_or_explain(sel)
-if result is None:
-    st.stop()
-loaded, cap = result
+sel, loaded, cap = page_inputs()
 info = cap.info
 L = cap.n_tokens
 

@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import plots, spectra
 from atp_viz.analysis import sink_ratio
 from atp_viz.texts import readable_tokens
-from ui import load_or_explain, model_caption, sidebar
+from ui import model_caption, page_inputs
 
 MAX_TOKENS_SHOWN = 600
 
@@ -18,13 +18,7 @@ st.markdown(
     "Pick a model and a text in the sidebar; the pages show the spectra behind the claim."
 )
 
-sel = sidebar()
-if sel is None:
-    st.stop()
-result = load_or_explain(sel)
-if result is None:
-    st.stop()
-loaded, cap = result
+_, loaded, cap = page_inputs()
 st.caption(model_caption(loaded))
 
 sps = spectra.layer_spectra([layer.x for layer in cap.layers])

@@ -5,7 +5,7 @@ import streamlit as st
 
 from atp_viz import atp, plots, serving, texts
 from atp_viz.texts import tokenize
-from ui import get_model, load_or_explain, sidebar
+from ui import get_model, page_inputs
 
 MAX_PROMPT = 1024
 
@@ -17,13 +17,7 @@ st.markdown(
     "that attend to those r entries plus the exact keys/values of the tokens generated so far."
 )
 
-sel = sidebar()
-if sel is None:
-    st.stop()
-result = load_or_explain(sel)
-if result is None:
-    st.stop()
-loaded, cap = result
+sel, loaded, cap = page_inputs()
 info = loaded.info
 if not info.is_decoder:
     st.info(f"{info.label} is an encoder; serving applies to decoders. Pick SmolLM2 in the sidebar.")

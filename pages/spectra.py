@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from atp_viz import analysis, plots, spectra, texts
-from ui import get_model, load_or_explain, sidebar
+from ui import get_model, page_inputs
 
 st.title("Low-rank spectra")
 st.markdown(
@@ -13,13 +13,7 @@ st.markdown(
     "the observation ATP is built on."
 )
 
-sel = sidebar()
-if sel is None:
-    st.stop()
-result = load_or_explain(sel)
-if result is None:
-    st.stop()
-loaded, cap = result
+sel, loaded, cap = page_inputs()
 info = cap.info
 
 matrix = st.radio(

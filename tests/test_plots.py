@@ -1,0 +1,33 @@
+"""Figure builders: arrays in, figures out, with the data they were given."""
+
+import numpy as np
+
+from atp_viz import compare, plots, spectra
+
+
+def test_spectra_and_energy_figures_carry_the_spectra():
+    rng = np.random.default_rng(0)
+    sps = spectra.layer_spectra([rng.normal(size=(20, 8)) for _ in range(3)])
+    fig = plots.spectra_figure(sps, ["a", "b", "c"])
+    assert [t.name for t in fig.data] == ["a", "b", "c"]
+    np.testing.assert_allclose(fig.data[1].y, sps[1].normalized)
+    assert fig.layout.yaxis.type == "log"
+    fig = plots.energy_figure(sps, ["a", "b", "c"], spectra.THRESHOLDS)
+    np.testing.assert_allclose(fig.data[2].y, sps[2].cumulative_energy)
+    assert len(fig.layout.shapes) == len(spectra.THRESHOLDS)
+
+
+def test_heatmap_block_and_sweep_lines():
+    m = np.arange(16.0).reshape(4, 4)
+    fig = plots.heatmap_figure(m, title="t", x_title="x", diverging=True, block=3)
+    assert "blocks of 3" in fig.layout.title.text and fig.data[0].zmid == 0.0
+    sw = compare.Sweep(np.array([1, 2, 4]), np.array([0.3, 0.2, 0.0]), np.array([0.9, 0.8, 0.7]), "m", 4)
+    fig = plots.sweep_figure(sw.ranks, sw.exact, sw.linear, metric=sw.metric, n_tokens=4, current=2)
+    np.testing.assert_allclose(fig.data[2].y, sw.linearisation)
+
+
+def test_fraction_vs_length_has_the_d_over_L_ceiling():
+    fig = plots.fraction_vs_length_figure([16, 64, 1024], np.array([[0.5, 0.4, 0.2]]), ["mean"], 384, 0.9)
+    ceiling = fig.data[-1]
+    assert ceiling.name.startswith("ceiling")
+    assert ceiling.y.max() <= 1.0 and np.isclose(ceiling.y[-1], 384 / 1024)
