@@ -127,6 +127,7 @@ class Comparison:
     notices: tuple[str, ...]
     layer_rel_error: np.ndarray  # [n_layers] ||H_atp - H_dense|| / ||H_dense|| of each block's output
     final_rel_error: float
+    errors_at: str  # "all tokens" (encoders) or "last token" (decoders: see compare())
     embedding_cosine: float | None  # encoders
     top_dense: tuple[tuple[int, float], ...]  # decoders: (token id, probability), TOP_K of them
     top_atp: tuple[tuple[int, float], ...]
@@ -146,6 +147,7 @@ class Comparison:
             "notices": list(self.notices),
             "layer_relative_error": [float(e) for e in self.layer_rel_error],
             "final_hidden_relative_error": self.final_rel_error,
+            "relative_errors_over": self.errors_at,
             "atp_forward_seconds": self.atp_seconds,
             "dense_forward_seconds": self.dense_seconds,
         }
@@ -169,8 +171,15 @@ def compare(dense: Forward, atp_run: Forward) -> Comparison:
     """Metrics of an ATP run against the dense run of the same text."""
     if atp_run.config is None:
         raise ValueError("the second run must be an ATP run")
+    # Decoders: only the last token's states are compared. Under ATP every earlier position's state
+    # depends on later tokens through the basis, so its error would describe an output that reads the
+    # future; the last position's (the one predicting the next token) sees nothing after it.
+    rows = slice(-1, None) if dense.next_logits is not None else slice(None)
     errs = np.array(
-        [relative_error(a, d) for a, d in zip(atp_run.layer_outputs, dense.layer_outputs, strict=True)]
+        [
+            relative_error(a[rows], d[rows])
+            for a, d in zip(atp_run.layer_outputs, dense.layer_outputs, strict=True)
+        ]
     )
     cos = cosine(atp_run.embedding, dense.embedding) if dense.embedding is not None else None
     if dense.next_logits is not None:
@@ -185,7 +194,8 @@ def compare(dense: Forward, atp_run: Forward) -> Comparison:
         rank=atp_run.ranks[0],
         notices=atp_run.notices,
         layer_rel_error=errs,
-        final_rel_error=relative_error(atp_run.final_hidden, dense.final_hidden),
+        final_rel_error=relative_error(atp_run.final_hidden[rows], dense.final_hidden[rows]),
+        errors_at="last token" if dense.next_logits is not None else "all tokens",
         embedding_cosine=cos,
         top_dense=top_d,
         top_atp=top_a,

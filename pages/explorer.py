@@ -126,12 +126,22 @@ def explorer() -> None:
     else:
         k1.metric("Next-token KL(dense || ATP)", f"{cmp.kl:.3f} nats")
         k3.metric("Top-1 next token agrees", "yes" if cmp.top1_agree else "no")
-    k2.metric("Final hidden state, relative error", f"{cmp.final_rel_error:.3f}")
+    k2.metric(f"Final hidden state, relative error ({cmp.errors_at})", f"{cmp.final_rel_error:.3f}")
     st.caption(
         f"Compute: ATP forward {cmp.atp_seconds * 1e3:.0f} ms (basis included), "
         f"dense {cmp.dense_seconds * 1e3:.0f} ms."
     )
-    st.plotly_chart(plots.layer_error_figure(cmp.layer_rel_error), key="explorer_layer_err")
+    st.plotly_chart(
+        plots.layer_error_figure(
+            cmp.layer_rel_error, title=f"Relative error of each layer's output ({cmp.errors_at})"
+        ),
+        key="explorer_layer_err",
+    )
+    if info.is_decoder:
+        st.caption(
+            "Decoder: errors are measured at the last token only. Under ATP every earlier position's state "
+            "depends on later tokens through the basis; only the last one sees nothing after it."
+        )
 
     if info.is_decoder:
         st.markdown(

@@ -194,6 +194,10 @@ def test_comparison_metrics_and_maps(load):
         c = compare.compare(dense, run)
         assert c.rank == 4 and c.kl >= 0 and len(c.top_dense) == len(c.top_atp) == 10
         assert c.layer_rel_error.shape == (2,)
+        # Decoder: errors only at the last token (earlier positions read later tokens via the basis).
+        assert c.errors_at == "last token"
+        want = compare.relative_error(run.layer_outputs[1][-1:], dense.layer_outputs[1][-1:])
+        assert c.layer_rel_error[1] == pytest.approx(want)
         maps = compare.attention_maps(cap.layers[1].attn, run, layer=1, head=3)
         L = tok.n_tokens
         assert maps.dense.shape == maps.lifted.shape == (L, L) and maps.principal.shape == (L, 4)
@@ -211,6 +215,7 @@ def test_full_rank_comparison_reports_no_error(load):
     c = compare.compare(compare.forward(loaded, tok), compare.forward(loaded, tok, ATPConfig(rank=1.0)))
     assert c.embedding_cosine == pytest.approx(1.0, abs=1e-5)
     assert c.final_rel_error < 1e-4
+    assert c.errors_at == "all tokens"
 
 
 def test_kl_and_downsample():
