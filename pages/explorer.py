@@ -234,6 +234,13 @@ def explorer() -> None:
             "A' U_r^T (rows sum to 1 but entries can be negative: 1 + s is not a positive kernel). "
             "Exact form: the lifted map is the softmax over reconstructed keys A and the principal weights "
             "are A U_r, since A V_r = (A U_r) V'."
+            + (
+                " Decoder: the lifted map has weight above the diagonal, on tokens after the query: the "
+                "basis mixes later tokens into every reconstructed key. That is why only the last token's "
+                "outputs are reported here."
+                if info.is_decoder
+                else ""
+            )
         )
 
     st.subheader("Error vs rank, both forms")
