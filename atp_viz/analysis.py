@@ -95,6 +95,25 @@ def length_study(
     )
 
 
+def effective_rank_by_length(
+    loaded: LoadedModel, text: str, *, progress: ProgressFn | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Effective rank of every layer's X on geometric prefixes of ``text`` (16, 32, ..., all tokens).
+
+    Returns (lengths ``[n_points]``, effective ranks ``[n_layers, n_points]``). Each prefix is run on
+    its own, so an encoder sees only the prefix (for a decoder this equals slicing one run).
+    """
+    tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
+    lengths = [n for n in spectra.prefix_lengths(tok.n_tokens) if n >= 2]
+    cols = []
+    for j, n in enumerate(lengths):
+        if progress:
+            progress(j / len(lengths), f"prefix of {n} tokens")
+        cap = capture(loaded, _prefix(tok, n), attentions="none")
+        cols.append([spectra.spectrum(layer.x).effective_rank for layer in cap.layers])
+    return np.array(lengths), np.array(cols).T
+
+
 def sink_ratio(x: np.ndarray) -> float:
     """Norm of the first token's row of X over the median row norm (attention sinks: >> 1)."""
     norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)

@@ -140,6 +140,7 @@ def fraction_vs_length_figure(
     threshold: float,
     *,
     title: str | None = None,
+    y_title: str = "rank needed / L",
 ) -> go.Figure:
     """``fractions[series, point]`` = rank needed / L, one series per layer (or summary).
 
@@ -171,7 +172,7 @@ def fraction_vs_length_figure(
         )
     )
     title = title or f"Fraction of components needed for {threshold:.0%} energy vs sequence length"
-    fig = _base(fig, title, "sequence length L (tokens)", "rank needed / L", height=460)
+    fig = _base(fig, title, "sequence length L (tokens)", y_title, height=460)
     fig.update_xaxes(type="log")
     fig.update_yaxes(tickformat=".0%", rangemode="tozero")
     return fig

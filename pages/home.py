@@ -3,10 +3,10 @@
 import numpy as np
 import streamlit as st
 
-from atp_viz import plots, spectra
+from atp_viz import analysis, plots, spectra
 from atp_viz.analysis import sink_ratio
 from atp_viz.texts import readable_tokens
-from ui import model_caption, page_inputs
+from ui import get_model, model_caption, page_inputs
 
 MAX_TOKENS_SHOWN = 600
 
@@ -18,7 +18,7 @@ st.markdown(
     "Pick a model and a text in the sidebar; the pages show the spectra behind the claim."
 )
 
-_, loaded, cap = page_inputs()
+sel, loaded, cap = page_inputs()
 st.caption(model_caption(loaded))
 
 sps = spectra.layer_spectra([layer.x for layer in cap.layers])
@@ -36,6 +36,33 @@ c4.metric(
 )
 
 st.plotly_chart(plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model), key="home_erank")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _erank_by_length(model_key: str, text: str):
+    bar = st.progress(0.0, text="Effective rank on prefixes of the text...")
+    try:
+        return analysis.effective_rank_by_length(
+            get_model(model_key), text, progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg)
+        )
+    finally:
+        bar.empty()
+
+
+lengths, by_len = _erank_by_length(sel.model_key, sel.text)
+if lengths.size > 1:
+    st.plotly_chart(
+        plots.fraction_vs_length_figure(
+            lengths,
+            by_len / lengths,
+            [f"layer {i}" for i in range(len(by_len))],
+            cap.info.d_model,
+            0.0,
+            title="Effective rank / L on prefixes of this text (lower = relatively lower-rank)",
+            y_title="effective rank / L",
+        ),
+        key="home_erank_length",
+    )
 st.latex(spectra.EFFECTIVE_RANK_FORMULA)
 st.caption(
     "Effective rank (Roy & Vetterli, 2007) of each layer's attention input X (uncentred, all tokens). "

@@ -27,7 +27,7 @@ def test_home_runs_on_default_model():
     assert not at.exception, at.exception
     assert at.title[0].value == "ATP Explorer"
     assert at.selectbox(key="model_choice").value == "minilm"
-    assert len(_charts(at)) == 1
+    assert [c.key for c in _charts(at)] == ["home_erank", "home_erank_length"]
     assert any(m.label == "Tokens L" for m in at.metric)
 
 
@@ -70,7 +70,7 @@ def test_smollm2_home_and_sink_warning():
     at = _app().run()
     at.selectbox(key="model_choice").set_value("smollm2").run()
     assert not at.exception, at.exception
-    assert len(_charts(at)) == 1
+    assert len(_charts(at)) == 2
     assert any("attention sink" in w.value for w in at.warning)
 
 

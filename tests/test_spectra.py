@@ -85,3 +85,12 @@ def test_capture_spectra_on_model(load):
     assert len(sps) == 2 and all(sp.n_rows == cap.n_tokens for sp in sps)
     heads = spectra.head_spectra(cap.layers[0].k)
     assert len(heads) == cap.info.n_kv_heads
+
+
+def test_effective_rank_by_length_uses_each_prefix(load):
+    from atp_viz.analysis import effective_rank_by_length
+
+    loaded = load("tiny-bert")
+    lengths, er = effective_rank_by_length(loaded, "one two three four five six seven eight nine ten " * 4)
+    assert lengths[0] == 16 and lengths[-1] == 42 and er.shape == (2, len(lengths))
+    assert (er <= np.minimum(lengths, loaded.info.d_model) + 1e-9).all() and (er >= 1).all()
