@@ -214,6 +214,7 @@ def chunked_logits(
     """
     if not loaded.info.is_decoder:
         raise ValueError("perplexity needs a decoder (causal LM)")
+    ids = ids.to(loaded.device)
     L = ids.shape[1]
     if chunk < 1:
         raise ValueError("the chunk size must be at least 1 token")
@@ -258,7 +259,7 @@ def perplexity(
 
     t0 = time.perf_counter()
     logits = chunked_logits(loaded, ids, rank=rank, form=form, chunk=chunk, progress=progress)
-    target = ids[0, 1:]
+    target = ids[0, 1:].to(logits.device)
     logp = torch.log_softmax(logits[:-1].double(), dim=-1)
     nll = float(-logp.gather(1, target[:, None]).mean())
     top1 = float((logits[:-1].argmax(-1) == target).float().mean())
@@ -318,6 +319,7 @@ def generate(
     info = loaded.info
     if not info.is_decoder:
         raise ValueError("generation needs a decoder (causal LM)")
+    prompt_ids = prompt_ids.to(loaded.device)
     L = prompt_ids.shape[1]
     if L < 2 and rank is not None:
         raise ValueError("The prompt has one token: there is nothing to compress. Give a longer prompt.")
