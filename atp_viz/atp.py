@@ -47,6 +47,9 @@ RANDOMIZED_OVERSAMPLE = 10
 RANDOMIZED_BLOCK = 16
 # Block length of the causal linear form: the only quadratic buffer it holds is chunk x chunk per head.
 CAUSAL_CHUNK = 128
+# Token sample of the "sketch" basis: at least this many rows, and at least this many per basis vector.
+SKETCH_MIN_ROWS = 512
+SKETCH_FACTOR = 4
 # Fixed seed of the directions that complete a basis beyond the numerical rank of x (determinism).
 _COMPLETION_SEED = 0
 
@@ -59,7 +62,7 @@ _COMPLETION_SEED = 0
 def principal_basis(
     x: torch.Tensor,
     rank: int,
-    method: Literal["exact", "randomized"] = "exact",
+    method: Literal["exact", "randomized", "sketch"] = "exact",
     *,
     valid: torch.Tensor | None = None,
     niter: int = 2,
@@ -81,6 +84,17 @@ def principal_basis(
     function takes no ``generator`` and so cannot be made reproducible without touching the global RNG.
     When ``rank + RANDOMIZED_OVERSAMPLE`` reaches ``min(L, d)`` nothing can be saved and the exact SVD is
     used.
+
+    ``method="sketch"`` (cheaper, approximate; the "sketch on a subset of tokens" the serving issue
+    suggests): the top-``rank`` right singular vectors V_r of ``s`` tokens sampled uniformly without
+    replacement (``s = max(SKETCH_MIN_ROWS, SKETCH_FACTOR * rank)``, real tokens only), then
+    ``U = orth(x V_r)`` (Cholesky-QR twice) rotated by the SVD of the small ``r x r`` factor, so the
+    columns are the left singular vectors of ``x V_r``. V_r comes from the randomised finder applied to
+    the small sample. Cost: one pass over x (``L d r``) plus ``L r^2`` and sample-sized work, instead of
+    the randomised method's six passes.
+    It spans the top-r subspace of ``x`` only as far as the sample spans x's row space: a direction
+    carried by a few unsampled tokens is missed. The app shows the accuracy this costs (explorer, basis
+    option). Falls back to the exact SVD when ``s >= L``.
 
     Sign convention (deterministic): each column is flipped so that its entry of largest absolute
     value is positive (ties: the first such row); an all-zero column is left as is. The ATP linear
@@ -107,8 +121,8 @@ def principal_basis(
     if L < 1 or d < 1:
         raise ValueError(f"principal_basis needs L >= 1 and d >= 1, got x of shape {tuple(x.shape)}.")
     rank = _check_basis_rank(rank, L)
-    if method not in ("exact", "randomized"):
-        raise ValueError(f"method must be 'exact' or 'randomized', got {method!r}.")
+    if method not in ("exact", "randomized", "sketch"):
+        raise ValueError(f"method must be 'exact', 'randomized' or 'sketch', got {method!r}.")
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
         raise ValueError(f"niter must be a non-negative int, got {niter!r}.")
 
@@ -128,8 +142,11 @@ def principal_basis(
 
     k = min(L, d)
     m = min(rank, k)
+    n_sketch = max(SKETCH_MIN_ROWS, SKETCH_FACTOR * m)
     if method == "randomized" and m + RANDOMIZED_OVERSAMPLE < k:
         U, S = _randomized_svd(xw, m, niter, generator)
+    elif method == "sketch" and n_sketch < L and m < min(n_sketch, d):
+        U, S = _sketch_svd(xw, m, n_sketch, mask, generator)
     else:
         if method == "randomized":
             logger.debug("randomized basis: rank + oversampling >= min(L, d) = %d, using the exact SVD", k)
@@ -145,6 +162,39 @@ def principal_basis(
     elif mask is not None:
         U = U * mask.unsqueeze(-1)  # exact zeros on padding rows (the SVD leaves ~eps there)
     return _fix_signs(U).to(out_dtype)
+
+
+def _sketch_svd(
+    xw: torch.Tensor, m: int, n_rows: int, mask: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis from a row sample (principal_basis, method "sketch"): U ``[..., L, m]``, S ``[..., m]``."""
+    if generator is None or generator.device.type != "cpu":
+        generator = torch.Generator().manual_seed(_COMPLETION_SEED)  # deterministic sample
+    batch = xw.shape[:-2]
+    L, d = xw.shape[-2], xw.shape[-1]
+    flat = xw.reshape(-1, L, d)  # (N, L, d)
+    flat_mask = None if mask is None else mask.reshape(-1, L)
+    us, ss = [], []
+    for b in range(flat.shape[0]):
+        rows = torch.arange(L, device=xw.device)
+        if flat_mask is not None:
+            rows = rows[flat_mask[b] > 0]
+        order = torch.randperm(rows.numel(), generator=generator)[:n_rows].to(xw.device)
+        pick = rows[order]
+        xs = flat[b, pick.sort().values]  # (s', d): the sampled tokens
+        if m + RANDOMIZED_OVERSAMPLE < min(xs.shape):
+            # The sample's top right singular vectors by the randomised finder on xs^T (d x s', small).
+            rand_gen = generator if xw.device.type == "cpu" else None
+            vr, _ = _randomized_svd(xs.mT.contiguous(), m, 2, rand_gen)  # (d, m)
+        else:
+            vr = torch.linalg.svd(xs, full_matrices=False).Vh[:m].mT  # (d, m)
+        y = flat[b] @ vr  # (L, m): x V_r, one pass over x
+        q1, t = _orthonormal_tall(y)
+        q = q1 if t is None else q1 @ t  # (L, m), orthonormal
+        ub, sv, _ = torch.linalg.svd(q.mT @ y)  # rotate to the left singular vectors of x V_r
+        us.append(q @ ub)
+        ss.append(sv)
+    return torch.stack(us).reshape(*batch, L, m), torch.stack(ss).reshape(*batch, m)
 
 
 def _check_basis_rank(rank: Any, L: int) -> int:

@@ -52,6 +52,7 @@ class CallState:
 
     layer_of: dict[int, int]  # id(attention module) -> layer index
     capture: bool = False
+    keep_attn: frozenset[int] | None = None  # layers whose attention maps a capture keeps (None: all)
     atp: Any = None  # an atp_viz.engine.ATPPlan, or None for dense attention
     key_mask: torch.Tensor | None = None  # [B, L] bool, True = real token (padding excluded)
     x: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> attention input [B, L, d]
@@ -97,6 +98,28 @@ def eager_attention(
     return out, weights
 
 
+def sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """The same attention through torch's fused kernel, for dense passes that keep no maps: it never
+    holds the L x L probabilities (30 layers of SmolLM2 at 8k tokens would need 70 GB)."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Lk, dh)
+        value = value.repeat_interleave(n_rep, dim=1)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None  # (B, Lq, H, dh)
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -121,11 +144,14 @@ def attention_forward(
         state.record(layer, "k", key)
         state.record(layer, "v", value)
     plan = state.atp
+    keep = state.capture and (state.keep_attn is None or layer in state.keep_attn)
     if plan is not None and plan.applies_to(layer) and query.shape[-2] == key.shape[-2]:
         out, weights = plan.attention(state, layer, module, query, key, value, attention_mask, scaling)
-    else:
+    elif keep:
         out, weights = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
-    if state.capture and weights is not None:
+    else:
+        out, weights = sdpa_attention(module, query, key, value, attention_mask, scaling, dropout)
+    if keep and weights is not None:
         state.record(layer, "attn", weights)
     return out, weights
 
@@ -188,6 +214,7 @@ def activate(
     model: nn.Module,
     *,
     capture: bool = False,
+    keep_attn: frozenset[int] | None = None,
     outputs: bool = False,
     atp: Any = None,
     key_mask: torch.Tensor | None = None,
@@ -205,6 +232,7 @@ def activate(
     state = CallState(
         layer_of={id(m.attn): m.index for m in mods},
         capture=capture,
+        keep_attn=None if keep_attn is None else frozenset(keep_attn),
         atp=atp,
         key_mask=None if key_mask is None else key_mask.bool(),
     )

@@ -47,7 +47,7 @@ TINY_LENGTHS = (64, 128)
 TINY_RANKS = "8,16"
 TINY_REPEATS = 2
 EAGER_LIMIT_GB = 8.0  # dense eager is skipped when its L x L x H float32 scores alone would exceed this
-BASIS_METHODS = ("exact", "randomized")
+BASIS_METHODS = ("exact", "randomized", "sketch")
 MODEL_KEY, MODEL_LENGTH, MODEL_RANK, MODEL_REPEATS = "smollm2", 2048, 128, 3
 TINY_MODEL_KEY, TINY_MODEL_LENGTH, TINY_MODEL_RANK, TINY_MODEL_REPEATS = "tiny-llama", 64, 8, 1
 # Standard-library modules whose docstrings make the model's input text (plain English prose, no download).
@@ -395,9 +395,22 @@ def madds(L: int, rank: int | None = None, method: str | None = None) -> dict[st
         p = basis_width(L, rank, d)
         out["basis"] = 6 * L * d * p + 7 * L * p * p + L * p * rank
         out["basis_p"] = p
+    elif method == "sketch" and sketch_basis_is_used(L, rank, d):
+        s_rows = max(atp.SKETCH_MIN_ROWS, atp.SKETCH_FACTOR * rank)
+        p = basis_width(s_rows, rank, d)
+        # x V_r, CholeskyQR2 (2 Grams + 2 applications), Q^T y and Q U_b: one pass over x, 6 thin GEMMs;
+        # plus the randomised finder on the s x d sample (6 s d p + 7 d p^2 + d p r).
+        out["basis"] = L * d * rank + 6 * L * rank * rank + 6 * s_rows * d * p + 7 * d * p * p + d * p * rank
+        out["basis_sample_rows"] = s_rows
     else:
         out["basis"] = "not counted (LAPACK SVD)"
     return out
+
+
+def sketch_basis_is_used(L: int, rank: int, d: int = GEOMETRY["d"]) -> bool:
+    """False where principal_basis(method="sketch") falls back to the exact SVD (see atp.principal_basis)."""
+    n = max(atp.SKETCH_MIN_ROWS, atp.SKETCH_FACTOR * min(rank, L, d))
+    return n < L and min(rank, L, d) < min(n, d)
 
 
 def _ceiling(L: int, rank: int, method: str) -> float | str:
@@ -518,6 +531,10 @@ def _layer_row(
             how = "randomized range finder (niter=2)"
         elif method == "randomized":
             how = "exact SVD (the randomized method falls back: rank + oversampling >= min(L, d))"
+        elif method == "sketch" and sketch_basis_is_used(L, r):
+            how = f"token sketch ({max(atp.SKETCH_MIN_ROWS, atp.SKETCH_FACTOR * r)} sampled tokens)"
+        elif method == "sketch":
+            how = "exact SVD (the sketch falls back: the sample would be the whole input)"
         else:
             how = "exact SVD"
         row: dict[str, Any] = {

@@ -120,7 +120,7 @@ def capture(
     ids = tok.input_ids.to(loaded.device)
     mask = tok.attention_mask.to(loaded.device)
     keep_attn, attn_note = _attn_layers(info, tok.n_tokens, attentions)
-    with backend.activate(loaded.model, capture=True, key_mask=mask) as state:
+    with backend.activate(loaded.model, capture=True, keep_attn=keep_attn, key_mask=mask) as state:
         out = loaded.model(input_ids=ids, attention_mask=mask, output_hidden_states=info.is_decoder)
     notes = [n for n in (tok.notice, attn_note) if n]
 

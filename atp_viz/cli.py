@@ -101,6 +101,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         layers=parse_layers(args.layers, loaded.info.n_layers),
         basis_source=args.basis,
         lowrank_linear=args.lowrank_linear,
+        basis_method=args.basis_method,
     )
     dense = compare.forward(loaded, tok)
     run = compare.forward(loaded, tok, config)
@@ -248,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--form", choices=["exact", "linear"], default="exact")
     c.add_argument("--layers", default="all", help="'all', '3', '0-5' or '1,3,7'")
     c.add_argument("--basis", choices=["input", "keys"], default="input", help="basis from X or from K")
+    c.add_argument(
+        "--basis-method",
+        choices=["exact", "randomized", "sketch"],
+        default="exact",
+        help="how U_r is computed",
+    )
     c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
     c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
     c.add_argument("--sweep", action="store_true", help="also sweep the rank for both forms")

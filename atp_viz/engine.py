@@ -42,12 +42,16 @@ class ATPConfig:
     form: Form = "exact"
     layers: Literal["all"] | tuple[int, ...] = "all"
     basis_source: BasisSource = "input"
-    basis_method: Literal["exact", "randomized"] = "exact"
+    basis_method: Literal["exact", "randomized", "sketch"] = "exact"
     lowrank_linear: bool = False
 
     def __post_init__(self) -> None:
         if self.form not in ("linear", "exact"):
             raise ValueError(f"form must be 'linear' or 'exact', got {self.form!r}")
+        if self.basis_method not in ("exact", "randomized", "sketch"):
+            raise ValueError(
+                f"basis_method must be 'exact', 'randomized' or 'sketch', got {self.basis_method!r}"
+            )
         if self.basis_source not in ("input", "keys"):
             raise ValueError(f"basis_source must be 'input' or 'keys', got {self.basis_source!r}")
         if self.layers != "all":
@@ -58,6 +62,7 @@ class ATPConfig:
         r = f"r={self.rank:g}L" if isinstance(self.rank, float) else f"r={self.rank}"
         extra = "" if self.basis_source == "input" else ", basis from keys"
         extra += ", low-rank linear layers" if self.lowrank_linear else ""
+        extra += "" if self.basis_method == "exact" else f", {self.basis_method} basis"
         return f"ATP {self.form} {r}{extra}"
 
 

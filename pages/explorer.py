@@ -36,12 +36,12 @@ def _dense(model_key: str, text: str) -> compare.Forward:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _sweep(model_key: str, text: str, layers, source: str, lowrank: bool) -> compare.Sweep:
+def _sweep(model_key: str, text: str, layers, source: str, lowrank: bool, method: str) -> compare.Sweep:
     m = get_model(model_key)
     tok = _tokenized(model_key, text)
     bar = st.progress(0.0, text="Sweeping ranks...")
     try:
-        base = ATPConfig(layers=layers, basis_source=source, lowrank_linear=lowrank)
+        base = ATPConfig(layers=layers, basis_source=source, lowrank_linear=lowrank, basis_method=method)
         return compare.error_sweep(
             m,
             tok,
@@ -86,7 +86,7 @@ def explorer() -> None:
     form = c3.radio(
         "Form", ["exact", "linear"], horizontal=True, key="form", help="linear = the paper's form"
     )
-    d1, d2, d3 = st.columns([2, 2, 2])
+    d1, d2, d3, d4 = st.columns([2, 2, 2, 2])
     layer_spec = d1.text_input("ATP on layers", "all", key="atp_layers", help="'all', '3', '0-5' or '1,3,7'")
     source = d2.radio(
         "Basis from",
@@ -95,6 +95,18 @@ def explorer() -> None:
         key="basis_source",
         format_func={"input": "attention input X (paper)", "keys": "keys K"}.get,
     )
+    method = d4.selectbox(
+        "Basis computed by",
+        ["exact", "randomized", "sketch"],
+        key="basis_method",
+        format_func={
+            "exact": "exact SVD",
+            "randomized": "randomised (2 power iterations)",
+            "sketch": "token sketch (cheapest)",
+        }.get,
+        help="How U_r is computed. The cheaper methods approximate the top-r subspace; the metrics and the "
+        "sweep below show what that costs in accuracy. The sketch uses a sample of max(512, 4r) tokens.",
+    )
     lowrank = d3.checkbox(
         "Low-rank inputs for linear layers",
         key="lowrank_linear",
@@ -102,7 +114,14 @@ def explorer() -> None:
     )
     try:
         layers = parse_layers(layer_spec, info.n_layers)
-        config = ATPConfig(rank=rank, form=form, layers=layers, basis_source=source, lowrank_linear=lowrank)
+        config = ATPConfig(
+            rank=rank,
+            form=form,
+            layers=layers,
+            basis_source=source,
+            lowrank_linear=lowrank,
+            basis_method=method,
+        )
     except (ValueError, TypeError) as err:
         st.error(str(err))
         return
@@ -250,7 +269,7 @@ def explorer() -> None:
     )
     if st.button("Run the sweep", key="run_sweep") or st.session_state.get("sweep_ran"):
         st.session_state.sweep_ran = True
-        sw = _sweep(sel.model_key, sel.text, layers, source, lowrank)
+        sw = _sweep(sel.model_key, sel.text, layers, source, lowrank, method)
         st.plotly_chart(
             plots.sweep_figure(
                 sw.ranks, sw.exact, sw.linear, metric=sw.metric, n_tokens=sw.n_tokens, current=cmp.rank

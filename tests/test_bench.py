@@ -91,7 +91,7 @@ def test_json_structure_and_settings(result):
     assert [row["L"] for row in layer["lengths"]] == [64, 128]
     for row in layer["lengths"]:
         combos = {(a["rank"], a["basis_method"]) for a in row["atp"]}
-        assert combos == {(8, "exact"), (8, "randomized"), (16, "exact"), (16, "randomized")}
+        assert combos == {(r, m) for r in (8, 16) for m in bench.BASIS_METHODS}
 
 
 def test_all_numbers_finite_and_timings_positive(result):
@@ -171,17 +171,11 @@ def test_model_part_and_crossover(result):
     for t in _timing_runs:
         assert len(t["repeats_s"]) == 1 and t["median_s"] > 0
     assert {(r["form"], r["basis_method"]) for r in model["atp"].values()} == {
-        ("linear", "exact"),
-        ("linear", "randomized"),
-        ("exact", "exact"),
-        ("exact", "randomized"),
+        (f, m) for f in ("linear", "exact") for m in bench.BASIS_METHODS
     }
     cross = result["layer"]["crossover"]
     assert {(c["rank_spec"], c["basis_method"]) for c in cross} == {
-        ("8", "exact"),
-        ("8", "randomized"),
-        ("16", "exact"),
-        ("16", "randomized"),
+        (r, m) for r in ("8", "16") for m in bench.BASIS_METHODS
     }
     for c in cross:
         assert c["crossover_L"] is None or c["crossover_L"] in c["faster_than_sdpa_at"]
