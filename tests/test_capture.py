@@ -134,3 +134,18 @@ def test_truncation_is_reported(load):
     assert cap.n_tokens == 16 and cap.truncated and cap.n_original == 42
     assert any("only the first 16" in n for n in cap.notes)
     assert cap.tokens[-1] == "[SEP]"
+
+
+def test_capture_without_maps_matches_and_records_no_probabilities(load):
+    """Layers whose maps are not kept run through SDPA: same activations, no L x L tensor recorded."""
+    loaded = load("tiny-llama")
+    full = capture(loaded, SENTENCE, attentions="all")
+    with backend.activate(loaded.model, capture=True, keep_attn=frozenset()) as state, torch.inference_mode():
+        tok = tokenize(loaded.tokenizer, SENTENCE, loaded.info.max_tokens)
+        loaded.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+    assert all("attn" not in rec for rec in state.records.values())
+    none = capture(loaded, SENTENCE, attentions="none")
+    for a, b in zip(full.layers, none.layers, strict=True):
+        assert b.attn is None
+        np.testing.assert_allclose(a.output, b.output, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a.k, b.k, atol=1e-5, rtol=1e-5)
