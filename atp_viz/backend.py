@@ -69,6 +69,14 @@ def current_state() -> CallState | None:
     return _STATE.get()
 
 
+def _repeat_kv(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention for the dense paths: kv head h serves query heads h*G .. h*G + G - 1."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep == 1:
+        return key, value
+    return key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)  # (B, H, Lk, dh)
+
+
 def eager_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -83,10 +91,7 @@ def eager_attention(
     Written here rather than imported because each model file has its own copy (BERT's has no GQA
     repeat, Llama's softmaxes in float32); this is their common denominator and matches both.
     """
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Lk, dh): kv head h serves queries h*n_rep..
-        value = value.repeat_interleave(n_rep, dim=1)
+    key, value = _repeat_kv(query, key, value)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
@@ -109,10 +114,7 @@ def sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """The same attention through torch's fused kernel, for dense passes that keep no maps: it never
     holds the L x L probabilities (30 layers of SmolLM2 at 8k tokens would need 70 GB)."""
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Lk, dh)
-        value = value.repeat_interleave(n_rep, dim=1)
+    key, value = _repeat_kv(query, key, value)
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
     out = nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
