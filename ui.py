@@ -5,6 +5,7 @@ Lives beside app.py, not in pages/ (one file per view). Only widgets, caching an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import streamlit as st
@@ -154,6 +155,15 @@ def page_inputs() -> tuple[Selection, LoadedModel, Capture]:
         st.stop()
     loaded, cap = result
     return sel, loaded, cap
+
+
+def highlight_divergence(pieces: list[str], first: int | None) -> str:
+    """Markdown of decoded tokens with the first diverging one highlighted; markdown characters in
+    the tokens are escaped so generated text cannot break the formatting."""
+    esc = [re.sub(r"([\\`*_{}\[\]()#+\-.!|$<>~:])", r"\\\1", t) for t in pieces]
+    if first is None or first >= len(esc):
+        return "".join(esc)
+    return "".join(esc[:first]) + f":red-background[{esc[first]}]" + "".join(esc[first + 1 :])
 
 
 def model_caption(loaded: LoadedModel) -> str:

@@ -115,8 +115,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "dense": loaded.tokenizer.decode(list(cont.dense_ids)),
             "atp": loaded.tokenizer.decode(list(cont.atp_ids)),
             "first_divergence": cont.first_divergence,
-            "agreement": sum(a == b for a, b in zip(cont.dense_ids, cont.atp_ids, strict=False))
-            / max(1, min(len(cont.dense_ids), len(cont.atp_ids))),
+            "agreement": cont.agreement,
         }
     if args.sweep:
         sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))

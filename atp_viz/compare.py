@@ -22,6 +22,7 @@ from atp_viz import atp, backend
 from atp_viz.capture import mean_pool
 from atp_viz.engine import ATPConfig, make_plan
 from atp_viz.models import LoadedModel
+from atp_viz.serving import agreement
 from atp_viz.texts import Tokenized
 
 logger = logging.getLogger(__name__)
@@ -287,12 +288,12 @@ class Continuation:
 
     @property
     def first_divergence(self) -> int | None:
-        for i, (a, b) in enumerate(zip(self.dense_ids, self.atp_ids, strict=False)):
-            if a != b:
-                return i
-        return (
-            None if len(self.dense_ids) == len(self.atp_ids) else min(len(self.dense_ids), len(self.atp_ids))
-        )
+        return agreement(self.dense_ids, self.atp_ids)[1]
+
+    @property
+    def agreement(self) -> float:
+        """Share of positions where the two greedy texts agree."""
+        return agreement(self.dense_ids, self.atp_ids)[0]
 
 
 def _greedy(

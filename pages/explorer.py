@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import compare, plots
 from atp_viz.engine import ATPConfig, parse_layers
 from atp_viz.texts import Tokenized, tokenize
-from ui import get_capture, get_model, page_inputs
+from ui import get_capture, get_model, highlight_divergence, page_inputs
 
 st.title("Rank explorer: ATP vs dense")
 st.markdown(
@@ -185,19 +185,13 @@ def explorer() -> None:
             div = cont.first_divergence
             dense_txt, atp_txt = _decode(cont.dense_ids), _decode(cont.atp_ids)
 
-            def _mark(toks: list[str]) -> str:
-                if div is None or div >= len(toks):
-                    return "".join(toks)
-                return "".join(toks[:div]) + f":red-background[{toks[div]}]" + "".join(toks[div + 1 :])
-
             t1, t2 = st.columns(2)
-            t1.markdown("**Dense**\n\n" + _mark(dense_txt))
-            t2.markdown("**ATP**\n\n" + _mark(atp_txt))
-            agree = sum(a == b for a, b in zip(cont.dense_ids, cont.atp_ids, strict=False))
+            t1.markdown("**Dense**\n\n" + highlight_divergence(dense_txt, div))
+            t2.markdown("**ATP**\n\n" + highlight_divergence(atp_txt, div))
             st.caption(
                 "First diverging token: "
                 + ("none" if div is None else f"position {div} (highlighted)")
-                + f"; {agree} of {min(len(cont.dense_ids), len(cont.atp_ids))} positions agree."
+                + f"; {cont.agreement:.0%} of positions agree."
             )
 
     st.subheader("Attention maps")

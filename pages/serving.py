@@ -5,7 +5,7 @@ import streamlit as st
 
 from atp_viz import atp, plots, serving, texts
 from atp_viz.texts import tokenize
-from ui import get_model, page_inputs
+from ui import get_model, highlight_divergence, page_inputs
 
 MAX_PROMPT = 1024
 
@@ -91,14 +91,9 @@ if st.button("Generate", key="serve_go", type="primary") or st.session_state.get
     dec = [loaded.tokenizer.decode([i]) for i in dense.new_ids]
     atp_dec = [loaded.tokenizer.decode([i]) for i in comp.new_ids]
 
-    def _mark(toks):
-        if first is None or first >= len(toks):
-            return "".join(toks)
-        return "".join(toks[:first]) + f":red-background[{toks[first]}]" + "".join(toks[first + 1 :])
-
     t1, t2 = st.columns(2)
-    t1.markdown("**Dense KV cache**\n\n" + _mark(dec))
-    t2.markdown(f"**ATP cache (r = {r}, {form})**\n\n" + _mark(atp_dec))
+    t1.markdown("**Dense KV cache**\n\n" + highlight_divergence(dec, first))
+    t2.markdown(f"**ATP cache (r = {r}, {form})**\n\n" + highlight_divergence(atp_dec, first))
     st.caption(
         "First diverging token: " + ("none" if first is None else f"position {first} (highlighted)") + ". "
         "Cache sizes count float32 keys/values of all layers at the end of generation; the tokens generated "
