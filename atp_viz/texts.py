@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from atp_viz.settings import format_bytes
+
 MAX_UPLOAD_BYTES = 1_000_000
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -48,8 +50,8 @@ class Tokenized:
         if not self.truncated:
             return None
         return (
-            f"The text has {self.n_original:,} tokens; the model accepts at most {self.max_tokens:,}, "
-            f"so only the first {self.n_tokens:,} are used."
+            f"The text has {self.n_original:,} tokens; the limit for this model here is {self.max_tokens:,} "
+            f"(its context, or this server's token limit), so only the first {self.n_tokens:,} are used."
         )
 
 
@@ -63,11 +65,12 @@ def samples(data_dir: Path = DATA_DIR) -> list[Sample]:
     return out
 
 
-def decode_upload(data: bytes, name: str = "upload") -> str:
-    """Validate an uploaded file: at most 1 MB, UTF-8 text, not binary."""
-    if len(data) > MAX_UPLOAD_BYTES:
+def decode_upload(data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
+    """Validate an uploaded file: at most ``max_bytes`` (1 MB unless a deployment sets another limit,
+    see :class:`atp_viz.settings.Settings`), UTF-8 text, not binary."""
+    if len(data) > max_bytes:
         raise TextError(
-            f"{name} is {len(data) / 1e6:.1f} MB; uploads are limited to {MAX_UPLOAD_BYTES / 1e6:.0f} MB. "
+            f"{name} is {format_bytes(len(data))}; uploads are limited to {format_bytes(max_bytes)} here. "
             "Upload a shorter excerpt."
         )
     if b"\x00" in data[:8192]:
