@@ -1,0 +1,323 @@
+"""The guided tour: every step builds on the tiny models and MiniLM, the figures carry the right numbers,
+long inputs are aggregated (and say so), the toy example's maths, and the page itself (AppTest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+from conftest import SENTENCE
+from streamlit.testing.v1 import AppTest
+
+from atp_viz import costs, tour
+from atp_viz.capture import capture
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+LONG_TEXT = (ROOT / "data" / "08_long_essay_history_of_computing.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def captures(load):
+    """``captures(key, text)`` -> Capture, cached for the module."""
+    cache = {}
+
+    def _cap(key: str, text: str = SENTENCE):
+        if (key, text) not in cache:
+            cache[key, text] = capture(load(key), text, attentions="all" if text == SENTENCE else "none")
+        return cache[key, text]
+
+    return _cap
+
+
+def _heatmaps(fig: go.Figure) -> list:
+    return [t for t in fig.data if t.type == "heatmap"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps on the tiny models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
+def test_every_step_builds_a_figure(captures, key):
+    cap = captures(key)
+    data = tour.tour_data(cap, 1, 3, tour.default_rank(cap.n_tokens))
+    assert data.rank == cap.n_tokens // 2
+    assert [s.key for s in tour.STEPS] == [
+        "tokens",
+        "matrix",
+        "svd",
+        "toy",
+        "principal_tokens",
+        "principal_kv",
+        "attention",
+        "cost",
+    ]
+    for step in tour.STEPS:
+        fig = step.build(data)
+        assert isinstance(fig, go.Figure), step.key
+        assert fig.layout.title.text, step.key
+        assert step.formula and step.title
+        text = step.explain(data)  # every placeholder is filled
+        assert "{" not in text and "}" not in text, step.key
+        fig.to_dict()  # the figure validates
+
+
+def test_principal_tokens_are_U_r_transpose_X(captures):
+    cap = captures("tiny-bert")
+    data = tour.tour_data(cap, 0, 0, 5)
+    U, X = data.basis.astype(np.float64), cap.layers[0].x.astype(np.float64)
+    assert data.x_principal.shape == (5, cap.info.d_model)
+    np.testing.assert_allclose(data.x_principal, U.T @ X, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(U.T @ U, np.eye(5), atol=1e-5)
+    # X' = S_r V_r^T: its squared norm is the energy of the top r singular values.
+    s = data.spectrum.singular_values
+    assert np.sum(data.x_principal.astype(np.float64) ** 2) == pytest.approx(np.sum(s[:5] ** 2), rel=1e-4)
+    fig = tour.principal_tokens_figure(data)
+    xp, up = _heatmaps(fig)
+    assert np.shape(xp.z) == (5, cap.info.d_model)
+    assert np.shape(up.z) == (cap.n_tokens, 5)
+
+
+def test_principal_keys_per_key_value_head_after_rope(captures):
+    cap = captures("tiny-llama")
+    info = cap.info
+    assert info.has_rope and info.gqa_groups == 2
+    r = 6
+    a = tour.tour_data(cap, 1, 2, r)  # query heads 2 and 3 share key/value head 1
+    b = tour.tour_data(cap, 1, 3, r)
+    assert a.kv_head == b.kv_head == 1
+    np.testing.assert_array_equal(a.k, cap.layers[1].k[1])  # the captured keys: after rotary embedding
+    np.testing.assert_array_equal(a.k_principal, b.k_principal)
+    assert a.k_principal.shape == a.v_principal.shape == (r, info.head_dim)
+    U = a.basis.astype(np.float64)
+    np.testing.assert_allclose(a.v_principal, U.T @ cap.layers[1].v[1], rtol=1e-4, atol=1e-5)
+    fig = tour.principal_kv_figure(a)
+    assert "after rotary embedding" in fig.layout.annotations[0].text
+    assert "shared by query heads 2-3" in fig.layout.title.text
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_spectrum_marks_the_cumulative_energy_at_r(captures, rank):
+    data = tour.tour_data(captures("tiny-bert"), 1, 0, rank)
+    fig = tour.spectrum_figure(data)
+    mark = next(t for t in fig.data if t.name.startswith("chosen r"))
+    cum = np.cumsum(data.spectrum.singular_values.astype(np.float64) ** 2)
+    assert mark.x[0] == rank
+    assert mark.y[0] == pytest.approx(data.spectrum.cumulative_energy[rank - 1])
+    assert mark.y[0] == pytest.approx(cum[rank - 1] / cum[-1])
+    kept = next(t for t in fig.data if t.name.startswith("kept"))
+    assert len(kept.x) == rank
+
+
+def test_rank_above_min_L_d_keeps_all_energy_and_says_so(load):
+    cap = capture(load("tiny-bert"), LONG_TEXT[:600])  # L > d = 32
+    L, d = cap.n_tokens, cap.info.d_model
+    assert d < L
+    data = tour.tour_data(cap, 0, 0, L - 1)
+    assert data.energy_at_rank == pytest.approx(1.0)
+    assert f"exceeds min(L, d) = {d}" in tour.spectrum_figure(data).layout.title.text
+    assert "are zero" in tour.principal_tokens_figure(data).layout.title.text
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
+def test_dense_map_is_the_models_attention(captures, key):
+    cap = captures(key)
+    for head in (0, 3):
+        data = tour.tour_data(cap, 1, head, 4)
+        maps = data.maps
+        assert not maps.dense.aggregated
+        np.testing.assert_allclose(maps.dense.values, cap.layers[1].attn[head], atol=1e-5)
+        assert maps.principal.values.shape == (cap.n_tokens, 4)
+        if cap.info.is_decoder:  # the exact form keeps the causal mask
+            assert np.abs(np.triu(maps.exact.values, 1)).max() == 0.0
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
+def test_exact_form_at_full_rank_equals_dense(captures, key):
+    cap = captures(key)
+    data = tour.tour_data(cap, 0, 1, cap.n_tokens)  # L < d: the basis spans everything
+    assert data.maps.exact_error < 1e-4
+    np.testing.assert_allclose(data.maps.exact.values, data.maps.dense.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
+def test_blockwise_maps_equal_the_library_maps(captures, key, monkeypatch):
+    data = tour.tour_data(captures(key), 1, 2, 7)
+    whole = tour.head_maps(data, max_side=4)  # L = 18: blocks of 5, the last one shorter
+    monkeypatch.setattr(tour, "MAP_ROW_CHUNK", 5)  # several row chunks
+    blocks = tour.head_maps(data, max_side=4, library_limit=0)
+    assert blocks.blockwise and not whole.blockwise
+    assert whole.dense.row_block == blocks.dense.row_block == 5
+    for name in ("dense", "exact", "principal"):
+        np.testing.assert_allclose(getattr(blocks, name).values, getattr(whole, name).values, atol=1e-6)
+    assert blocks.exact_error == pytest.approx(whole.exact_error, rel=1e-4)
+    assert blocks.linear_error == pytest.approx(whole.linear_error, rel=1e-4)
+
+
+def test_cost_figure_uses_the_cost_model(captures):
+    data = tour.tour_data(captures("tiny-llama"), 0, 0, 5)
+    i, L = data.info, data.n_tokens
+    fig = tour.cost_figure(data)
+    attention, basis, memory = fig.data[:3]
+    dense = costs.dense_cost(L, i.n_heads, i.head_dim)
+    atp_c = costs.atp_cost(L, 5, i.n_heads, i.n_kv_heads, i.head_dim, i.d_model, method="randomized")
+    assert attention.y[0] == dense.macs
+    assert attention.y[1] + basis.y[1] == pytest.approx(atp_c.macs)
+    assert list(memory.y) == [dense.scores * 4, atp_c.scores * 4]
+    # The basis is counted as principal_basis computes it: randomised, or exact once r nears min(L, d).
+    assert tour.basis_method(4096, 576, 128) == "randomized"
+    assert tour.basis_method(2459, 576, 1229) == tour.basis_method(2459, 576, 570) == "exact"
+
+
+# --------------------------------------------------------------------------------------------------
+# Long inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pool_averages_blocks_and_keeps_every_row():
+    m = np.arange(35.0).reshape(7, 5)
+    p = tour.pool(m, max_rows=3, max_cols=5)
+    assert (p.row_block, p.col_block) == (3, 1)
+    np.testing.assert_allclose(p.values[0], m[:3].mean(axis=0))
+    np.testing.assert_allclose(p.values[2], m[6])  # the short last block: its real row only
+    assert p.note("tokens", "features") == "mean over blocks of 3 tokens"
+    np.testing.assert_array_equal(p.rows(), [0, 3, 6])
+    r = tour.pool(np.array([[1.0, -1.0], [-1.0, 1.0]]), 1, 1, how="rms")
+    assert r.values[0, 0] == pytest.approx(1.0)  # a mean would cancel to 0
+    assert tour.pool(m, 10, 10).note("tokens", "features") == ""
+
+
+def test_long_input_is_aggregated_with_a_note(captures):
+    cap = captures("tiny-llama", LONG_TEXT)
+    L = cap.n_tokens
+    assert L > 2 * tour.MAX_SIDE
+    data = tour.tour_data(cap, 1, 0, tour.default_rank(L))
+    for step in tour.STEPS:
+        fig = step.build(data)
+        for hm in _heatmaps(fig):
+            rows, cols = np.shape(hm.z)
+            assert rows <= max(tour.MAX_SIDE, 40) and cols <= tour.MAX_FEATURES, step.key
+    assert "too many to label" in tour.tokens_figure(data).layout.title.text
+    assert "mean over blocks of" in tour.x_figure(data).layout.title.text
+    title = tour.attention_figure(data).layout.title.text
+    assert "L x L maps: mean over blocks of" in title and "L x r map: mean over blocks of" in title
+    assert "RMS over blocks of" in tour.principal_tokens_figure(data).layout.title.text
+    # Aggregated, never truncated: the pooled map covers every token and its rows still sum to ~1.
+    dense = data.maps.dense
+    assert dense.values.shape[0] * dense.row_block >= L > (dense.values.shape[0] - 1) * dense.row_block
+    np.testing.assert_allclose(dense.values.sum(axis=1) * dense.col_block, 1.0, atol=0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# The 2-D toy example
+# --------------------------------------------------------------------------------------------------
+
+
+def test_toy_arrows_are_orthonormal_directions_scaled_by_singular_values():
+    toy = tour.toy_example()
+    V, s = toy.directions, toy.singular_values
+    np.testing.assert_allclose(V @ V.T, np.eye(2), atol=1e-12)
+    n = toy.points.shape[0]
+    np.testing.assert_allclose(toy.arrows, s[:, None] * V / np.sqrt(n))
+    np.testing.assert_allclose(np.linalg.norm(toy.arrows, axis=1), s / np.sqrt(n))
+    np.testing.assert_allclose(toy.principal_token, s[0] * V[0], atol=1e-12)  # x'_1 = sigma_1 v_1
+    # Rank-1 projections lie on the line of v_1, and are the closest points on it.
+    np.testing.assert_allclose(toy.projections @ V[1], 0.0, atol=1e-12)
+    np.testing.assert_allclose(toy.projections, np.outer(toy.points @ V[0], V[0]), atol=1e-12)
+
+
+def test_toy_sign_flip_leaves_the_linear_form_unchanged():
+    toy = tour.toy_example()
+    np.testing.assert_allclose(toy.linear, toy.linear_flipped, atol=1e-12)
+    assert np.abs(toy.softmax - toy.softmax_flipped).max() > 1.0  # softmax over principal keys is not
+    fig = tour.toy_figure(toy)
+    arrows = [a for a in fig.layout.annotations if a.showarrow]
+    assert len(arrows) == 4  # v_1, v_2 in both panels; v_1 flipped on the right
+    assert arrows[0].x == pytest.approx(-arrows[2].x) and arrows[0].y == pytest.approx(-arrows[2].y)
+
+
+def test_presenter_layout_enlarges_fonts_and_leaves_the_figure_alone(captures):
+    data = tour.tour_data(captures("tiny-bert"), 0, 0, 4)
+    fig = tour.attention_figure(data)
+    big = tour.presenter_layout(fig)
+    assert big.layout.font.size > 20 and fig.layout.font.size is None
+    assert big.layout.height > fig.layout.height
+    assert all(a.font.size > 20 for a in big.layout.annotations)
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM end to end, and the page
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.bundled
+def test_every_step_on_minilm(load):
+    text = (ROOT / "data" / "04_attention_explainer.txt").read_text()
+    cap = capture(load("minilm"), text)
+    data = tour.tour_data(cap, 3, 5, tour.default_rank(cap.n_tokens))
+    for step in tour.STEPS:
+        assert isinstance(step.build(data), go.Figure), step.key
+    np.testing.assert_allclose(data.maps.dense.values, cap.layers[3].attn[5], atol=1e-5)
+    mark = next(t for t in tour.spectrum_figure(data).data if t.name.startswith("chosen r"))
+    assert mark.y[0] == pytest.approx(data.spectrum.cumulative_energy[data.rank - 1])
+    # What ATP_NOTES reports for the untuned model: the exact form is close, the linear one is not.
+    assert data.maps.exact_error < data.maps.linear_error
+    assert data.x_principal.shape == (data.rank, cap.info.d_model)
+
+
+def _subheader(at: AppTest) -> str:
+    return at.subheader[0].value
+
+
+@pytest.mark.bundled
+def test_tour_page_steps_through_and_presenter_mode():
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/tour.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "How ATP works"
+    n = len(tour.STEPS)
+    assert _subheader(at) == f"Step 1 of {n}: Tokens"
+    assert at.button(key="tour_prev").disabled
+    L = int(at.slider(key="tour_rank").max)
+    assert at.slider(key="tour_rank").value == L // 2
+    at.selectbox(key="tour_layer").set_value(2).run()
+    for i in range(2, n + 1):
+        at.button(key="tour_next").click().run()
+        assert not at.exception, (i, at.exception)
+        assert _subheader(at).startswith(f"Step {i} of {n}: ")
+        assert len(at.get("plotly_chart")) == 1
+        assert at.latex
+    assert at.button(key="tour_next").disabled
+    at.toggle(key="tour_presenter").set_value(True).run()
+    assert not at.exception, at.exception
+    assert not any(s.key == "tour_layer" for s in at.selectbox)  # secondary controls hidden
+    assert _subheader(at) == f"Step {n} of {n}: {tour.STEPS[-1].title}"
+    assert any("layer 2" in c.value for c in at.caption)
+    at.button(key="tour_prev").click().run()
+    assert not at.exception, at.exception
+    assert _subheader(at).startswith(f"Step {n - 1} of {n}")
+    at.toggle(key="tour_presenter").set_value(False).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="tour_layer").value == 2  # kept while hidden
+
+
+def test_tour_page_on_a_tiny_decoder():
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["model"] = "tiny-llama"  # a link to the tour with a model: MiniLM is never loaded
+    at.switch_page("pages/tour.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == "tiny-llama"
+    at.selectbox(key="tour_head").set_value(3).run()
+    at.slider(key="tour_rank").set_value(3).run()
+    at.selectbox(key="tour_step").set_value(6).run()  # attention
+    assert not at.exception, at.exception
+    assert "Step 7" in _subheader(at)
+    assert any("decoder" in m.value for m in at.markdown)
+    at.selectbox(key="tour_step").set_value(5).run()  # principal keys: GQA sentence
+    assert any("grouped-query" in m.value for m in at.markdown)
