@@ -279,9 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json")
     g.set_defaults(func=cmd_generate)
 
-    from atp_viz import bench
+    from atp_viz import bench, finetune, report
 
     bench.register(sub)
+    finetune.register(sub)
+    report.register(sub)
     return p
 
 

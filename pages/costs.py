@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from atp_viz import costs, plots
-from ui import page_inputs
+from atp_viz.jobs import BusyError
+from ui import figure_downloads, heavy_job, page_inputs, table_downloads
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_JSON = ROOT / "bench-results" / "bench.json"  # written by `make bench` (not in git)
@@ -62,6 +63,7 @@ rows = [
     {"path": "  of which basis", "multiply-adds (G)": basis / 1e9, "scores held (M floats)": np.nan},
 ]
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="cost_table")
+table_downloads(rows, "cost_per_layer")
 m1, m2 = st.columns(2)
 m1.metric(
     "Counted speed-up ceiling (dense / ATP)",
@@ -86,12 +88,11 @@ series = {
     f"ATP r = {r}": [costs.atp_cost(n, int(r), H, Hkv, dh, d, method=method).macs for n in lengths],
     "ATP r = L/8": [costs.atp_cost(n, max(1, n // 8), H, Hkv, dh, d, method=method).macs for n in lengths],
 }
-st.plotly_chart(
-    plots.cost_scaling_figure(
-        lengths, series, title=f"Counted multiply-adds per layer ({info.label})", y_title="multiply-adds"
-    ),
-    key="cost_counted",
+fig = plots.cost_scaling_figure(
+    lengths, series, title=f"Counted multiply-adds per layer ({info.label})", y_title="multiply-adds"
 )
+st.plotly_chart(fig, key="cost_counted")
+figure_downloads(fig, "cost_counted_macs")
 
 st.subheader("Measured")
 st.markdown(
@@ -105,25 +106,30 @@ st.markdown(
 def _quick_bench(lengths: tuple[int, ...]) -> dict:
     from atp_viz import bench
 
-    bar = st.progress(0.0, text="Benchmarking...")
-    try:
-        layer = bench.run_layer_bench(
-            lengths,
-            "64,128,L/8",
-            repeats=3,
-            warmup=1,
-            measure_memory=False,
-            progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
-        )
-    finally:
-        bar.empty()
+    # A heavy job: besides taking the CPU from other sessions, concurrent work would distort the timings.
+    with heavy_job("quick benchmark"):
+        bar = st.progress(0.0, text="Benchmarking...")
+        try:
+            layer = bench.run_layer_bench(
+                lengths,
+                "64,128,L/8",
+                repeats=3,
+                warmup=1,
+                measure_memory=False,
+                progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
+            )
+        finally:
+            bar.empty()
     return {"layer": layer, "machine": bench.machine_info()}
 
 
 data, origin = None, None
 if st.button("Run a quick benchmark here (L = 256 ... 2048, about a minute)", key="cost_bench"):
-    data, origin = _quick_bench((256, 512, 1024, 2048)), "a quick run in this session"
-else:
+    try:
+        data, origin = _quick_bench((256, 512, 1024, 2048)), "a quick run in this session"
+    except BusyError as err:
+        st.warning(str(err) + " Showing the stored results meanwhile.")
+if data is None:
     for path, what in (
         (BENCH_JSON, "your last `make bench`"),
         (REFERENCE_JSON, "the reference run in the README"),
@@ -143,10 +149,9 @@ else:
         st.warning(f"The benchmark file does not have the expected layout ({err}); run `make bench` again.")
     else:
         ms = {k: [None if v is None else v * 1e3 for v in vs] for k, vs in measured.items()}
-        st.plotly_chart(
-            plots.cost_scaling_figure(lengths_m, ms, title="Measured time per layer (median)", y_title="ms"),
-            key="cost_measured",
-        )
+        fig = plots.cost_scaling_figure(lengths_m, ms, title="Measured time per layer (median)", y_title="ms")
+        st.plotly_chart(fig, key="cost_measured")
+        figure_downloads(fig, "cost_measured_time")
         machine = data.get("machine", {})
         where = ", ".join(
             f"{k} {machine.get(k, '?')}" for k in ("cpu_model", "torch_threads", "torch_version", "device")

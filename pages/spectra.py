@@ -3,8 +3,9 @@
 import numpy as np
 import streamlit as st
 
-from atp_viz import analysis, plots, spectra, texts
-from ui import get_model, page_inputs
+from atp_viz import analysis, export, plots, spectra, texts
+from atp_viz.jobs import BusyError
+from ui import figure_downloads, get_model, heavy_job, page_inputs, table_downloads
 
 st.title("Low-rank spectra")
 st.markdown(
@@ -79,14 +80,37 @@ sps = spectra.layer_spectra([_matrix(i) for i in chosen], centered=centered, ski
 labels = [f"layer {i}" for i in chosen]
 
 what = "the residual stream (block input)" if use_resid else "the attention input X"
-st.plotly_chart(
-    plots.spectra_figure(sps, labels, log=log, title=f"Singular values of {what}, per layer"),
-    key="spectra_sv",
-)
-st.plotly_chart(plots.energy_figure(sps, labels, spectra.THRESHOLDS), key="spectra_energy")
+fig = plots.spectra_figure(sps, labels, log=log, title=f"Singular values of {what}, per layer")
+st.plotly_chart(fig, key="spectra_sv")
+figure_downloads(fig, "spectra_singular_values")
+fig = plots.energy_figure(sps, labels, spectra.THRESHOLDS)
+st.plotly_chart(fig, key="spectra_energy")
+figure_downloads(fig, "spectra_cumulative_energy")
 n_rows = sps[0].n_rows
 table = spectra.ranks_table(sps)
-st.plotly_chart(plots.ranks_heatmap(table, labels, spectra.THRESHOLDS, n_rows), key="spectra_ranks")
+fig = plots.ranks_heatmap(table, labels, spectra.THRESHOLDS, n_rows)
+st.plotly_chart(fig, key="spectra_ranks")
+figure_downloads(fig, "spectra_ranks_needed")
+table_downloads(export.spectra_rows(sps, labels), "spectra_ranks_table")
+st.download_button(
+    "Spectra (.npz)",
+    lambda sps=sps, labels=labels: export.spectra_npz(sps, labels),
+    file_name="spectra.npz",
+    mime="application/octet-stream",
+    key="dl_spectra_npz",
+    on_click="ignore",
+    help="singular values per layer (sv_0, sv_1, ...), labels, effective ranks, ranks per threshold",
+)
+st.download_button(
+    f"Captured activations (.npz, about {export.capture_nbytes(cap) / 1e6:.1f} MB)",
+    lambda cap=cap: export.capture_npz(cap),
+    file_name="capture.npz",
+    mime="application/octet-stream",
+    key="dl_capture_npz",
+    on_click="ignore",
+    help="per layer X, Q, K, V, attention maps where kept, block inputs and outputs (blocks.i.x, ...), "
+    "tokens, input ids and model info",
+)
 st.latex(spectra.EFFECTIVE_RANK_FORMULA)
 st.caption(
     "Rank needed for a threshold t: the smallest k with s_1^2 + ... + s_k^2 >= t (s_1^2 + ... + s_n^2). "
@@ -101,25 +125,23 @@ hsp = spectra.head_spectra(k, centered=centered, skip_first=skip_first)
 head_note = f"{info.n_kv_heads} key/value heads" + (
     f", each shared by {info.gqa_groups} query heads (grouped-query attention)" if info.gqa_groups > 1 else ""
 )
-st.plotly_chart(
-    plots.spectra_figure(
-        hsp,
-        [f"kv head {h}" for h in range(len(hsp))],
-        log=log,
-        title=f"Singular values of the keys K, layer {layer} ({head_note})",
-    ),
-    key="spectra_keys",
+fig = plots.spectra_figure(
+    hsp,
+    [f"kv head {h}" for h in range(len(hsp))],
+    log=log,
+    title=f"Singular values of the keys K, layer {layer} ({head_note})",
 )
+st.plotly_chart(fig, key="spectra_keys")
+figure_downloads(fig, "spectra_keys")
 if info.has_rope:
     st.caption("Keys are shown after the rotary position embedding, as attention sees them.")
-st.plotly_chart(
-    plots.token_norms_figure(
-        np.linalg.norm(_matrix(layer), axis=1),
-        texts.readable_tokens(cap.tokens),
-        title=f"Row norm per token of {what}, layer {layer}",
-    ),
-    key="spectra_norms",
+fig = plots.token_norms_figure(
+    np.linalg.norm(_matrix(layer), axis=1),
+    texts.readable_tokens(cap.tokens),
+    title=f"Row norm per token of {what}, layer {layer}",
 )
+st.plotly_chart(fig, key="spectra_norms")
+figure_downloads(fig, "spectra_token_norms")
 
 st.subheader("Are longer sequences relatively lower-rank?")
 st.markdown(
@@ -134,30 +156,35 @@ threshold = st.select_slider(
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _length_study(model_key: str, threshold: float, centered: bool, skip_first: bool):
-    bar = st.progress(0.0, text="Running the model on every sample...")
-    try:
-        sample_texts = [(s.title, s.read()) for s in texts.samples()]
-        return analysis.length_study(
-            get_model(model_key),
-            sample_texts,
-            threshold=threshold,
-            centered=centered,
-            skip_first=skip_first,
-            progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
-        )
-    finally:
-        bar.empty()
+    with heavy_job("length study"):
+        bar = st.progress(0.0, text="Running the model on every sample...")
+        try:
+            sample_texts = [(s.title, s.read()) for s in texts.samples()]
+            return analysis.length_study(
+                get_model(model_key),
+                sample_texts,
+                threshold=threshold,
+                centered=centered,
+                skip_first=skip_first,
+                progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
+            )
+        finally:
+            bar.empty()
 
 
 if st.button("Run across all samples", key="run_length_study") or st.session_state.get("length_study_ran"):
     st.session_state.length_study_ran = True
-    study = _length_study(sel.model_key, threshold, centered, skip_first)
+    try:
+        study = _length_study(sel.model_key, threshold, centered, skip_first)
+    except BusyError as err:
+        st.session_state.length_study_ran = False  # the button starts it again; reruns do not retry
+        st.warning(str(err))
+        st.stop()
     for note in study.notes:
         st.caption(note)
     series = [study.mean_fraction] + [study.fractions[i] for i in chosen]
     names = ["mean over layers"] + labels
-    st.plotly_chart(
-        plots.fraction_vs_length_figure(study.lengths, np.array(series), names, info.d_model, threshold),
-        key="spectra_length",
-    )
+    fig = plots.fraction_vs_length_figure(study.lengths, np.array(series), names, info.d_model, threshold)
+    st.plotly_chart(fig, key="spectra_length")
+    figure_downloads(fig, "spectra_fraction_vs_length")
     st.markdown(analysis.describe_length_trend(study, info.d_model))
