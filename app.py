@@ -18,10 +18,12 @@ st.set_page_config(page_title="ATP Explorer", page_icon="assets/icon.png", layou
 
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/tour.py", title="How ATP works", icon=":material/school:", url_path="tour"),
     st.Page("pages/spectra.py", title="Low-rank spectra", icon=":material/insights:", url_path="spectra"),
     st.Page("pages/explorer.py", title="Rank explorer", icon=":material/tune:", url_path="explorer"),
     st.Page("pages/serving.py", title="Serving", icon=":material/bolt:", url_path="serving"),
     st.Page("pages/costs.py", title="Cost", icon=":material/speed:", url_path="costs"),
+    st.Page("pages/finetune.py", title="Fine-tuning", icon=":material/model_training:", url_path="finetune"),
 ]
 
 st.navigation(PAGES).run()

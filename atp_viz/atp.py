@@ -112,6 +112,11 @@ def principal_basis(
 
     Computed in float64 for float64 input and in float32 otherwise; cast back to the input's float
     dtype (float32 for non-float input).
+
+    Gradients: the basis is a constant for backpropagation (``x`` is detached). Gradients of an SVD
+    carry 1 / (s_i^2 - s_j^2) terms that blow up on near-equal singular values; low-rank-aware
+    fine-tuning (``atp_viz.finetune``) trains the weights through K' = U_r^T K and V' = U_r^T V with
+    U_r held fixed, the way a projection chosen from the data is usually treated.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError("principal_basis expects a tensor x of shape [..., L, d].")
@@ -121,6 +126,7 @@ def principal_basis(
     if L < 1 or d < 1:
         raise ValueError(f"principal_basis needs L >= 1 and d >= 1, got x of shape {tuple(x.shape)}.")
     rank = _check_basis_rank(rank, L)
+    x = x.detach()
     if method not in ("exact", "randomized", "sketch"):
         raise ValueError(f"method must be 'exact', 'randomized' or 'sketch', got {method!r}.")
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:

@@ -207,6 +207,29 @@ def compare(dense: Forward, atp_run: Forward) -> Comparison:
     )
 
 
+def side_by_side(reference: Forward, runs: dict[str, Forward]) -> list[dict]:
+    """One row per run, each measured against ``reference`` (the original model, dense): what the
+    explorer shows for a fine-tuned model (dense, untuned ATP, tuned ATP on the same text).
+
+    Runs may come from different weights (a tuned copy) and may be dense (``config`` None). Decoders
+    are compared at the last token only, as in :func:`compare`.
+    """
+    rows = slice(-1, None) if reference.next_logits is not None else slice(None)
+    out = []
+    for name, run in runs.items():
+        row = {"setting": name, "rank": run.ranks[0] if run.ranks else None}
+        if reference.embedding is not None:
+            row["embedding cosine to dense"] = cosine(run.embedding, reference.embedding)
+        else:
+            row["next-token KL(dense || run), nats"] = kl_divergence(reference.next_logits, run.next_logits)
+            row["top-1 agrees with dense"] = bool(run.next_logits.argmax() == reference.next_logits.argmax())
+        row["final hidden relative error"] = relative_error(
+            run.final_hidden[rows], reference.final_hidden[rows]
+        )
+        out.append(row)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention maps
 # ------------------------------------------------------------------------------------------------

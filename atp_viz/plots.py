@@ -298,3 +298,21 @@ def cost_scaling_figure(
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
     return fig
+
+
+def loss_curve_figure(losses: Sequence[float], *, title: str, y_title: str, window: int = 10) -> go.Figure:
+    """A fine-tuning loss per step, with its running mean over ``window`` steps (steps are noisy:
+    each sees a different batch). Skipped (non-finite) steps are gaps, not zeros."""
+    y = np.asarray(losses, dtype=float)
+    x = np.arange(1, len(y) + 1)
+    fig = go.Figure(go.Scatter(x=x, y=y, name="loss per step", mode="lines", line=dict(color="#9ecae9")))
+    if len(y) >= window:
+        ok = np.isfinite(y)
+        kernel = np.ones(window)
+        num = np.convolve(np.where(ok, y, 0.0), kernel, mode="valid")
+        den = np.convolve(ok.astype(float), kernel, mode="valid")
+        mean = np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+        fig.add_trace(
+            go.Scatter(x=x[window - 1 :], y=mean, name=f"mean of {window} steps", line=dict(color="#1f77b4"))
+        )
+    return _base(fig, title, "step", y_title, height=340)

@@ -200,7 +200,7 @@ def chunked_logits(
     loaded: LoadedModel,
     ids: torch.Tensor,
     *,
-    rank: int | None,
+    rank: int | float | None,
     form: Form = "exact",
     chunk: int = 256,
     basis_from: str = "input",
@@ -210,7 +210,10 @@ def chunked_logits(
     """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
     keys/values (basis from those past tokens only) and to itself exactly and causally.
 
-    ``rank=None`` keeps the past exact (dense attention computed in chunks).
+    ``rank=None`` keeps the past exact (dense attention computed in chunks). A float rank in (0, 1]
+    is a share of the past: chunk c's past of n tokens keeps ``round(rank * n)`` principal keys.
+    Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
+    constant there, see ``atp.principal_basis``).
     """
     if not loaded.info.is_decoder:
         raise ValueError("perplexity needs a decoder (causal LM)")
@@ -223,8 +226,8 @@ def chunked_logits(
             f"The chunk size ({chunk}) must be smaller than the text ({L} tokens): with one chunk there is "
             "no past to compress. Use a smaller chunk or a longer text."
         )
-    if rank is not None and rank < 1:
-        raise ValueError("rank must be at least 1")
+    if rank is not None:
+        atp.resolve_rank(rank, 10**6)  # int >= 1 or a float in (0, 1]; clear errors otherwise
     # The exact past of every layer, appended to as each chunk is processed (its keys and values as
     # computed when that chunk was current); each chunk attends to a fresh compression of it.
     stores = _new_memories(loaded)
@@ -236,7 +239,8 @@ def chunked_logits(
             # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
             views = [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
         else:
-            views = [compressed(m, rank, basis_from=basis_from, method=method) for m in stores]
+            r = atp.resolve_rank(rank, c * chunk)[0]
+            views = [compressed(m, r, basis_from=basis_from, method=method) for m in stores]
         plan = StreamPlan(memories=views, form=form, stores=stores)
         all_logits.append(_run_piece(loaded, plan, piece, c * chunk))
         if progress:

@@ -1,12 +1,28 @@
 """Rank explorer: drag the rank, see ATP next to dense attention on the same text."""
 
+from contextlib import contextmanager
+
 import pandas as pd
 import streamlit as st
 
-from atp_viz import compare, plots
+from atp_viz import compare, export, finetune, plots
 from atp_viz.engine import ATPConfig, parse_layers
+from atp_viz.jobs import BusyError
+from atp_viz.models import ModelLoadError
 from atp_viz.texts import Tokenized, tokenize
-from ui import get_capture, get_model, highlight_divergence, page_inputs
+from ui import (
+    current_settings,
+    explorer_state_from_url,
+    figure_downloads,
+    get_capture,
+    get_model,
+    heavy_job,
+    highlight_divergence,
+    page_inputs,
+    rank_param,
+    set_url,
+    table_downloads,
+)
 
 st.title("Rank explorer: ATP vs dense")
 st.markdown(
@@ -39,8 +55,7 @@ def _dense(model_key: str, text: str) -> compare.Forward:
 def _sweep(model_key: str, text: str, layers, source: str, lowrank: bool, method: str) -> compare.Sweep:
     m = get_model(model_key)
     tok = _tokenized(model_key, text)
-    bar = st.progress(0.0, text="Sweeping ranks...")
-    try:
+    with heavy_job("rank sweep"), _progress("Sweeping ranks...") as bar:
         base = ATPConfig(layers=layers, basis_source=source, lowrank_linear=lowrank, basis_method=method)
         return compare.error_sweep(
             m,
@@ -50,14 +65,11 @@ def _sweep(model_key: str, text: str, layers, source: str, lowrank: bool, method
             compare.sweep_ranks(tok.n_tokens),
             progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
         )
-    finally:
-        bar.empty()
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _continuation(model_key: str, text: str, config: ATPConfig, n_new: int) -> compare.Continuation:
-    bar = st.progress(0.0, text="Greedy decoding, dense and ATP...")
-    try:
+    with heavy_job("greedy continuation"), _progress("Greedy decoding, dense and ATP...") as bar:
         m = get_model(model_key)
         return compare.continuation(
             m,
@@ -66,6 +78,14 @@ def _continuation(model_key: str, text: str, config: ATPConfig, n_new: int) -> c
             n_new=n_new,
             progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
         )
+
+
+@contextmanager
+def _progress(text: str):
+    """A progress bar that is removed when the block ends, by return or by exception."""
+    bar = st.progress(0.0, text=text)
+    try:
+        yield bar
     finally:
         bar.empty()
 
@@ -74,18 +94,48 @@ def _decode(ids) -> list[str]:
     return [loaded.tokenizer.decode([i]) for i in ids]
 
 
+def _before_after(sel, tok, config: ATPConfig, tuned_dense: compare.Forward, tuned_run: compare.Forward):
+    """A fine-tuned model: the original model dense and with ATP untuned, next to this model."""
+    try:
+        meta = finetune.read_settings(sel.model_key.removeprefix(finetune.TUNED_PREFIX))
+        base_key = meta["base_model"]
+        base_dense = _dense(base_key, sel.text)
+        base_run = compare.forward(get_model(base_key), _tokenized(base_key, sel.text), config)
+    except (ModelLoadError, KeyError) as err:
+        st.warning(f"Cannot show the original model next to this tuned one: {err}")
+        return
+    runs = {
+        "original model, dense (reference)": base_dense,
+        f"original model, {config.label()} (untuned)": base_run,
+        "tuned weights, dense attention": tuned_dense,
+        f"tuned model, {config.label()}": tuned_run,
+    }
+    st.markdown(
+        f"**Before / after fine-tuning** (this model was tuned at r = {meta['settings']['rank']:g} L, "
+        f"{meta['settings']['form']} form; the current setting is {config.label()}). Every row is measured "
+        "against the *original* model's dense run on this text."
+    )
+    rows = compare.side_by_side(base_dense, runs)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="explorer_before_after")
+    table_downloads(rows, "explorer_before_after")
+
+
 @st.fragment
 def explorer() -> None:
+    # Rank, form, map layer and head come from the link (?rank=&form=&layer=&head=) and go back into
+    # it; their defaults are set there (r = L/2 or 0.5, exact, layer 0, head 0), not in the widgets.
+    explorer_state_from_url(L, info.n_layers, info.n_heads)
     c1, c2, c3 = st.columns([3, 2, 2])
     unit = c2.radio("Rank as", ["fraction of L", "tokens"], horizontal=True, key="rank_unit")
     if unit == "tokens":
-        rank = c1.slider("Rank r (principal keys)", 1, L, max(1, L // 2), key="rank_tokens")
+        rank = c1.slider("Rank r (principal keys)", 1, L, key="rank_tokens")
     else:
-        frac = c1.slider("Rank r / L", 0.05, 1.0, 0.5, 0.05, key="rank_frac")
+        frac = c1.slider("Rank r / L", 0.05, 1.0, step=0.05, key="rank_frac")
         rank = frac
     form = c3.radio(
         "Form", ["exact", "linear"], horizontal=True, key="form", help="linear = the paper's form"
     )
+    set_url(rank=rank_param(unit, rank), form=form)
     d1, d2, d3, d4 = st.columns([2, 2, 2, 2])
     layer_spec = d1.text_input("ATP on layers", "all", key="atp_layers", help="'all', '3', '0-5' or '1,3,7'")
     source = d2.radio(
@@ -127,13 +177,16 @@ def explorer() -> None:
         return
 
     m1, m2 = st.columns(2)
-    map_layer = m1.selectbox("Map: layer", list(range(info.n_layers)), index=0, key="map_layer")
-    map_head = m2.selectbox("Map: query head", list(range(info.n_heads)), index=0, key="map_head")
+    map_layer = m1.selectbox("Map: layer", list(range(info.n_layers)), key="map_layer")
+    map_head = m2.selectbox("Map: query head", list(range(info.n_heads)), key="map_head")
+    set_url(layer=map_layer, head=map_head)
     applied = layers == "all" or map_layer in layers
+    limits = current_settings()
+    map_refusal = limits.map_refusal(L)  # L x L maps above the limit are not even computed
 
     tok = _tokenized(sel.model_key, sel.text)
     dense = _dense(sel.model_key, sel.text)
-    run = compare.forward(loaded, tok, config, map_layers=[map_layer] if applied else [])
+    run = compare.forward(loaded, tok, config, map_layers=[map_layer] if applied and not map_refusal else [])
     cmp = compare.compare(dense, run)
     for notice in cmp.notices:
         st.info(notice)
@@ -150,12 +203,17 @@ def explorer() -> None:
         f"Compute: ATP forward {cmp.atp_seconds * 1e3:.0f} ms (basis included), "
         f"dense {cmp.dense_seconds * 1e3:.0f} ms."
     )
-    st.plotly_chart(
-        plots.layer_error_figure(
-            cmp.layer_rel_error, title=f"Relative error of each layer's output ({cmp.errors_at})"
-        ),
-        key="explorer_layer_err",
+    if sel.model_key.startswith(finetune.TUNED_PREFIX):
+        _before_after(sel, tok, config, dense, run)
+    fig = plots.layer_error_figure(
+        cmp.layer_rel_error, title=f"Relative error of each layer's output ({cmp.errors_at})"
     )
+    st.plotly_chart(fig, key="explorer_layer_err")
+    e1, e2 = st.columns(2)
+    with e1:
+        figure_downloads(fig, "explorer_layer_error")
+    with e2:
+        table_downloads(export.metric_rows(cmp.as_dict(loaded.tokenizer)), "explorer_metrics")
     if info.is_decoder:
         st.caption(
             "Decoder: errors are measured at the last token only. Under ATP every earlier position's state "
@@ -180,8 +238,14 @@ def explorer() -> None:
                 }
             )
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="explorer_topk")
+        table_downloads(rows, "explorer_top10")
+        cont = None
         if st.toggle("Greedy continuation (32 tokens each; reruns the model per token)", key="show_cont"):
-            cont = _continuation(sel.model_key, sel.text, config, 32)
+            try:
+                cont = _continuation(sel.model_key, sel.text, config, 32)
+            except BusyError as err:
+                st.warning(str(err))
+        if cont is not None:
             div = cont.first_divergence
             dense_txt, atp_txt = _decode(cont.dense_ids), _decode(cont.atp_ids)
 
@@ -195,7 +259,9 @@ def explorer() -> None:
             )
 
     st.subheader("Attention maps")
-    if not applied:
+    if map_refusal:
+        st.info(map_refusal)
+    elif not applied:
         st.info(f"ATP is not applied to layer {map_layer} with the current layer selection.")
     else:
         dense_attn = cap.layers[map_layer].attn
@@ -204,44 +270,45 @@ def explorer() -> None:
         maps = compare.attention_maps(dense_attn, run, map_layer, map_head)
         show = {}
         for name, mat in (("dense", maps.dense), ("lifted", maps.lifted), ("diff", maps.difference)):
-            show[name] = compare.downsample(mat, 256)
-        principal, pblock = compare.downsample(maps.principal, 256)
+            show[name] = compare.downsample(mat, limits.map_display_size)
+        principal, pblock = compare.downsample(maps.principal, limits.map_display_size)
         a1, a2 = st.columns(2)
-        a1.plotly_chart(
-            plots.heatmap_figure(
-                show["dense"][0], title="Dense attention (L x L)", x_title="key token", block=show["dense"][1]
-            ),
-            key="map_dense",
+        where = f"L{map_layer}_H{map_head}"
+        fig = plots.heatmap_figure(
+            show["dense"][0], title="Dense attention (L x L)", x_title="key token", block=show["dense"][1]
         )
-        a2.plotly_chart(
-            plots.heatmap_figure(
-                principal,
-                title=f"ATP weights on {cmp.rank} principal keys (L x r)",
-                x_title="principal key",
-                block=pblock,
-            ),
-            key="map_principal",
+        a1.plotly_chart(fig, key="map_dense")
+        with a1:
+            figure_downloads(fig, f"attention_dense_{where}")
+        fig = plots.heatmap_figure(
+            principal,
+            title=f"ATP weights on {cmp.rank} principal keys (L x r)",
+            x_title="principal key",
+            block=pblock,
         )
+        a2.plotly_chart(fig, key="map_principal")
+        with a2:
+            figure_downloads(fig, f"attention_atp_principal_{where}")
         b1, b2 = st.columns(2)
-        b1.plotly_chart(
-            plots.heatmap_figure(
-                show["lifted"][0],
-                title="ATP lifted back to tokens (L x L)",
-                x_title="key token",
-                block=show["lifted"][1],
-            ),
-            key="map_lifted",
+        fig = plots.heatmap_figure(
+            show["lifted"][0],
+            title="ATP lifted back to tokens (L x L)",
+            x_title="key token",
+            block=show["lifted"][1],
         )
-        b2.plotly_chart(
-            plots.heatmap_figure(
-                show["diff"][0],
-                title="ATP lifted minus dense",
-                x_title="key token",
-                diverging=True,
-                block=show["diff"][1],
-            ),
-            key="map_diff",
+        b1.plotly_chart(fig, key="map_lifted")
+        with b1:
+            figure_downloads(fig, f"attention_atp_lifted_{where}")
+        fig = plots.heatmap_figure(
+            show["diff"][0],
+            title="ATP lifted minus dense",
+            x_title="key token",
+            diverging=True,
+            block=show["diff"][1],
         )
+        b2.plotly_chart(fig, key="map_diff")
+        with b2:
+            figure_downloads(fig, f"attention_difference_{where}")
         st.caption(
             "Linear form: the L x r map is A' = (1 (1^T U_r) + c Q K'^T) / denominator and the lifted map "
             "A' U_r^T (rows sum to 1 but entries can be negative: 1 + s is not a positive kernel). "
@@ -263,13 +330,21 @@ def explorer() -> None:
     )
     if st.button("Run the sweep", key="run_sweep") or st.session_state.get("sweep_ran"):
         st.session_state.sweep_ran = True
-        sw = _sweep(sel.model_key, sel.text, layers, source, lowrank, method)
-        st.plotly_chart(
-            plots.sweep_figure(
-                sw.ranks, sw.exact, sw.linear, metric=sw.metric, n_tokens=sw.n_tokens, current=cmp.rank
-            ),
-            key="explorer_sweep",
+        try:
+            sw = _sweep(sel.model_key, sel.text, layers, source, lowrank, method)
+        except BusyError as err:
+            st.session_state.sweep_ran = False  # not retried on every rerun: the button starts it again
+            st.warning(str(err))
+            return
+        fig = plots.sweep_figure(
+            sw.ranks, sw.exact, sw.linear, metric=sw.metric, n_tokens=sw.n_tokens, current=cmp.rank
         )
+        st.plotly_chart(fig, key="explorer_sweep")
+        w1, w2 = st.columns(2)
+        with w1:
+            figure_downloads(fig, "explorer_rank_sweep")
+        with w2:
+            table_downloads(export.sweep_rows(sw), "explorer_rank_sweep_table")
 
 
 explorer()

@@ -1,0 +1,201 @@
+"""Low-rank-aware fine-tuning: loss goes down, adapters save and reload, metrics reproduce, no leak."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atp_viz import finetune, models
+from atp_viz.engine import ATPConfig, make_plan
+
+SHORT_TEXTS = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "Open the file and return a stream; raise OSError when the file cannot be opened.",
+    "The queue is thread safe: put and get may be called from several threads at once.",
+    "Split the string at the separator and return a list of the pieces, left to right.",
+    "A context manager that closes the object when the block ends, even after an error.",
+    "Compute the arithmetic mean of the data, which must contain at least one point.",
+    "Parse the command line arguments and return them as attributes of a namespace.",
+    "Encode the object as a JSON string, sorting keys when sort_keys is true.",
+]
+
+
+def test_split_is_by_module_and_disjoint():
+    assert not set(finetune.TRAIN_MODULES) & set(finetune.HELDOUT_MODULES)
+    train = set(finetune.docstrings(finetune.TRAIN_MODULES))
+    held = set(finetune.docstrings(finetune.HELDOUT_MODULES))
+    assert len(held) > 100 and len(train) > 1000
+    assert not train & held  # no docstring in both splits
+
+
+@pytest.mark.parametrize(
+    "model,kw",
+    [
+        # the same 8 texts every step (batch 8), so a decrease is not luck of the draw
+        ("minilm", dict(rank=0.25, batch=8, eval_texts=12, lr=3e-3)),
+        ("tiny-llama", dict(rank=0.5, seq_len=96, chunk=16, eval_windows=2, lr=3e-2)),
+    ],
+)
+def test_two_steps_decrease_save_load_and_reproduce(tmp_path, model, kw):
+    cfg = finetune.TuneConfig(model=model, steps=2, **kw)
+    texts = SHORT_TEXTS if model == "minilm" else [" ".join(SHORT_TEXTS)]
+    res = finetune.train(cfg, tmp_path / "run", texts=texts)
+    assert res.config.model != "tiny-llama" or len(finetune._windows_of(texts[0], _tok(model), 96)) == 1
+    assert len(res.losses) == 2 and res.losses[1] < res.losses[0]  # the same batch twice: must go down
+    # adapters (small safetensors) + settings JSON with the split and the metrics
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", finetune.SETTINGS_FILE} <= files
+    meta = json.loads((tmp_path / "run" / finetune.SETTINGS_FILE).read_text())
+    assert meta["split"]["heldout_modules"] == list(finetune.HELDOUT_MODULES)
+    assert meta["settings"]["rank"] == cfg.rank and meta["losses"] == res.losses
+    rows = meta["metrics"]["rows"]
+    assert set(rows) == {"dense", "dense_tuned_weights", "atp_untuned", "atp_tuned"}
+    # the app's loader (models.load_model "tuned:<folder>") gives a model reproducing the saved metrics
+    loaded = models.load_model(f"tuned:{tmp_path / 'run'}")
+    assert "ATP-tuned" in loaded.info.label
+    again = finetune.evaluate(models.load_model(model), loaded, cfg)["rows"]
+    for name, vals in rows.items():
+        for k, v in vals.items():
+            assert again[name][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, k)
+    # the tuned weights differ from the base model's (the adapters were merged in)
+    base = models.load_model(model)
+    diff = max(
+        float((a - b).detach().abs().max())
+        for a, b in zip(loaded.model.parameters(), base.model.parameters(), strict=True)
+    )
+    assert diff > 0
+    assert any(run == tmp_path / "run" for run, _ in finetune.find_runs([tmp_path]))
+
+
+def test_untrained_adapters_change_nothing(tmp_path):
+    """LoRA's B starts at zero: with 0 steps the tuned model equals the base model exactly."""
+    cfg = finetune.TuneConfig(model="tiny-llama", steps=0, seq_len=48, chunk=16, eval_windows=1)
+    res = finetune.train(cfg, tmp_path / "zero", texts=[" ".join(SHORT_TEXTS)])
+    rows = res.metrics["rows"]
+    assert rows["atp_tuned"] == rows["atp_untuned"]
+    assert rows["dense_tuned_weights"] == rows["dense"]
+
+
+@pytest.mark.parametrize("form", ["exact", "linear"])
+def test_decoder_objective_does_not_read_the_future(load, form):
+    """Perturbing tokens from position p on leaves every loss predicting a token before p unchanged,
+    with gradients on (as in training)."""
+    loaded = load("tiny-llama")
+    torch.manual_seed(1)
+    ids = torch.randint(5, 1000, (1, 64))
+    chunk, p = 16, 40
+    other = ids.clone()
+    other[0, p:] = torch.randint(5, 1000, (64 - p,))
+    a, _ = finetune.decoder_losses(loaded, ids, 0.5, form, chunk)
+    b, _ = finetune.decoder_losses(loaded, other, 0.5, form, chunk)
+    assert a.requires_grad or not any(q.requires_grad for q in loaded.model.parameters())
+    # entry j predicts token chunk + j + 1 from tokens <= chunk + j; unchanged while chunk + j + 1 < p
+    n = p - chunk - 1
+    torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[n:], b[n:])
+
+
+def test_a_whole_sequence_basis_would_leak(load):
+    """Why the decoder objective uses the chunked mode: with the basis over the whole sequence (the
+    explorer's prefill view), earlier logits change when later tokens do."""
+    from atp_viz import backend
+
+    loaded = load("tiny-llama")
+    torch.manual_seed(1)
+    ids = torch.randint(5, 1000, (1, 32))
+    other = ids.clone()
+    other[0, 24:] = torch.randint(5, 1000, (8,))
+    outs = []
+    for x in (ids, other):
+        plan = make_plan(ATPConfig(rank=0.25, form="exact"), loaded.info.n_layers)
+        with torch.no_grad(), backend.activate(loaded.model, atp=plan):
+            outs.append(loaded.model(input_ids=x, use_cache=False).logits[0, :20])
+    assert not torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def _tok(model):
+    return models.load_model(model).tokenizer
+
+
+def test_bad_settings_and_folders(tmp_path):
+    with pytest.raises(ValueError, match="share of L"):
+        finetune.TuneConfig(rank=64)
+    with pytest.raises(ValueError, match="form"):
+        finetune.TuneConfig(form="fast")
+    with pytest.raises(ValueError, match="chunk"):
+        finetune.TuneConfig(seq_len=64, chunk=64)
+    with pytest.raises(ValueError, match="eval_texts"):
+        finetune.TuneConfig(eval_windows=0)
+    with pytest.raises(models.ModelLoadError, match="not an ATP fine-tuning run"):
+        models.load_model(f"tuned:{tmp_path}")
+    (tmp_path / finetune.SETTINGS_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="already holds a fine-tuning run"):
+        finetune.train(finetune.TuneConfig(model="tiny-llama"), tmp_path)
+
+
+def test_cancel_saves_nothing(tmp_path):
+    cfg = finetune.TuneConfig(model="tiny-llama", steps=5, seq_len=48, chunk=16)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(finetune.Cancelled, match="after 1 of 5 steps"):
+        finetune.train(cfg, tmp_path / "c", texts=[" ".join(SHORT_TEXTS)], stop=stop)
+    assert not (tmp_path / "c").exists()
+
+
+def test_finetune_page_runs_a_job_and_lists_it(tmp_path, monkeypatch):
+    """The Fine-tuning page starts a run in the background, shows progress, and lists it when done."""
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))  # the run's default folder: <cache>/tuned/...
+    original = finetune.find_runs  # only this test's runs, not the repository's data/tuned
+    monkeypatch.setattr(finetune, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    at.switch_page("pages/finetune.py").run()
+    assert not at.exception, at.exception
+    assert any("No finished run yet" in i.value for i in at.info)
+    at.selectbox(key="tune_model").set_value("tiny-llama")
+    at.number_input(key="tune_steps").set_value(2)
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception, at.exception
+    job = at.session_state["tune_job"]
+    deadline = time.time() + 120
+    while job.running and time.time() < deadline:
+        time.sleep(0.5)
+    snap = job.snapshot()
+    assert snap["error"] is None and snap["result"] is not None, snap["error"]
+    assert len(snap["losses"]) == 2
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Done:" in s.value for s in at.success)
+    assert any("ATP-tuned" in e.label for e in at.expander)  # the finished run is listed
+
+
+def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    cfg = finetune.TuneConfig(model="tiny-bert", steps=1, batch=8, eval_texts=8)
+    run = finetune.train(cfg, texts=SHORT_TEXTS).out_dir
+    assert run.parent == tmp_path / "tuned" and run.name.startswith("tiny-bert-r0.5-exact-")
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    at.switch_page("pages/explorer.py")
+    at.query_params["model"] = f"{finetune.TUNED_PREFIX}{run}"
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == f"{finetune.TUNED_PREFIX}{run}"
+    table = at.dataframe[0].value  # the only table of an encoder's explorer (AppTest keeps no df key)
+    assert len(table) == 4 and table["setting"].iloc[0].startswith("original model, dense")
+    assert table["embedding cosine to dense"].iloc[0] == pytest.approx(1.0)
