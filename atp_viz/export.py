@@ -13,7 +13,10 @@ Static images (PNG, SVG) are drawn by plotly.js itself inside a headless Chromiu
 
 Starting Chromium takes about 2 s, so one kaleido instance is started on the first image and kept for
 the life of the process (a Streamlit server serves every session with it); an image then takes a few
-tenths of a second. HTML, CSV, JSON and ``.npz`` need no browser and work when Chromium is missing.
+tenths of a second. Images are drawn one at a time (kaleido has one tab); each has its own time limit,
+not counting the wait for its turn. A browser that fails to start, hangs or is closed is killed with
+its process group and its temporary folders are removed: no Chromium outlives its use.
+HTML, CSV, JSON and ``.npz`` need no browser and work when Chromium is missing.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import math
 import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +50,7 @@ logger = logging.getLogger(__name__)
 SYSTEM_CHROMIUM = "/usr/bin/chromium"
 RENDER_TIMEOUT_S = 60.0  # one image; a browser that hangs must not hang the app or the CLI
 START_TIMEOUT_S = 60.0
+CLOSE_TIMEOUT_S = 10.0  # a polite close; then the browser's process group is killed
 MAX_SCALE = 10  # scale multiplies both sides: 10 gives 7000 x 4200 px for a 700 x 420 figure
 
 
@@ -76,36 +84,56 @@ def static_export_problem() -> str | None:
     return None
 
 
+class _RendererClosed(RuntimeError):
+    """The renderer was closed (another image failed) while this call waited for its turn."""
+
+
 class _Renderer:
     """One kaleido browser on its own event-loop thread, shared by every caller of this process.
 
     Not kaleido's ``start_sync_server``: its server thread dies silently when the browser fails to
     start (every later call then waits forever), it has no per-call timeout, and two threads calling
     it at once (two Streamlit sessions) can receive each other's images. Here each call is a future
-    on one loop with a timeout; kaleido's own tab queue serialises the renders.
+    on one loop with a timeout, and renders take turns (``_render_lock``): kaleido's single tab draws
+    one image at a time anyway, and this way an image's time limit counts its own drawing only, never
+    the wait behind other sessions' images, and a timed-out image has no other image in the browser
+    when it is closed.
+
+    However a start or a close ends (a timeout included), :meth:`_shutdown` leaves nothing behind: the
+    browser's process group is killed, kaleido's temporary folders are removed, the loop is stopped
+    and closed. (choreographer's own close has no time limit, and stopping the loop under it would skip
+    its kill step.)
     """
 
     def __init__(self, browser: Path) -> None:
         import kaleido
 
         self.browser = browser
+        self.kaleido = None
+        self._k = None  # the Kaleido object as soon as it exists: set before it starts Chromium
+        self._singleton: Path | None = None
+        self._render_lock = threading.Lock()
+        self._closed = False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="kaleido", daemon=True)
         self.thread.start()
 
         async def _open():
             k = kaleido.Kaleido(n=1, path=str(browser), mathjax=False, timeout=RENDER_TIMEOUT_S)
+            self._k = k  # before open(): a start that times out must still find the browser to kill
             await k.open()
+            _release_logger_pipe(k)
+            self._singleton = _singleton_dir(k)  # read now: choreographer's close removes the profile
             return k
 
         try:
             self.kaleido = self._wait(_open(), START_TIMEOUT_S, "start Chromium")
         except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._shutdown()
             raise
 
     def _wait(self, coro, timeout: float, what: str):
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = asyncio.run_coroutine_threadsafe(_quiet_on_cancel(coro), self.loop)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -115,14 +143,141 @@ class _Renderer:
             ) from None
 
     def render(self, fig_dict: dict, opts: dict) -> bytes:
-        return self._wait(self.kaleido.calc_fig(fig_dict, opts=opts), RENDER_TIMEOUT_S + 5, "draw the image")
+        with self._render_lock:  # the wait for a turn is not timed; the render itself is
+            if self._closed:
+                raise _RendererClosed
+            return self._wait(
+                self.kaleido.calc_fig(fig_dict, opts=opts), RENDER_TIMEOUT_S + 5, "draw the image"
+            )
 
     def close(self) -> None:
+        """Close the browser politely (``CLOSE_TIMEOUT_S`` at most), then :meth:`_shutdown`."""
+        if self._closed:
+            return
+        self._closed = True  # images waiting for their turn go to a new renderer
+        turn = self._render_lock.acquire(timeout=CLOSE_TIMEOUT_S)  # let an image being drawn finish
         try:
-            self._wait(self.kaleido.close(), 10, "close Chromium")
-        except Exception as err:  # noqa: BLE001 - closing is best effort (the process may be exiting)
-            logger.debug("closing kaleido: %s", err)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+            if self.kaleido is not None:
+                try:
+                    self._wait(self.kaleido.close(), CLOSE_TIMEOUT_S, "close Chromium")
+                except Exception as err:  # noqa: BLE001 - closing is best effort; _shutdown kills
+                    logger.debug("closing kaleido: %s", err)
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                if turn:
+                    self._render_lock.release()
+
+    def _shutdown(self) -> None:
+        """Stop the loop thread, kill the browser, close the loop (safe to call again)."""
+        self._closed = True
+        loop = self.loop
+        if loop.is_closed():
+            return
+        if self.thread.is_alive():
+            # Cancel what still runs on the loop (a start or close that timed out, kaleido's watchdog
+            # and read loop) so that no task is left pending, then stop it.
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(5)
+            except Exception as err:  # noqa: BLE001 - best effort; the kill below is what matters
+                logger.debug("cancelling kaleido's tasks: %s", err)
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join(5)
+        self._kill()
+        if self.thread.is_alive():
+            logger.warning("kaleido's event loop thread did not stop; its loop is left open")
+        else:
+            loop.close()
+
+    def _kill(self) -> None:
+        """Kill the browser's process group if it still runs; remove kaleido's temporary folders."""
+        k = self._k
+        if k is None:
+            return
+        proc = getattr(k, "subprocess", None)  # set once Popen returned (choreographer's attribute)
+        if proc is not None:
+            if proc.poll() is None:
+                # choreographer starts a wrapper in a new session (start_new_session=True) that starts
+                # Chromium, which starts its helpers: one process group, killed as one.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, AttributeError):
+                    proc.kill()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                logger.warning("Chromium (pid %s) did not exit after SIGKILL", proc.pid)
+            _release_logger_pipe(k)
+        channel = getattr(k, "_channel", None)
+        if channel is not None:
+            try:
+                channel.close()  # idempotent; frees the pipe's file descriptors
+            except Exception as err:  # noqa: BLE001
+                logger.debug("closing kaleido's pipe: %s", err)
+        # choreographer's worker threads (idle or unblocked now that the process and pipe are gone).
+        for ex in (
+            getattr(k, "_process_executor", None),
+            getattr(getattr(k, "_broker", None), "_executor", None),
+        ):
+            if ex is not None:
+                try:
+                    ex.shutdown(wait=False, cancel_futures=True)
+                except Exception as err:  # noqa: BLE001
+                    logger.debug("stopping choreographer's threads: %s", err)
+        singleton = self._singleton or _singleton_dir(k)
+        if singleton is not None and singleton.is_dir() and not singleton.is_symlink():
+            shutil.rmtree(singleton, ignore_errors=True)
+        impl = getattr(k, "_browser_impl", None)
+        for tmp in (getattr(k, "_html_tmp_dir", None), getattr(impl, "tmp_dir", None)):
+            if tmp is not None:
+                try:
+                    tmp.clean()
+                except Exception as err:  # noqa: BLE001
+                    logger.debug("removing kaleido's temporary folder: %s", err)
+
+
+async def _quiet_on_cancel(coro):
+    """``await coro``; when this task is being cancelled (its caller timed out), end as cancelled even
+    if ``coro`` turned the cancellation into an error (choreographer's open does), so that asyncio does
+    not log an exception nobody will retrieve."""
+    try:
+        return await coro
+    except Exception:
+        if asyncio.current_task().cancelling():
+            raise asyncio.CancelledError from None
+        raise
+
+
+async def _cancel_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+
+
+def _singleton_dir(k: Any) -> Path | None:
+    """The ``/tmp/org.chromium.Chromium.*`` folder that Chromium links from its profile
+    (``SingletonSocket``), if there is one: Chromium removes it on a clean exit, not when killed."""
+    profile = getattr(getattr(k, "_browser_impl", None), "tmp_dir", None)
+    if profile is None:
+        return None
+    try:
+        folder = Path(os.readlink(Path(profile.path) / "SingletonSocket")).parent
+    except OSError:
+        return None
+    return folder if folder.name.startswith("org.chromium.") else None
+
+
+def _release_logger_pipe(k: Any) -> None:
+    """Close the parent's copy of Chromium's stderr pipe once Chromium has it (logistro's documented
+    use), and mark it closed so that choreographer's close does not close the number a second time."""
+    fd = getattr(k, "_logger_pipe", None)
+    if fd:
+        k._logger_pipe = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 _renderer: _Renderer | None = None
@@ -175,18 +330,23 @@ def _static(fig: go.Figure, fmt: str, scale: float) -> bytes:
     spec = _check_figure(fig)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= MAX_SCALE:
         raise ExportError(f"The image scale must be a number in (0, {MAX_SCALE}], got {scale!r}.")
-    renderer = _get_renderer()
-    try:
-        return renderer.render(spec, {"format": fmt, "scale": scale})
-    except Exception as err:
-        # A crashed or hung browser is started afresh on the next call rather than failing forever.
-        with _renderer_lock:
-            if _renderer is renderer:
-                renderer.close()
-                _renderer = None
-        if isinstance(err, ExportError):
-            raise
-        raise ExportError(f"Chromium could not draw the {fmt.upper()} image: {err}") from err
+    for _ in range(3):
+        renderer = _get_renderer()
+        try:
+            return renderer.render(spec, {"format": fmt, "scale": scale})
+        except _RendererClosed:
+            continue  # closed (another image failed) while this one waited its turn: take the new one
+        except Exception as err:
+            # A crashed or hung browser is started afresh on the next call rather than failing forever.
+            # Renders take turns, so no other session's image is being drawn in this browser now.
+            with _renderer_lock:
+                if _renderer is renderer:
+                    renderer.close()
+                    _renderer = None
+            if isinstance(err, ExportError):
+                raise
+            raise ExportError(f"Chromium could not draw the {fmt.upper()} image: {err}") from err
+    raise ExportError("Chromium was restarted while this image waited for its turn; please try again.")
 
 
 def figure_png(fig: go.Figure, scale: float = 2) -> bytes:

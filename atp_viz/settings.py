@@ -2,7 +2,8 @@
 
 Read from the environment and an optional TOML file:
 
-- ``ATP_VIZ_SERVER_MODE=1`` turns server mode on (``0`` turns it off even when a config file says on);
+- ``ATP_VIZ_SERVER_MODE=1`` turns server mode on (``0`` turns it off even when a config file says on;
+  set but empty counts as not set);
 - ``ATP_VIZ_CONFIG=/path/to/atp_viz.toml`` names a config file; giving one turns server mode on
   unless the file says ``server_mode = false``;
 - ``ATP_VIZ_DEVICE_MAP=auto`` and ``ATP_VIZ_DTYPE=float16`` ask for bigger-model loading on GPUs
@@ -44,7 +45,7 @@ SERVER_MAX_TOKENS = 4096  # server mode's token cap when the config file does no
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
 DTYPES = ("float32", "float16", "bfloat16")
 _TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+_FALSE = ("0", "false", "no", "off")
 
 
 class SettingsError(ValueError):
@@ -236,8 +237,10 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         values = read_config(path)
         values.setdefault("server_mode", True)
         sources.append(path)
-    raw_mode = env.get(ENV_SERVER_MODE)
-    if raw_mode is not None:
+    # Empty counts as not given (docker-compose's `ATP_VIZ_SERVER_MODE=` or `${VAR:-}`): it must not
+    # override a config file that turns server mode on.
+    raw_mode = (env.get(ENV_SERVER_MODE) or "").strip()
+    if raw_mode:
         values["server_mode"] = _flag(ENV_SERVER_MODE, raw_mode)
         sources.append(f"{ENV_SERVER_MODE}={raw_mode}")
     for name, var in (("device_map", ENV_DEVICE_MAP), ("dtype", ENV_DTYPE)):

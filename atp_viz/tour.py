@@ -12,19 +12,22 @@ Shapes (one sequence, L tokens, d model width, dh head size, r rank), stated onc
 - ``basis`` ``[L, r]`` U_r, orthonormal columns (:func:`atp_viz.atp.principal_basis`, exact SVD);
 - ``x_principal`` ``[r, d]`` X' = U_r^T X; ``k_principal``, ``v_principal`` ``[r, dh]`` K', V'.
 
-Long inputs: no figure draws more than ``MAX_SIDE`` token rows or columns (``MAX_FEATURES``
+Long inputs: no figure draws more than ``TourData.max_side`` token rows or columns (``MAX_SIDE``
+unless the deployment's ``Settings.map_display_size`` is passed to :func:`tour_data`; ``MAX_FEATURES``
 feature columns). Larger matrices are averaged in blocks (``pool``) and the figure title says so;
 nothing is cut off. Attention maps for L above ``LIBRARY_MAP_LIMIT`` are computed in row blocks and
-pooled as they go, so no L x L matrix is held (the blockwise path is tested against the library's).
+pooled as they go, so no L x L matrix is held (the blockwise path is tested against the library's);
+above ``TourData.max_map_tokens`` (``Settings.max_map_tokens``, when given) they are not computed at
+all and the attention step says why (``TourData.map_refusal``).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import numpy as np
 import plotly.graph_objects as go
@@ -34,6 +37,7 @@ from plotly.subplots import make_subplots
 from atp_viz import atp, costs, plots, spectra
 from atp_viz.capture import Capture
 from atp_viz.models import ModelInfo
+from atp_viz.settings import Settings
 from atp_viz.texts import readable_tokens
 
 MAX_SIDE = 256  # token rows/columns (or principal tokens) a heatmap draws before averaging blocks
@@ -92,7 +96,13 @@ class Pooled:
 
 def pool_by(m: np.ndarray, row_block: int, col_block: int, how: str = "mean") -> Pooled:
     """Average ``m`` ``[R, C]`` in blocks of the given sizes (NaN-padded, so short last blocks count
-    only their real entries)."""
+    only their real entries).
+
+    Not :func:`atp_viz.compare.downsample`, which pools L x L maps for the explorer with one block size
+    derived from the longer side (and leaves a short side alone): the tour needs independent row and
+    column blocks (``[L, d]`` and ``[L, r]`` matrices, row blocks that stay aligned across the chunks
+    of the blockwise map path) and an RMS mode for signed bases.
+    """
     if how not in ("mean", "rms"):
         raise ValueError(f"how must be 'mean' or 'rms', got {how!r}")
     m = np.asarray(m, dtype=np.float64)
@@ -136,12 +146,17 @@ class HeadMaps:
     blockwise: bool  # computed in row blocks (L > LIBRARY_MAP_LIMIT), never holding L x L
 
 
+_DERIVED = ("x_principal", "k_principal", "v_principal", "maps")
+
+
 @dataclass(frozen=True, eq=False)
 class TourData:
     """One layer / query head / rank of a captured text; see the module docstring for shapes.
 
     Derived arrays are computed on first use and kept (the object is shared read-only between
-    sessions when cached by the app).
+    sessions when cached by the app). Each has its own lock on this object: not
+    ``functools.cached_property``, whose lock (Python < 3.12) is shared by every instance, so one
+    session computing a long text's maps would block every other session's tour.
     """
 
     info: ModelInfo
@@ -155,6 +170,26 @@ class TourData:
     v: np.ndarray  # [L, dh]
     basis: np.ndarray  # [L, r] U_r
     spectrum: spectra.Spectrum  # singular values of x (uncentred, all tokens)
+    # Display and memory limits (the deployment's Settings.map_display_size / max_map_tokens when the
+    # page passes them): heatmap sides above max_side are block-averaged; L x L maps are not computed
+    # for more than max_map_tokens tokens (None: no limit).
+    max_side: int = MAX_SIDE
+    max_map_tokens: int | None = None
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _locks: dict = field(
+        default_factory=lambda: {name: threading.Lock() for name in _DERIVED}, init=False, repr=False
+    )
+
+    def _derived(self, name: str, make: Callable[[], object]):
+        """``make()`` once per object, under this object's lock for ``name`` (others never wait)."""
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        with self._locks[name]:
+            if name not in self._cache:
+                self._cache[name] = make()
+            return self._cache[name]
 
     @property
     def n_tokens(self) -> int:
@@ -186,24 +221,35 @@ class TourData:
         """Cumulative energy E(r) of the top-r components (1 when r >= min(L, d))."""
         return float(self.spectrum.cumulative_energy[min(self.rank, self.n_components) - 1])
 
-    @cached_property
+    @property
     def x_principal(self) -> np.ndarray:
         """X' = U_r^T X ``[r, d]``: the r principal tokens."""
-        return _ro((_t(self.basis).mT @ _t(self.x)).numpy())  # (r, d)
+        return self._derived("x_principal", lambda: _ro((_t(self.basis).mT @ _t(self.x)).numpy()))  # (r, d)
 
-    @cached_property
+    @property
     def k_principal(self) -> np.ndarray:
         """K' = U_r^T K ``[r, dh]`` for key/value head ``kv_head``."""
-        return _ro((_t(self.basis).mT @ _t(self.k)).numpy())  # (r, dh)
+        return self._derived("k_principal", lambda: _ro((_t(self.basis).mT @ _t(self.k)).numpy()))  # (r, dh)
 
-    @cached_property
+    @property
     def v_principal(self) -> np.ndarray:
         """V' = U_r^T V ``[r, dh]``."""
-        return _ro((_t(self.basis).mT @ _t(self.v)).numpy())  # (r, dh)
+        return self._derived("v_principal", lambda: _ro((_t(self.basis).mT @ _t(self.v)).numpy()))  # (r, dh)
 
-    @cached_property
+    @property
+    def map_refusal(self) -> str | None:
+        """Why the L x L maps are not computed for this text (``Settings.map_refusal``), or None."""
+        if self.max_map_tokens is None:
+            return None
+        return Settings(max_map_tokens=self.max_map_tokens).map_refusal(self.n_tokens)
+
+    @property
     def maps(self) -> HeadMaps:
-        return head_maps(self)
+        """The attention maps (:func:`head_maps`), computed once. Raises ValueError above the map limit."""
+        refusal = self.map_refusal
+        if refusal:
+            raise ValueError(refusal)
+        return self._derived("maps", lambda: head_maps(self))
 
     def facts(self) -> dict[str, str]:
         """Numbers and model-specific sentences the explanations are formatted with."""
@@ -222,9 +268,12 @@ class TourData:
             else ""
         )
         causal = (
-            "This model is a decoder: normally a token may only look at earlier tokens. The basis U_r "
-            "is computed from the whole text, so every rebuilt key mixes in later tokens. That is fine "
-            "for a prompt known in full, not for scoring a text token by token."
+            "This model is a decoder: a token may only look at itself and earlier tokens. Both forms "
+            "keep that rule: the exact form adds the causal mask M, the linear form sums only over "
+            "tokens 1 to i (the prefix sums s_i and P_i of the formula, and i instead of L below the "
+            "line). The basis U_r is computed from the whole text, though, so every rebuilt key mixes "
+            "in later tokens. That is fine for a prompt known in full, not for scoring a text token by "
+            "token."
             if self.causal
             else ""
         )
@@ -255,12 +304,28 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a))
 
 
-def tour_data(cap: Capture, layer: int, head: int, rank: int) -> TourData:
+def tour_data(
+    cap: Capture,
+    layer: int,
+    head: int,
+    rank: int,
+    *,
+    max_side: int = MAX_SIDE,
+    max_map_tokens: int | None = None,
+) -> TourData:
     """Everything the tour draws for ``layer`` / query ``head`` at ``rank`` (clamped to 1..L).
 
     The basis is :func:`atp.principal_basis` with the exact SVD (its deterministic sign convention);
     the spectrum is the full singular-value list of X (``torch.linalg.svdvals`` in float64).
+    ``max_side`` and ``max_map_tokens`` are the deployment's ``Settings.map_display_size`` and
+    ``Settings.max_map_tokens`` (the app passes them); by default ``MAX_SIDE`` and no map limit.
     """
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ValueError(f"max_side must be a positive int, got {max_side!r}")
+    if max_map_tokens is not None and (
+        isinstance(max_map_tokens, bool) or not isinstance(max_map_tokens, int) or max_map_tokens < 1
+    ):
+        raise ValueError(f"max_map_tokens must be a positive int or None, got {max_map_tokens!r}")
     info = cap.info
     if not 0 <= layer < info.n_layers:
         raise ValueError(f"layer must be in 0..{info.n_layers - 1}, got {layer}")
@@ -283,6 +348,8 @@ def tour_data(cap: Capture, layer: int, head: int, rank: int) -> TourData:
         v=lc.v[kv],
         basis=_ro(basis.numpy()),
         spectrum=spectra.spectrum(lc.x),
+        max_side=max_side,
+        max_map_tokens=max_map_tokens,
     )
 
 
@@ -326,9 +393,11 @@ def _softmax_rows_pooled(
 
 
 def head_maps(
-    data: TourData, *, max_side: int = MAX_SIDE, library_limit: int = LIBRARY_MAP_LIMIT
+    data: TourData, *, max_side: int | None = None, library_limit: int = LIBRARY_MAP_LIMIT
 ) -> HeadMaps:
-    """Dense, exact-form and linear-form maps of ``data.head``, pooled to at most ``max_side`` a side.
+    """Dense, exact-form and linear-form maps of ``data.head``, pooled to at most ``max_side`` a side
+    (None: ``data.max_side``). Computes them whatever ``data.max_map_tokens`` says: check
+    ``data.map_refusal`` first (``data.maps`` does).
 
     Up to ``library_limit`` tokens every map comes whole from :func:`atp.dense_attention` and
     :func:`atp.atp_attention` (``return_maps``); beyond, the two L x L softmax maps are computed in
@@ -336,6 +405,7 @@ def head_maps(
     library, which never builds an L x L matrix for it.
     """
     n_tok = data.n_tokens
+    max_side = data.max_side if max_side is None else max_side
     q = _t(data.q)[None, None]  # (1, 1, L, dh)
     k = _t(data.k)[None, None]  # (1, 1, L, dh)
     v = _t(data.v)[None, None]
@@ -556,7 +626,7 @@ def tokens_figure(data: TourData) -> go.Figure:
 
 def x_figure(data: TourData) -> go.Figure:
     """(2) X as a heatmap, L x d, block-averaged for long inputs (the title says so)."""
-    p = pool(data.x, MAX_SIDE, MAX_FEATURES)
+    p = pool(data.x, data.max_side, MAX_FEATURES)
     panel = _Panel(p, "", "feature", "token", colorbar_title="value")
     return _panels_figure(
         [panel],
@@ -644,8 +714,9 @@ def spectrum_figure(data: TourData) -> go.Figure:
 
 def principal_tokens_figure(data: TourData) -> go.Figure:
     """(4) X' = U_r^T X (r x d) and the weights U_r (L x r) that mix real tokens into principal ones."""
-    xp = pool(data.x_principal, MAX_SIDE, MAX_FEATURES)
-    up = pool(data.basis, MAX_SIDE, MAX_SIDE, how="rms" if max(data.basis.shape) > MAX_SIDE else "mean")
+    xp = pool(data.x_principal, data.max_side, MAX_FEATURES)
+    side = data.max_side
+    up = pool(data.basis, side, side, how="rms" if max(data.basis.shape) > side else "mean")
     u_title = "U_r: weight of each token (rows) in each principal token (columns)"
     if up.aggregated:
         u_title = "U_r: |weight| of each token block in each principal token"
@@ -676,9 +747,11 @@ def principal_tokens_figure(data: TourData) -> go.Figure:
 
 def principal_kv_figure(data: TourData) -> go.Figure:
     """(5) K (L x dh), principal keys K' = U_r^T K and values V' = U_r^T V (r x dh), one kv head."""
-    kp = pool(data.k, MAX_SIDE, MAX_SIDE)
-    kpp = pool(data.k_principal, MAX_SIDE, MAX_SIDE, how="rms" if data.rank > MAX_SIDE else "mean")
-    vpp = pool(data.v_principal, MAX_SIDE, MAX_SIDE, how="rms" if data.rank > MAX_SIDE else "mean")
+    side = data.max_side
+    signed = "rms" if max(data.rank, data.head_dim) > side else "mean"  # pooled signed values: RMS
+    kp = pool(data.k, side, side)
+    kpp = pool(data.k_principal, side, side, how=signed)
+    vpp = pool(data.v_principal, side, side, how=signed)
     kept = float(torch.linalg.norm(_t(data.k_principal)) ** 2 / torch.linalg.norm(_t(data.k)) ** 2)
     rope = " (after rotary embedding)" if data.info.has_rope else ""
     panels = [
@@ -717,8 +790,41 @@ def principal_kv_figure(data: TourData) -> go.Figure:
     )
 
 
+def _refusal_figure(title: str, message: str) -> go.Figure:
+    """No plot, only ``message`` (a sentence for the user) under ``title``."""
+    fig = go.Figure()
+    fig.add_annotation(
+        text="<br>".join(_wrap(message, 90)), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    text = _title(title, ["attention maps not drawn"])
+    fig.update_layout(
+        template=plots.TEMPLATE, title=text, **_TITLE_AT_TOP, height=300, margin_t=_top_margin(text)
+    )
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    return [*lines, cur] if cur else lines
+
+
 def attention_figure(data: TourData) -> go.Figure:
-    """(6) Dense L x L map, the exact form on rank-r keys (L x L) and the linear form's L x r map."""
+    """(6) Dense L x L map, the exact form on rank-r keys (L x L) and the linear form's L x r map.
+
+    Above ``data.max_map_tokens`` nothing is computed: the figure holds the reason instead."""
+    refusal = data.map_refusal
+    if refusal:
+        return _refusal_figure(
+            f"Layer {data.layer}, query head {data.head}: {data.n_tokens:,} tokens", refusal
+        )
     mp = data.maps
     panels = [
         _Panel(
@@ -1092,11 +1198,43 @@ class Step:
     key: str
     title: str
     explanation: str  # markdown; {L}, {d}, {r}, ... are filled in from TourData.facts()
-    formula: str  # LaTeX for st.latex
+    formula: str  # LaTeX for st.latex (the encoder's, or every model's when causal_formula is None)
     build: Callable[[TourData], go.Figure]
+    causal_formula: str | None = None  # LaTeX for decoders (causal attention), when it differs
+    uses_maps: bool = False  # draws L x L attention maps (refused above TourData.max_map_tokens)
 
     def explain(self, data: TourData) -> str:
         return self.explanation.format(**data.facts())
+
+    def latex(self, data: TourData) -> str:
+        """The formula for ``data``'s model: the causal one for a decoder, where the step has one."""
+        return self.causal_formula if data.causal and self.causal_formula else self.formula
+
+    def refusal(self, data: TourData) -> str | None:
+        """Why this step draws no figure for ``data`` (maps above the deployment's limit), or None."""
+        return data.map_refusal if self.uses_maps else None
+
+
+# The attention step's formulas. Encoder: sums over all L tokens (atp.atp_attention, causal=False).
+# Decoder: what atp.atp_attention computes with causal=True (its _causal_linear_attention path), with
+# positions counted from 1: prefix sums over j <= i and the count i of tokens up to i instead of L;
+# u_j is row j of U_r (token j's weights, an r-vector), not a basis column. The exact form adds the
+# causal mask M.
+_EXACT = r"\text{exact: } \operatorname{softmax}\!\big(c\,Q K_r^\top\big) V_r,\ K_r = U_r K',\ V_r = U_r V'"
+_ATTENTION_FORMULA = (
+    _EXACT + r"\qquad \text{linear: } o_i = \frac{(\mathbf{1}^\top U_r)\,V' + c\,(q_i K'^\top)\,V'}"
+    r"{L + c\,(q_i K'^\top)(U_r^\top \mathbf{1})}"
+)
+_ATTENTION_FORMULA_CAUSAL = (
+    r"\begin{gathered}"
+    r"\text{exact: } \operatorname{softmax}\!\big(c\,Q K_r^\top + M\big) V_r,\ K_r = U_r K',\ V_r = U_r V',"
+    r"\ M_{ij} = \begin{cases} 0 & j \le i \\ -\infty & j > i \end{cases}\ \text{(causal mask)}"
+    r"\\[4pt]"
+    r"\text{linear: } o_i = \frac{s_i^\top V' + c\,(q_i K'^\top)\,P_i V'}{i + c\,(q_i K'^\top)\,s_i},"
+    r"\quad s_i = \sum_{j \le i} u_j,\ P_i = \sum_{j \le i} u_j u_j^\top,"
+    r"\quad u_j^\top = \text{row } j \text{ of } U_r,\ i = 1, \dots, L"
+    r"\end{gathered}"
+)
 
 
 STEPS: tuple[Step, ...] = (
@@ -1180,10 +1318,10 @@ STEPS: tuple[Step, ...] = (
         "give each form's output error for this head. A pretrained model is not trained for either form: "
         "the paper fine-tunes with ATP in place before measuring accuracy, so large errors here are "
         "expected, above all for the linear form. {causal_note}",
-        r"\text{exact: } \operatorname{softmax}\!\big(c\,Q K_r^\top\big) V_r,\ K_r = U_r K'"
-        r"\qquad \text{linear: } o_i = \frac{(\mathbf{1}^\top U_r)\,V' + c\,(q_i K'^\top)\,V'}"
-        r"{L + c\,(q_i K'^\top)(U_r^\top \mathbf{1})}",
+        _ATTENTION_FORMULA,
         attention_figure,
+        causal_formula=_ATTENTION_FORMULA_CAUSAL,
+        uses_maps=True,
     ),
     Step(
         "cost",

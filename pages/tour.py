@@ -3,7 +3,7 @@
 import streamlit as st
 
 from atp_viz import tour
-from ui import figure_downloads, get_capture, model_caption, page_inputs
+from ui import current_settings, figure_downloads, get_capture, model_caption, page_inputs
 
 # Large type for a lecture hall; local CSS only (no web fonts: the app stays offline).
 PRESENTER_CSS = """
@@ -117,22 +117,32 @@ n3.button(
 
 
 @st.cache_resource(show_spinner="Decomposing X...", max_entries=8)
-def _data(model_key: str, text: str, layer: int, head: int, rank: int) -> tour.TourData:
-    # Shared read-only between sessions; its maps are computed once, on first use.
-    return tour.tour_data(get_capture(model_key, text), layer, head, rank)
+def _data(
+    model_key: str, text: str, layer: int, head: int, rank: int, max_side: int, max_map_tokens: int
+) -> tour.TourData:
+    # Shared read-only between sessions; its maps are computed once, on first use (under a lock of
+    # this object only: other sessions' tours never wait for it).
+    return tour.tour_data(
+        get_capture(model_key, text), layer, head, rank, max_side=max_side, max_map_tokens=max_map_tokens
+    )
 
 
+limits = current_settings()  # the deployment's display size and map limit, as the explorer uses them
 step = steps[st.session_state.tour_step]
-data = _data(sel.model_key, sel.text, layer, head, rank)
+data = _data(sel.model_key, sel.text, layer, head, rank, limits.map_display_size, limits.max_map_tokens)
 st.subheader(f"Step {st.session_state.tour_step + 1} of {len(steps)}: {step.title}")
 if presenter:
     st.caption(f"{info.label}: layer {layer}, query head {head}, r = {data.rank} of L = {L:,} tokens")
 st.markdown(step.explain(data))
-st.latex(step.formula)
-with st.spinner("Drawing..."):
-    fig = step.build(data)
-if presenter:
-    fig = tour.presenter_layout(fig)
-st.plotly_chart(fig, key="tour_fig")
-# In presenter mode the download has the large fonts too: ready for a slide.
-figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")
+st.latex(step.latex(data))
+refusal = step.refusal(data)
+if refusal:
+    st.info(refusal)  # L x L maps above the deployment's limit are not even computed
+else:
+    with st.spinner("Drawing..."):
+        fig = step.build(data)
+    if presenter:
+        fig = tour.presenter_layout(fig)
+    st.plotly_chart(fig, key="tour_fig")
+    # In presenter mode the download has the large fonts too: ready for a slide.
+    figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")

@@ -6,9 +6,15 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
+import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -121,6 +127,161 @@ def test_missing_chromium_gives_a_clear_message_and_html_still_works(monkeypatch
         export.figure_svg(_figure())
     assert b"unique-trace-name" in export.figure_html(_figure())
     assert export.table_csv([{"a": 1}]) == b"a\n1\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# The browser's life: no Chromium may outlive a failed start or a hung close
+# ------------------------------------------------------------------------------------------------
+
+
+def _live_processes_with(marker: str) -> list[int]:
+    """Pids of live (not zombie) processes with ``marker`` in their command line (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if marker.encode() in cmdline and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
+    """The processes with ``marker`` still alive after up to ``timeout`` s (a killed one takes a moment)."""
+    deadline = time.monotonic() + timeout
+    while (alive := _live_processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_browser_that_never_answers_is_killed_after_the_start_timeout(monkeypatch, tmp_path):
+    """A browser that starts but never speaks: ExportError after START_TIMEOUT_S, and nothing left
+    running (kaleido's wrapper and the 'browser' it started are both killed)."""
+    pytest.importorskip("kaleido")
+    marker = f"fake-chromium-{uuid.uuid4().hex}"
+    fake = tmp_path / marker
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")  # ignores the DevTools pipe
+    fake.chmod(0o755)
+    monkeypatch.setenv("BROWSER_PATH", str(fake))
+    monkeypatch.setattr(export, "START_TIMEOUT_S", 3.0)
+    started = time.monotonic()
+    with pytest.raises(export.ExportError, match="Could not start Chromium within 3 s"):
+        export.figure_png(_figure())
+    assert time.monotonic() - started < 30
+    try:
+        assert not _wait_gone(marker), "the fake browser (or kaleido's wrapper around it) is still running"
+    finally:
+        for pid in _live_processes_with(marker):  # never leave one behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+    assert export._renderer is None
+    assert not [t for t in threading.enumerate() if t.name == "kaleido"]  # the loop thread ended too
+
+
+class _FakeKaleido:
+    """Stands in for kaleido.Kaleido: one tab (an asyncio lock), renders of ``RENDER_S`` seconds."""
+
+    RENDER_S = 0.6
+
+    def __init__(self, **kwargs):
+        self.active = self.peak = 0
+
+    async def open(self):
+        import asyncio
+
+        self.tab = asyncio.Lock()
+
+    async def calc_fig(self, fig, opts=None):
+        import asyncio
+
+        async with self.tab:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            await asyncio.sleep(self.RENDER_S)
+            self.active -= 1
+        return json.dumps(fig).encode()
+
+    async def close(self):
+        pass
+
+
+def test_renders_take_turns_and_only_the_render_is_timed(monkeypatch):
+    """Three sessions at once: each waits for its turn untimed, and its own 0.6 s render fits its 1 s
+    limit (timing the wait in kaleido's tab queue too, the third would time out)."""
+    kaleido = pytest.importorskip("kaleido")
+    monkeypatch.setattr(kaleido, "Kaleido", _FakeKaleido)
+    monkeypatch.setattr(export, "RENDER_TIMEOUT_S", -4.0)  # the wait is RENDER_TIMEOUT_S + 5 = 1 s
+    renderer = export._Renderer(Path("/fake/chromium"))
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = renderer.render({"i": i}, {})
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        renderer.close()
+    assert not errors, errors
+    assert results == {i: json.dumps({"i": i}).encode() for i in range(3)}
+    assert renderer.kaleido.peak == 1
+    assert renderer.loop.is_closed() and not renderer.thread.is_alive()
+    with pytest.raises(export._RendererClosed):  # a call that waited while it closed goes elsewhere
+        renderer.render({}, {})
+
+
+def test_a_hanging_close_still_kills_the_browser(monkeypatch):
+    """choreographer's close has no time limit: after CLOSE_TIMEOUT_S the process group is killed."""
+    kaleido = pytest.importorskip("kaleido")
+    marker = f"hung-browser-{uuid.uuid4().hex}"
+
+    class Hangs(_FakeKaleido):
+        async def open(self):
+            await super().open()
+            self.subprocess = proc
+
+        async def close(self):
+            import asyncio
+
+            await asyncio.sleep(600)
+
+    monkeypatch.setattr(kaleido, "Kaleido", Hangs)
+    monkeypatch.setattr(export, "CLOSE_TIMEOUT_S", 0.5)
+    # A 'browser' in its own session with a child, as choreographer starts Chromium.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', sys.argv[1]]); "
+         "time.sleep(600)", marker],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        renderer = export._Renderer(Path("/fake/chromium"))
+        deadline = time.monotonic() + 10
+        while len(_live_processes_with(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_live_processes_with(marker)) == 2  # the 'browser' and its child run
+        started = time.monotonic()
+        renderer.close()
+        assert time.monotonic() - started < 15
+        assert proc.poll() is not None
+        assert not _wait_gone(marker)
+        assert renderer.loop.is_closed() and not renderer.thread.is_alive()
+    finally:
+        for pid in _live_processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------------------------

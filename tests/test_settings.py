@@ -73,6 +73,14 @@ def test_config_file_can_keep_local_mode_and_env_wins(tmp_path):
     assert not load_settings({**_config(tmp_path), "ATP_VIZ_SERVER_MODE": "0"}).server_mode
 
 
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_empty_env_flag_counts_as_not_given(tmp_path, empty):
+    """docker-compose often passes `ATP_VIZ_SERVER_MODE=` (empty): a config file's server mode stands."""
+    assert load_settings({**_config(tmp_path), "ATP_VIZ_SERVER_MODE": empty}).server_mode
+    assert not load_settings({"ATP_VIZ_SERVER_MODE": empty}).server_mode
+    assert load_settings({"ATP_VIZ_SERVER_MODE": empty}).source == "defaults"
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -3,6 +3,7 @@ long inputs are aggregated (and say so), the toy example's maths, and the page i
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from conftest import SENTENCE
 from streamlit.testing.v1 import AppTest
 
-from atp_viz import costs, tour
+from atp_viz import atp, costs, tour
 from atp_viz.capture import capture
+from atp_viz.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -60,7 +62,7 @@ def test_every_step_builds_a_figure(captures, key):
         fig = step.build(data)
         assert isinstance(fig, go.Figure), step.key
         assert fig.layout.title.text, step.key
-        assert step.formula and step.title
+        assert step.formula and step.title and step.latex(data)
         text = step.explain(data)  # every placeholder is filled
         assert "{" not in text and "}" not in text, step.key
         fig.to_dict()  # the figure validates
@@ -171,6 +173,103 @@ def test_cost_figure_uses_the_cost_model(captures):
     # The basis is counted as principal_basis computes it: randomised, or exact once r nears min(L, d).
     assert tour.basis_method(4096, 576, 128) == "randomized"
     assert tour.basis_method(2459, 576, 1229) == tour.basis_method(2459, 576, 570) == "exact"
+
+
+def _attention_step() -> tour.Step:
+    return next(s for s in tour.STEPS if s.key == "attention")
+
+
+def test_decoder_attention_formula_is_the_causal_one(captures):
+    step = _attention_step()
+    enc = step.latex(tour.tour_data(captures("tiny-bert"), 1, 0, 4))
+    dec = step.latex(tour.tour_data(captures("tiny-llama"), 1, 0, 4))
+    assert enc != dec
+    assert "+ M" in dec and "causal mask" in dec and r"-\infty & j > i" in dec
+    assert r"{i + c\,(q_i K'^\top)\,s_i}" in dec  # the count of tokens up to i, not L
+    assert r"P_i = \sum_{j \le i} u_j u_j^\top" in dec and r"s_i = \sum_{j \le i} u_j" in dec
+    assert "+ M" not in enc and "{L + c" in enc and "mask" not in enc
+    assert step.latex(tour.tour_data(captures("tiny-bert"), 1, 0, 4)) == step.formula
+
+
+def test_causal_formula_as_shown_is_what_the_library_computes(captures):
+    """o_i = (s_i^T V' + c (q_i K'^T) P_i V') / (i + c (q_i K'^T) s_i), i counted from 1, evaluated
+    naively, equals atp.atp_attention(causal=True)'s linear form."""
+    data = tour.tour_data(captures("tiny-llama"), 1, 2, 5)
+    q, k, v, U = (np.asarray(a, dtype=np.float64) for a in (data.q, data.k, data.v, data.basis))
+    c = q.shape[1] ** -0.5
+    Kp, Vp = U.T @ k, U.T @ v  # K', V'
+    out = np.empty_like(q)
+    for i in range(1, data.n_tokens + 1):
+        u = U[:i]  # rows u_j^T, j = 1..i
+        s_i, P_i = u.sum(axis=0), u.T @ u
+        phi = c * (q[i - 1] @ Kp.T)  # c q_i K'^T
+        out[i - 1] = (s_i @ Vp + phi @ P_i @ Vp) / (i + phi @ s_i)
+    t = [tour._t(a.astype(np.float64)) for a in (q, k, v)]
+    lib = atp.atp_attention(
+        t[0][None, None], t[1][None, None], t[2][None, None], tour._t(U)[None], form="linear", causal=True
+    )
+    np.testing.assert_allclose(out, lib[0, 0].numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_decoder_explanation_names_the_mask(captures):
+    text = _attention_step().explain(tour.tour_data(captures("tiny-llama"), 1, 0, 4))
+    assert "causal mask M" in text and "tokens 1 to i" in text
+
+
+def test_maps_of_one_object_never_block_another(captures, monkeypatch):
+    """Each TourData has its own lock (functools.cached_property's lock is shared by every instance on
+    Python < 3.12: one session's long maps would block every other session's tour)."""
+    cap = captures("tiny-bert")
+    slow, fast = tour.tour_data(cap, 0, 0, 3), tour.tour_data(cap, 1, 0, 3)
+    real, entered, release = tour.head_maps, threading.Event(), threading.Event()
+
+    def head_maps(data, **kw):
+        if data is slow:
+            entered.set()
+            assert release.wait(30)
+        return real(data, **kw)
+
+    monkeypatch.setattr(tour, "head_maps", head_maps)
+    worker = threading.Thread(target=lambda: slow.maps)
+    worker.start()
+    try:
+        assert entered.wait(30)
+        done = threading.Event()
+        other = threading.Thread(target=lambda: (fast.maps, fast.x_principal, slow.x_principal, done.set()))
+        other.start()
+        assert done.wait(30), "another object's maps waited for this one's"
+    finally:
+        release.set()
+        worker.join(30)
+    assert slow.maps is slow.maps and fast.maps is fast.maps  # computed once, then kept
+
+
+def test_deployment_limits_are_used(captures):
+    cap = captures("tiny-llama")
+    L = cap.n_tokens
+    default = tour.tour_data(cap, 1, 0, 6)
+    assert default.max_side == tour.MAX_SIDE and default.map_refusal is None
+    small = tour.tour_data(cap, 1, 0, 6, max_side=4, max_map_tokens=L)
+    assert small.map_refusal is None
+    for step in tour.STEPS:
+        if step.key == "tokens":
+            continue  # a grid of L cells in reading order, not a matrix
+        for hm in _heatmaps(step.build(small)):
+            rows, cols = np.shape(hm.z)  # feature columns of X and X' keep MAX_FEATURES
+            assert rows <= 4 and (cols <= 4 or step.key in ("matrix", "principal_tokens")), step.key
+    assert "mean over blocks of 5 tokens" in tour.attention_figure(small).layout.title.text  # 18 / 4
+    # Above max_map_tokens: no L x L map is computed and the attention step says why, as the explorer.
+    refused = tour.tour_data(cap, 1, 0, 6, max_map_tokens=L - 1)
+    assert refused.map_refusal == Settings(max_map_tokens=L - 1).map_refusal(L)
+    assert "Attention maps are not drawn" in refused.map_refusal
+    assert _attention_step().refusal(refused) == refused.map_refusal
+    assert all(s.refusal(refused) is None for s in tour.STEPS if s.key != "attention")
+    with pytest.raises(ValueError, match="Attention maps are not drawn"):
+        _ = refused.maps
+    fig = tour.attention_figure(refused)
+    assert not _heatmaps(fig) and "not drawn" in fig.layout.annotations[0].text
+    with pytest.raises(ValueError, match="max_side"):
+        tour.tour_data(cap, 1, 0, 6, max_side=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,3 +420,24 @@ def test_tour_page_on_a_tiny_decoder():
     assert any("decoder" in m.value for m in at.markdown)
     at.selectbox(key="tour_step").set_value(5).run()  # principal keys: GQA sentence
     assert any("grouped-query" in m.value for m in at.markdown)
+
+
+def test_tour_page_uses_the_deployment_map_limit(monkeypatch, tmp_path):
+    cfg = tmp_path / "atp_viz.toml"
+    cfg.write_text("server_mode = false\nmax_map_tokens = 16\n")
+    monkeypatch.setenv("ATP_VIZ_CONFIG", str(cfg))
+    monkeypatch.delenv("ATP_VIZ_SERVER_MODE", raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["model"] = "tiny-llama"
+    at.query_params["sample"] = "02_short_paragraph"  # more than 16 tokens
+    at.switch_page("pages/tour.py")
+    at.run()
+    assert not at.exception, at.exception
+    at.selectbox(key="tour_step").set_value(6).run()  # attention
+    assert not at.exception, at.exception
+    assert any("Attention maps are not drawn" in i.value and "limited to 16" in i.value for i in at.info)
+    assert not at.get("plotly_chart")
+    assert "+ M" in at.latex[0].value  # a decoder: the causal formula
+    at.selectbox(key="tour_step").set_value(1).run()  # the other steps still draw
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
