@@ -6,7 +6,7 @@ import streamlit as st
 from atp_viz import analysis, plots, spectra
 from atp_viz.analysis import sink_ratio
 from atp_viz.texts import readable_tokens
-from ui import get_model, model_caption, page_inputs
+from ui import figure_downloads, get_model, model_caption, page_inputs
 
 MAX_TOKENS_SHOWN = 600
 
@@ -35,7 +35,9 @@ c4.metric(
     delta_color="off",
 )
 
-st.plotly_chart(plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model), key="home_erank")
+fig = plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model)
+st.plotly_chart(fig, key="home_erank")
+figure_downloads(fig, "home_effective_rank")
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -51,18 +53,17 @@ def _erank_by_length(model_key: str, text: str):
 
 lengths, by_len = _erank_by_length(sel.model_key, sel.text)
 if lengths.size > 1:
-    st.plotly_chart(
-        plots.fraction_vs_length_figure(
-            lengths,
-            by_len / lengths,
-            [f"layer {i}" for i in range(len(by_len))],
-            cap.info.d_model,
-            0.0,
-            title="Effective rank / L on prefixes of this text (lower = relatively lower-rank)",
-            y_title="effective rank / L",
-        ),
-        key="home_erank_length",
+    fig = plots.fraction_vs_length_figure(
+        lengths,
+        by_len / lengths,
+        [f"layer {i}" for i in range(len(by_len))],
+        cap.info.d_model,
+        0.0,
+        title="Effective rank / L on prefixes of this text (lower = relatively lower-rank)",
+        y_title="effective rank / L",
     )
+    st.plotly_chart(fig, key="home_erank_length")
+    figure_downloads(fig, "home_effective_rank_by_length")
 st.latex(spectra.EFFECTIVE_RANK_FORMULA)
 st.caption(
     "Effective rank (Roy & Vetterli, 2007) of each layer's attention input X (uncentred, all tokens). "

@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from atp_viz import atp, plots, serving, texts
+from atp_viz.jobs import BusyError
 from atp_viz.texts import tokenize
-from ui import get_model, highlight_divergence, page_inputs
+from ui import figure_downloads, get_model, heavy_job, highlight_divergence, page_inputs, table_downloads
 
 MAX_PROMPT = 1024
 
@@ -29,25 +30,26 @@ def _generate(model_key: str, text: str, rank, form: str, n_new: int):
     m = get_model(model_key)
     tok = tokenize(m.tokenizer, text, min(MAX_PROMPT, m.info.max_tokens), min_tokens=1)
     r, notice = atp.resolve_rank(rank, tok.n_tokens)
-    bar = st.progress(0.0, text="Dense generation...")
-    try:
-        dense = serving.generate(
-            m,
-            tok.input_ids,
-            rank=None,
-            max_new_tokens=n_new,
-            progress=lambda f, msg: bar.progress(f / 2, text="dense: " + msg),
-        )
-        comp = serving.generate(
-            m,
-            tok.input_ids,
-            rank=r,
-            form=form,
-            max_new_tokens=n_new,
-            progress=lambda f, msg: bar.progress(0.5 + f / 2, text="ATP cache: " + msg),
-        )
-    finally:
-        bar.empty()
+    with heavy_job("generation"):
+        bar = st.progress(0.0, text="Dense generation...")
+        try:
+            dense = serving.generate(
+                m,
+                tok.input_ids,
+                rank=None,
+                max_new_tokens=n_new,
+                progress=lambda f, msg: bar.progress(f / 2, text="dense: " + msg),
+            )
+            comp = serving.generate(
+                m,
+                tok.input_ids,
+                rank=r,
+                form=form,
+                max_new_tokens=n_new,
+                progress=lambda f, msg: bar.progress(0.5 + f / 2, text="ATP cache: " + msg),
+            )
+        finally:
+            bar.empty()
     return tok, r, notice, dense, comp
 
 
@@ -70,6 +72,10 @@ if st.button("Generate", key="serve_go", type="primary") or st.session_state.get
     except ValueError as err:
         st.error(str(err))
         st.stop()
+    except BusyError as err:
+        st.session_state.serve_ran = False  # the button starts it again; reruns do not retry
+        st.warning(str(err))
+        st.stop()
     if tok.notice:
         st.info(
             f"The prompt has {tok.n_original:,} tokens; generation here uses at most {MAX_PROMPT} (and the "
@@ -90,6 +96,18 @@ if st.button("Generate", key="serve_go", type="primary") or st.session_state.get
     k4.metric("KV cache, dense", f"{dense.kv_cache_bytes / 1e6:.2f} MB")
     dec = [loaded.tokenizer.decode([i]) for i in dense.new_ids]
     atp_dec = [loaded.tokenizer.decode([i]) for i in comp.new_ids]
+    gen_row = {
+        "prompt_tokens": tok.n_tokens,
+        "rank": r,
+        "form": form,
+        "token_agreement": share,
+        "first_divergence": first,
+        "kv_cache_bytes_atp": comp.kv_cache_bytes,
+        "kv_cache_bytes_dense": dense.kv_cache_bytes,
+        "dense_text": "".join(dec),
+        "atp_text": "".join(atp_dec),
+    }
+    table_downloads([gen_row], "serving_generation")
 
     t1, t2 = st.columns(2)
     t1.markdown("**Dense KV cache**\n\n" + highlight_divergence(dec, first))
@@ -113,7 +131,9 @@ src = st.radio(
     key="ppl_src",
 )
 p1, p2, p3 = st.columns(3)
-n_tokens = p1.number_input("Tokens", 64, min(8192, info.max_tokens), 2048, 64, key="ppl_tokens")
+n_tokens = p1.number_input(
+    "Tokens", 64, min(8192, info.max_tokens), min(2048, info.max_tokens), 64, key="ppl_tokens"
+)
 chunk = p2.number_input("Chunk size", 8, 2048, 256, 8, key="ppl_chunk")
 forms = p3.multiselect("Forms", ["exact", "linear"], ["exact", "linear"], key="ppl_forms")
 ranks = st.multiselect(
@@ -129,25 +149,26 @@ def _perplexity(model_key: str, text: str, n_tokens: int, chunk: int, ranks: tup
     m = get_model(model_key)
     tok = tokenize(m.tokenizer, text, n_tokens)
     runs = [(None, "exact")] + [(r, f) for f in forms for r in ranks]
-    bar = st.progress(0.0, text="Perplexity...")
-    out = []
-    try:
-        for j, (r, f) in enumerate(runs):
-            label = "dense" if r is None else f"{f} r={r}"
-            out.append(
-                serving.perplexity(
-                    m,
-                    tok.input_ids,
-                    rank=r,
-                    form=f,
-                    chunk=chunk,
-                    progress=lambda x, msg, j=j, label=label: bar.progress(
-                        (j + x) / len(runs), text=f"{label}: {msg}"
-                    ),
+    with heavy_job("perplexity grid"):
+        bar = st.progress(0.0, text="Perplexity...")
+        out = []
+        try:
+            for j, (r, f) in enumerate(runs):
+                label = "dense" if r is None else f"{f} r={r}"
+                out.append(
+                    serving.perplexity(
+                        m,
+                        tok.input_ids,
+                        rank=r,
+                        form=f,
+                        chunk=chunk,
+                        progress=lambda x, msg, j=j, label=label: bar.progress(
+                            (j + x) / len(runs), text=f"{label}: {msg}"
+                        ),
+                    )
                 )
-            )
-    finally:
-        bar.empty()
+        finally:
+            bar.empty()
     return tok, out
 
 
@@ -160,29 +181,34 @@ if st.button("Run the perplexity grid", key="ppl_go") and forms and ranks:
     except (ValueError, texts.TextError) as err:
         st.error(str(err))
         st.stop()
+    except BusyError as err:
+        st.warning(str(err))
+        st.stop()
     if tok.n_tokens < n_tokens:
         st.info(f"The text has only {tok.n_tokens} tokens; all of them were used.")
     dense, rest = res[0], res[1:]
-    st.dataframe(pd.DataFrame(serving.as_table(rest, dense)), hide_index=True, key="ppl_table")
+    table = serving.as_table(rest, dense)
+    shown = pd.DataFrame(table)
+    shown["rank"] = shown["rank"].astype(str)  # "dense" next to ints: one type for Arrow
+    st.dataframe(shown, hide_index=True, key="ppl_table")
+    table_downloads(table, "perplexity_table")
     by_form_r = {f: [x.rank for x in rest if x.form == f] for f in forms}
-    st.plotly_chart(
-        plots.rank_grid_figure(
-            by_form_r,
-            {f: [x.perplexity for x in rest if x.form == f] for f in forms},
-            dense.perplexity,
-            title=f"Perplexity over {tok.n_tokens} tokens, chunks of {chunk}",
-            y_title="perplexity",
-            log_y=True,
-        ),
-        key="ppl_fig",
+    fig = plots.rank_grid_figure(
+        by_form_r,
+        {f: [x.perplexity for x in rest if x.form == f] for f in forms},
+        dense.perplexity,
+        title=f"Perplexity over {tok.n_tokens} tokens, chunks of {chunk}",
+        y_title="perplexity",
+        log_y=True,
     )
-    st.plotly_chart(
-        plots.rank_grid_figure(
-            by_form_r,
-            {f: [x.top1 for x in rest if x.form == f] for f in forms},
-            dense.top1,
-            title="Next-token top-1 accuracy",
-            y_title="top-1 accuracy",
-        ),
-        key="ppl_top1",
+    st.plotly_chart(fig, key="ppl_fig")
+    figure_downloads(fig, "perplexity_vs_rank")
+    fig = plots.rank_grid_figure(
+        by_form_r,
+        {f: [x.top1 for x in rest if x.form == f] for f in forms},
+        dense.top1,
+        title="Next-token top-1 accuracy",
+        y_title="top-1 accuracy",
     )
+    st.plotly_chart(fig, key="ppl_top1")
+    figure_downloads(fig, "top1_vs_rank")

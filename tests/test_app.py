@@ -129,6 +129,8 @@ def test_serving_page_encoder_message_and_decoder_generation():
     at.button(key="ppl_go").click().run()
     assert not at.exception, at.exception
     assert len(_charts(at)) == 2 and len(at.dataframe) == 1
+    ranks = list(at.dataframe[0].value["rank"])  # one type for Arrow: "dense" next to "8", not 8
+    assert ranks[0] == "dense" and all(isinstance(r, str) for r in ranks), ranks
 
 
 def test_cost_page_counts_follow_inputs():
