@@ -263,9 +263,14 @@ def sidebar() -> Selection | None:
             "Your text",
             key="typed_text",
             height=180,
-            max_chars=settings.max_upload_bytes,
             placeholder="Type or paste text here",
-        )
+        )  # no max_chars: the browser would cut a long paste silently; it is refused below instead
+        if len(text.encode("utf-8")) > settings.max_upload_bytes:
+            st.warning(
+                f"The typed text is {format_bytes(len(text.encode('utf-8')))}; this server takes at most "
+                f"{format_bytes(settings.max_upload_bytes)}. Shorten it or pick a sample."
+            )
+            return None
     else:
         set_url(sample=None)
         up = sb.file_uploader(

@@ -243,3 +243,14 @@ def test_bundled_list_matches_models():
     from atp_viz.settings import BUNDLED_KEYS
 
     assert tuple(c.key for c in models.BUNDLED) == BUNDLED_KEYS
+
+
+def test_typed_text_above_the_limit_is_refused_not_cut(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATP_VIZ_CONFIG", _config(tmp_path, "max_upload_bytes = 50\n")["ATP_VIZ_CONFIG"])
+    monkeypatch.delenv("ATP_VIZ_SERVER_MODE", raising=False)
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.radio(key="text_source").set_value("Type").run()
+    at.text_area(key="typed_text").input("word " * 20).run()  # 100 bytes
+    assert not at.exception, at.exception
+    assert at.text_area(key="typed_text").value == "word " * 20  # kept whole
+    assert any("at most 50 bytes" in w.value for w in at.warning)
