@@ -455,6 +455,9 @@ def train(
     say(0.8, f"Saving adapters to {out}...")
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out)
+    # peft also writes a model-card template ("More Information Needed" throughout); atp_tuning.json
+    # is this run's real description, so the template is not kept.
+    (out / "README.md").unlink(missing_ok=True)
     split = {
         "source": f"Python {platform.python_version()} standard-library docstrings, split by module",
         "train_modules": list(TRAIN_MODULES) if texts is None else "custom texts given to train()",

@@ -84,7 +84,7 @@ def _go(delta: int) -> None:
     st.session_state.tour_step = min(max(st.session_state.tour_step + delta, 0), len(steps) - 1)
 
 
-n1, n2, n3 = st.columns([1, 4, 1], vertical_alignment="bottom")
+n1, n2, n3 = st.columns([1.4, 3, 1.4], vertical_alignment="bottom")
 n1.button(
     "Previous",
     key="tour_prev",
