@@ -59,6 +59,10 @@ _COMPLETION_SEED = 0
 # --------------------------------------------------------------------------------------------------
 
 
+class NonFiniteError(ValueError):
+    """A layer's input holds inf or NaN, so it has no singular vectors; the message is for the user."""
+
+
 def principal_basis(
     x: torch.Tensor,
     rank: int,
@@ -127,6 +131,12 @@ def principal_basis(
         raise ValueError(f"principal_basis needs L >= 1 and d >= 1, got x of shape {tuple(x.shape)}.")
     rank = _check_basis_rank(rank, L)
     x = x.detach()
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            "A layer's input holds inf or NaN values, so no basis can be computed. With the linear form "
+            "this happens when an earlier layer's denominator L + c (q K'^T)(U_r^T 1) comes close to zero "
+            "for some token (1 + s is not a positive kernel): the model breaks down on this text and rank."
+        )
     if method not in ("exact", "randomized", "sketch"):
         raise ValueError(f"method must be 'exact', 'randomized' or 'sketch', got {method!r}.")
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:

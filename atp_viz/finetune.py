@@ -47,7 +47,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from atp_viz import backend, serving
+from atp_viz import atp, backend, serving
 from atp_viz.capture import mean_pool
 from atp_viz.engine import ATPConfig, make_plan
 from atp_viz.models import LoadedModel, ModelLoadError, cache_dir, load_model
@@ -202,6 +202,7 @@ class TuneResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     cancelled: bool = False
+    skipped: int = 0  # steps whose loss was not finite (no update)
 
 
 class Cancelled(Exception):
@@ -280,27 +281,42 @@ def eval_encoder(
     batch: int = 32,
 ) -> dict[str, dict]:
     """Per setting: mean / min cosine of its embedding to the dense model's, and nearest-neighbour
-    agreement (for each text, is its nearest other text the same as under the dense model)."""
+    agreement (for each text, is its nearest other text the same as under the dense model).
+
+    A text on which a setting breaks down (the linear form can send a layer's input to inf/NaN) gets a
+    zero embedding: cosine 0 and no neighbour agreement, and ``n_broken`` counts such texts (the key
+    is present only when some broke down).
+    """
+
+    def embed_batch(loaded, config, part):
+        try:
+            return _encoder_embeddings(loaded, part, config, max_tokens)
+        except atp.NonFiniteError:
+            if len(part) > 1:  # find which texts break down
+                return torch.cat([embed_batch(loaded, config, [t]) for t in part])
+            return torch.zeros(1, loaded.info.d_model, device=loaded.device)
 
     def embed(loaded, config):
-        parts = [
-            _encoder_embeddings(loaded, texts[i : i + batch], config, max_tokens)
-            for i in range(0, len(texts), batch)
-        ]
-        return torch.cat(parts).double().cpu()
+        parts = [embed_batch(loaded, config, texts[i : i + batch]) for i in range(0, len(texts), batch)]
+        e = torch.cat(parts).double().cpu()
+        return torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0)
 
     ref = embed(dense_model, None)
     ref_nn = _nearest(ref)
     out = {}
     for name, (loaded, config) in models.items():
         e = ref if (loaded is dense_model and config is None) else embed(loaded, config)
-        cos = (e * ref).sum(-1)  # both normalised
-        out[name] = {
+        cos = (e * ref).sum(-1)  # both normalised (or zero where the setting broke down)
+        row = {
             "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()),
             "nn_agreement": float((_nearest(e) == ref_nn).double().mean()),
             "n_texts": len(texts),
         }
+        broken = int((e.abs().sum(-1) == 0).sum())
+        if broken:
+            row["n_broken"] = broken
+        out[name] = row
     return out
 
 
@@ -317,16 +333,31 @@ def eval_decoder(
     chunk: int,
 ) -> dict[str, dict]:
     """Per setting (model, rank or None for dense, form): next-token top-1 accuracy and perplexity
-    over the windows' positions >= chunk, strictly causal."""
+    over the windows' predictions from positions >= chunk, strictly causal.
+
+    A window on which a setting breaks down (inf/NaN in a layer's input, possible with the linear
+    form) is left out of that setting's figures and counted in ``n_broken`` (present only then).
+    """
     out = {}
     for name, (loaded, rank, form) in models.items():
-        nll_sum, hits, n = 0.0, 0, 0
+        nll_sum, hits, n, broken = 0.0, 0, 0, 0
         for w in windows:
-            nll, h, c = _decoder_nll(loaded, w.to(loaded.device), rank, form, chunk)
+            try:
+                nll, h, c = _decoder_nll(loaded, w.to(loaded.device), rank, form, chunk)
+            except atp.NonFiniteError:
+                broken += 1
+                continue
             nll_sum += float(nll) * c
             hits += h
             n += c
-        out[name] = {"top1": hits / n, "perplexity": math.exp(nll_sum / n), "n_tokens": n}
+        row = {
+            "top1": hits / n if n else float("nan"),
+            "perplexity": math.exp(nll_sum / n) if n else float("nan"),
+            "n_tokens": n,
+        }
+        if broken:
+            row["n_broken"] = broken
+        out[name] = row
     return out
 
 
@@ -423,19 +454,25 @@ def train(
         if stop is not None and stop():
             result.cancelled = True
             raise Cancelled(f"Cancelled after {step} of {cfg.steps} steps; nothing was saved.")
-        if is_dec:
-            if not order:
-                order = rng.sample(range(len(train_data)), len(train_data))
-            ids = train_data[order.pop()].to(tuned.device)
-            loss, _, _ = _decoder_nll(tuned, ids, cfg.rank, cfg.form, cfg.chunk)
-        else:
-            batch = rng.sample(train_data, min(cfg.batch, len(train_data)))
-            with torch.no_grad(), peft_model.disable_adapter():
-                target = _encoder_embeddings(tuned, batch, None, cfg.max_tokens)
-            emb = _encoder_embeddings(tuned, batch, atp_cfg, cfg.max_tokens)
-            loss = (1 - (emb * target).sum(-1)).mean()
+        try:
+            if is_dec:
+                if not order:
+                    order = rng.sample(range(len(train_data)), len(train_data))
+                ids = train_data[order.pop()].to(tuned.device)
+                loss, _, _ = _decoder_nll(tuned, ids, cfg.rank, cfg.form, cfg.chunk)
+            else:
+                batch = rng.sample(train_data, min(cfg.batch, len(train_data)))
+                with torch.no_grad(), peft_model.disable_adapter():
+                    target = _encoder_embeddings(tuned, batch, None, cfg.max_tokens)
+                emb = _encoder_embeddings(tuned, batch, atp_cfg, cfg.max_tokens)
+                loss = (1 - (emb * target).sum(-1)).mean()
+        except atp.NonFiniteError:
+            # The linear form's denominator crossed zero somewhere in the batch: a later layer got
+            # inf/NaN. Counted and reported (the run's JSON and the page show skipped steps).
+            loss = torch.tensor(float("nan"))
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
+            result.skipped += 1
             logger.warning("step %d: loss is %s; step skipped", step, float(loss))
             result.losses.append(float("nan"))
             if on_step:
@@ -471,6 +508,7 @@ def train(
         "split": split,
         "lora_targets": targets,
         "losses": result.losses,
+        "skipped_steps": result.skipped,
         "train_seconds": result.train_seconds,
         "torch": torch.__version__,
     }

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from atp_viz import compare, export, finetune, plots
+from atp_viz.atp import NonFiniteError
 from atp_viz.engine import ATPConfig, parse_layers
 from atp_viz.jobs import BusyError
 from atp_viz.models import ModelLoadError
@@ -101,7 +102,7 @@ def _before_after(sel, tok, config: ATPConfig, tuned_dense: compare.Forward, tun
         base_key = meta["base_model"]
         base_dense = _dense(base_key, sel.text)
         base_run = compare.forward(get_model(base_key), _tokenized(base_key, sel.text), config)
-    except (ModelLoadError, KeyError) as err:
+    except (ModelLoadError, KeyError, NonFiniteError) as err:
         st.warning(f"Cannot show the original model next to this tuned one: {err}")
         return
     runs = {
@@ -186,7 +187,13 @@ def explorer() -> None:
 
     tok = _tokenized(sel.model_key, sel.text)
     dense = _dense(sel.model_key, sel.text)
-    run = compare.forward(loaded, tok, config, map_layers=[map_layer] if applied and not map_refusal else [])
+    try:
+        run = compare.forward(
+            loaded, tok, config, map_layers=[map_layer] if applied and not map_refusal else []
+        )
+    except NonFiniteError as err:
+        st.error(f"{config.label()} breaks down on this text: {err}")
+        return
     cmp = compare.compare(dense, run)
     for notice in cmp.notices:
         st.info(notice)

@@ -199,3 +199,34 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     table = at.dataframe[0].value  # the only table of an encoder's explorer (AppTest keeps no df key)
     assert len(table) == 4 and table["setting"].iloc[0].startswith("original model, dense")
     assert table["embedding cosine to dense"].iloc[0] == pytest.approx(1.0)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    """The linear form can send a layer's input to inf/NaN (its denominator crosses zero); such a step
+    is skipped, counted in the run's JSON, and training goes on."""
+    from atp_viz import atp
+
+    real = finetune._decoder_nll
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise atp.NonFiniteError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_decoder_nll", flaky)
+    cfg = finetune.TuneConfig(model="tiny-llama", steps=3, seq_len=96, chunk=16, eval_windows=1)
+    res = finetune.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
+    assert res.skipped == 1 and len(res.losses) == 3
+    assert res.losses[0] != res.losses[0] and all(v == v for v in res.losses[1:])  # nan, then numbers
+    assert json.loads((tmp_path / "r" / finetune.SETTINGS_FILE).read_text())["skipped_steps"] == 1
+
+
+def test_a_non_finite_layer_input_gives_a_clear_error():
+    from atp_viz import atp
+
+    x = torch.randn(8, 4)
+    x[3, 1] = float("inf")
+    with pytest.raises(atp.NonFiniteError, match="inf or NaN"):
+        atp.principal_basis(x, 2)
