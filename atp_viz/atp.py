@@ -741,8 +741,12 @@ def _linear_noncausal(
     else:
         phi = torch.matmul(qg, (c * Kp.mT).unsqueeze(2))  # (B, Hkv, G, L, r)
         nd = phi @ Vaug.unsqueeze(2)  # (B, Hkv, G, L, dh + 1)
-    nd += bias.unsqueeze(2)
-    out = nd[..., :dh].div_(nd[..., dh:])  # (B, Hkv, G, L, dh), in place: a view with row stride dh + 1
+    # In place (a view with row stride dh + 1) except under autograd (fine-tuning), which needs the
+    # denominator unmodified for the backward pass.
+    grad = nd.requires_grad
+    nd = nd + bias.unsqueeze(2) if grad else nd.add_(bias.unsqueeze(2))
+    num, den = nd[..., :dh], nd[..., dh:]
+    out = num / den if grad else num.div_(den)  # (B, Hkv, G, L, dh)
     if km is not None:
         n5 = n[:, None, None, None, None]  # (B, 1, 1, 1, 1)
         out = torch.where(n5 > 0, out, torch.zeros((), dtype=q.dtype))

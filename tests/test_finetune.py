@@ -230,3 +230,22 @@ def test_a_non_finite_layer_input_gives_a_clear_error():
     x[3, 1] = float("inf")
     with pytest.raises(atp.NonFiniteError, match="inf or NaN"):
         atp.principal_basis(x, 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_form_backpropagates_and_matches_inference(causal):
+    """The inference path divides in place; under autograd it must not (the first MiniLM linear-form
+    run failed in backward), and both give the same numbers."""
+    from atp_viz import atp
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 12, 8, requires_grad=True)
+    k = torch.randn(2, 2, 12, 8, requires_grad=True)
+    v = torch.randn(2, 2, 12, 8, requires_grad=True)
+    u = atp.principal_basis(torch.randn(2, 12, 16), 4)
+    out = atp.atp_attention(q, k, v, u, form="linear", causal=causal)
+    out.square().sum().backward()
+    with torch.no_grad():
+        ref = atp.atp_attention(q, k, v, u, form="linear", causal=causal)
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+    assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in (q, k, v))
