@@ -202,7 +202,7 @@ class TuneResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     cancelled: bool = False
-    skipped: int = 0  # steps whose loss was not finite (no update)
+    skipped: int = 0  # steps whose loss or gradient was not finite (no update)
 
 
 class Cancelled(Exception):
@@ -479,8 +479,16 @@ def train(
                 on_step(step, float("nan"))
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(norm):
+            # An overflowing gradient would make clip_grad_norm_ scale every gradient by 1/inf = 0: the
+            # step would silently change nothing. Count it as skipped instead (the linear form's
+            # denominators near zero do this to SmolLM2).
+            result.skipped += 1
+            logger.warning("step %d: gradient norm is %s; step skipped", step, float(norm))
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
         sched.step()
         value = float(loss.detach())
         result.losses.append(value)

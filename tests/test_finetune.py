@@ -249,3 +249,15 @@ def test_linear_form_backpropagates_and_matches_inference(causal):
         ref = atp.atp_attention(q, k, v, u, form="linear", causal=causal)
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
     assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in (q, k, v))
+
+
+def test_overflowing_gradients_are_counted_not_silently_zeroed(tmp_path, monkeypatch):
+    """clip_grad_norm_ would scale an inf-norm gradient by 0 and the step would change nothing without a
+    word (it happened with SmolLM2's linear form); such steps are counted as skipped."""
+    inf = torch.tensor(float("inf"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: inf)
+    cfg = finetune.TuneConfig(model="tiny-llama", steps=2, seq_len=96, chunk=16, eval_windows=1, lr=3e-2)
+    res = finetune.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
+    assert res.skipped == 2
+    rows = res.metrics["rows"]
+    assert rows["atp_tuned"] == rows["atp_untuned"]  # nothing was learned, and the JSON says why
