@@ -489,7 +489,7 @@ def train(
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        sched.step()
+            sched.step()  # the schedule counts updates made
         value = float(loss.detach())
         result.losses.append(value)
         if on_step:
@@ -824,3 +824,27 @@ class TuneJob:
                 "running": self._thread.is_alive(),
                 "cancelling": self._stop.is_set(),
             }
+
+
+def summary_rows(runs: Sequence[tuple[Path, dict]]) -> list[dict]:
+    """One row per finished run: its setting and the held-out headline metric before and after tuning
+    (encoders: mean cosine to dense; decoders: next-token top-1, with dense's for reference)."""
+    rows = []
+    for path, meta in runs:
+        s, m = meta["settings"], meta["metrics"]["rows"]
+        key = "cosine_mean" if "cosine_mean" in m["dense"] else "top1"
+        rows.append(
+            {
+                "run": tuned_label(meta),
+                "steps": s["steps"],
+                "skipped steps": meta.get("skipped_steps", 0),
+                "metric": "cosine to dense" if key == "cosine_mean" else "next-token top-1",
+                "dense": m["dense"][key],
+                "untuned ATP": m["atp_untuned"][key],
+                "tuned ATP": m["atp_tuned"][key],
+                "tuned weights, dense attention": m["dense_tuned_weights"][key],
+                "training minutes": meta["train_seconds"] / 60,
+                "folder": str(path),
+            }
+        )
+    return rows

@@ -31,6 +31,10 @@ if not runs:
         "No finished run yet. Start one below, or from a terminal: "
         "`python -m atp_viz finetune --model minilm --rank 0.5 --form exact`."
     )
+if runs:
+    summary = finetune.summary_rows(runs)
+    st.dataframe(pd.DataFrame(summary), hide_index=True, key="runs_summary")
+    table_downloads(summary, "finetune_runs_summary")
 for path, meta in runs:
     s = meta["settings"]
     with st.expander(f"{finetune.tuned_label(meta)}: {s['steps']} steps, {path}", expanded=len(runs) == 1):

@@ -249,6 +249,8 @@ def _wait_page(page, title: str, n_charts: int, marker: str) -> None:
         }""",
         n_charts,
     )
+    # Widgets and tables are lazy-loaded components: a grey skeleton until their code has arrived.
+    _wait(page, "() => document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0")
     _wait_idle(page)
 
 

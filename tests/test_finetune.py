@@ -66,7 +66,11 @@ def test_two_steps_decrease_save_load_and_reproduce(tmp_path, model, kw):
         for a, b in zip(loaded.model.parameters(), base.model.parameters(), strict=True)
     )
     assert diff > 0
-    assert any(run == tmp_path / "run" for run, _ in finetune.find_runs([tmp_path]))
+    found = finetune.find_runs([tmp_path])
+    assert [run for run, _ in found] == [tmp_path / "run"]
+    (row,) = finetune.summary_rows(found)
+    key = "cosine_mean" if model == "minilm" else "top1"
+    assert row["tuned ATP"] == rows["atp_tuned"][key] and row["untuned ATP"] == rows["atp_untuned"][key]
 
 
 def test_untrained_adapters_change_nothing(tmp_path):
