@@ -74,9 +74,9 @@ with st.form("tune_form"):
     lr = d2.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
     lora_r = d3.number_input("Adapter rank (LoRA)", 1, 64, 8, key="tune_lora_r")
     st.caption(
-        "Measured on the project's shared 2-core CPU, one thread per run: MiniLM 3.6-7 s per step "
-        "(16 texts), SmolLM2 9-19 s per step (one 512-token window in 4 chunks), depending on what else "
-        "ran; evaluation adds 0.5-3.5 min. The README lists the measured runs."
+        "Measured on the project's 2-core CPU, quiet, 2 threads: MiniLM 1.4 s per step (16 texts), SmolLM2 "
+        "5.6 s per step (one 512-token window in 4 chunks); 2-4x that while other work runs. Evaluation "
+        "adds 0.5-3.5 min. The README lists the measured runs."
     )
     start = st.form_submit_button("Start fine-tuning", disabled=busy, type="primary")
 if start:
