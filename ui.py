@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 
@@ -109,7 +110,9 @@ def _model_label(key: str) -> str:
             return c.label
     if key.startswith(finetune.TUNED_PREFIX):  # a fine-tuning run (Fine-tuning page / CLI)
         try:
-            return finetune.tuned_label(finetune.read_settings(key.removeprefix(finetune.TUNED_PREFIX)))
+            folder = Path(key.removeprefix(finetune.TUNED_PREFIX))
+            # The folder tells apart runs of the same setting (other steps, adapter rank, seed).
+            return f"{finetune.tuned_label(finetune.read_settings(folder))} · {folder.name}"
         except (ModelLoadError, KeyError):
             return key
     return "Other: a local folder or hub id..." if key == OTHER else key
