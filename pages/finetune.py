@@ -52,7 +52,8 @@ for path, meta in runs:
         figure_downloads(fig, f"finetune_loss_{uid}")
         st.caption(
             "To see this model next to dense and untuned ATP, pick "
-            f"“{finetune.tuned_label(meta)}” in the sidebar's model list and open the Rank explorer."
+            f"“{finetune.tuned_label(meta)} · {path.name}” in the sidebar's model list and open the Rank "
+            "explorer."
         )
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +120,11 @@ def live() -> None:
             f"Done: {res.train_seconds / 60:.1f} min of training, {res.eval_seconds:.0f} s of evaluation. "
             f"Saved to {res.out_dir}; it is listed above and in the sidebar's model list after a page reload."
         )
+        if res.skipped:
+            st.warning(
+                f"{res.skipped} of {job.cfg.steps} steps were skipped: their loss or gradient was not finite "
+                "(the linear form's denominator came close to zero), so they changed nothing."
+            )
         st.dataframe(
             pd.DataFrame(finetune.metrics_table({"metrics": res.metrics})), hide_index=True, key="tune_result"
         )
