@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import streamlit as st
 
@@ -108,13 +107,6 @@ def _model_label(key: str) -> str:
     for c in models.BUNDLED + models.TINY:
         if c.key == key:
             return c.label
-    if key.startswith(finetune.TUNED_PREFIX):  # a fine-tuning run (Fine-tuning page / CLI)
-        try:
-            folder = Path(key.removeprefix(finetune.TUNED_PREFIX))
-            # The folder tells apart runs of the same setting (other steps, adapter rank, seed).
-            return f"{finetune.tuned_label(finetune.read_settings(folder))} · {folder.name}"
-        except (ModelLoadError, KeyError):
-            return key
     return "Other: a local folder or hub id..." if key == OTHER else key
 
 
@@ -218,18 +210,27 @@ def sidebar() -> Selection | None:
     settings = current_settings()
     sb = st.sidebar
     sb.header("Model and text")
+    tuned: dict[str, str] = {}  # fine-tuning runs offered (none in server mode): key -> label
     if settings.server_mode:
         options = list(settings.allowed_models)  # no "Other": local paths and unlisted ids are refused
         sb.caption(settings.describe())
     else:
         options = [c.key for c in models.BUNDLED] + [c.key for c in models.TINY]
-        options += [f"{finetune.TUNED_PREFIX}{path}" for path, _ in finetune.find_runs()] + [OTHER]
+        # Finished fine-tuning runs, labelled once per rerun; the folder name tells apart runs of the same
+        # setting (other steps, adapter rank, seed).
+        tuned = {
+            f"{finetune.TUNED_PREFIX}{path}": f"{finetune.tuned_label(meta)} · {path.name}"
+            for path, meta in finetune.find_runs()
+        }
+        options += [*tuned, OTHER]
     default = models.DEFAULT_MODEL if models.DEFAULT_MODEL in options else options[0]
     if "model_choice" not in st.session_state:
         st.session_state.model_choice = _model_from_url(options, default, settings)
     elif st.session_state.model_choice not in options:  # the settings changed under this session
         st.session_state.model_choice = default
-    choice = sb.selectbox("Model", options, format_func=_model_label, key="model_choice")
+    choice = sb.selectbox(
+        "Model", options, format_func=lambda k: tuned.get(k) or _model_label(k), key="model_choice"
+    )
     model_key = choice
     if choice == OTHER:
         model_key = sb.text_input(

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from atp_viz import atp, backend, serving
@@ -580,15 +579,8 @@ def _heldout(loaded: LoadedModel, cfg: TuneConfig) -> list:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    # Plain floats, ints and strings only; a skipped step's loss is NaN, which Python's json reads back.
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
