@@ -1,15 +1,17 @@
 """ATP Explorer: Streamlit entry point. Run with `make run` (or `streamlit run app.py`).
 
-Only arranges the pages; every computation lives in the `atp_viz` library.
+Only arranges the pages; every computation lives in the `atp_viz` library. The app's shared code
+(`atp_app`) is imported here, once, before the navigation runs any page: sessions that start at the
+same moment then find those modules complete instead of importing them concurrently.
 """
 
 import logging
 
 import streamlit as st
 
-from ui import use_this_navigation
+from atp_app import navigation, runtime, sidebar, state, widgets  # noqa: F401 - imported once, here
 
-use_this_navigation()
+navigation.use_this_navigation()
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

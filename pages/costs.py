@@ -3,96 +3,107 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from atp_viz import costs, plots
-from atp_viz.jobs import BusyError
-from ui import figure_downloads, heavy_job, page_inputs, table_downloads
+from atp_app import navigation, runtime, widgets
+from atp_app.sidebar import page_inputs
+from atp_viz import forms
+from atp_viz.analysis.bench.report import measured_series
+from atp_viz.core import costs
+from atp_viz.core.basis import METHOD_LABELS, METHODS, basis_path
+from atp_viz.deploy.jobs import BusyError
+from atp_viz.figures import plots
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_JSON = ROOT / "bench-results" / "bench.json"  # written by `make bench` (not in git)
 REFERENCE_JSON = ROOT / "docs" / "bench-reference.json"  # the run quoted in the README
 
+navigation.use_this_navigation()
 st.title("Cost: dense vs ATP attention")
 st.markdown(
-    "Counted per attention layer, Q/K/V/O projections left out (both paths need them). The ATP count is "
-    "the paper's linear form with the basis included; the exact form is a quadratic reference and costs "
-    "at least as much as dense."
+    "Counted per attention layer, Q/K/V/O projections left out (every path needs them), the basis "
+    "included, for every attention form. A form of order L^2 (the exact form) costs at least as much as "
+    "dense; the savings come from forms whose attention grows like L r."
 )
 
 _, loaded, cap = page_inputs()
 info = loaded.info
+geom = info.geometry
 
 c1, c2, c3 = st.columns(3)
-L = c1.number_input(
-    "Sequence length L",
-    2,
-    1 << 17,
-    max(cap.n_tokens, 2),
-    key="cost_L",
-    help="defaults to the current text's length",
+L = int(
+    c1.number_input(
+        "Sequence length L",
+        2,
+        1 << 17,
+        max(cap.n_tokens, 2),
+        key="cost_L",
+        help="defaults to the text's length",
+    )
 )
-r = c2.number_input("Rank r", 1, int(L), min(128, int(L)), key="cost_r")
-method = c3.radio(
-    "Basis",
-    ["randomized", "exact"],
-    horizontal=True,
-    key="cost_basis",
-    help="randomised range finder with 2 power iterations, or a full SVD",
+r = int(c2.number_input("Rank r", 1, L, min(128, L), key="cost_r"))
+method = c3.selectbox(
+    "Basis", METHODS, index=METHODS.index("randomized"), key="cost_basis", format_func=METHOD_LABELS.get
 )
-H, Hkv, dh, d = info.n_heads, info.n_kv_heads, info.head_dim, info.d_model
-dense = costs.dense_cost(int(L), H, dh)
-atp = costs.atp_cost(int(L), int(r), H, Hkv, dh, d, method=method)
-basis = costs.basis_macs(int(L), d, int(r), method)
+dense = costs.dense_cost(L, geom)
+per_form = {name: forms.get(name).cost(L, r, geom, method) for name in forms.names()}
 
 st.latex(r"\text{dense: } " + dense.formula + r"\quad\text{multiply-adds},\qquad H L^2 \text{ scores held}")
-st.latex(r"\text{ATP: } " + atp.formula + r",\qquad H L r \text{ scores held}")
-st.latex(
-    r"\text{basis: exact SVD } L\,d\,\min(L,d)\quad\text{or randomised } (2q+2)\,L\,d\,(r+p),\ q=2,\ p="
-    + str(costs.OVERSAMPLE)
-)
+for name, c in per_form.items():
+    st.latex(rf"\text{{{name} (order {forms.get(name).cost_order}): }} " + c.formula)
+path = basis_path(L, info.d_model, r, method)
+st.latex(r"\text{basis (" + METHOD_LABELS[path] + r"): } " + costs.basis_formula(L, info.d_model, r, method))
+if path != method:
+    st.caption(
+        f"At L = {L}, r = {r} the {METHOD_LABELS[method]} would not save anything, so the exact SVD runs "
+        "and is counted instead."
+    )
 rows = [
-    {"path": "dense", "multiply-adds (G)": dense.macs / 1e9, "scores held (M floats)": dense.scores / 1e6},
-    {
-        "path": f"ATP linear, r = {r}",
-        "multiply-adds (G)": atp.macs / 1e9,
-        "scores held (M floats)": atp.scores / 1e6,
-    },
-    {"path": "  of which basis", "multiply-adds (G)": basis / 1e9, "scores held (M floats)": np.nan},
+    {"path": "dense", "multiply-adds (G)": dense.macs / 1e9, "scores held (M floats)": dense.scores / 1e6}
 ]
+for name, c in per_form.items():
+    rows.append(
+        {
+            "path": f"ATP {name}, r = {r}",
+            "multiply-adds (G)": c.macs / 1e9,
+            "scores held (M floats)": c.scores / 1e6,
+        }
+    )
+    rows.append(
+        {"path": "  of which basis", "multiply-adds (G)": c.basis_macs / 1e9, "scores held (M floats)": None}
+    )
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="cost_table")
-table_downloads(rows, "cost_per_layer")
-m1, m2 = st.columns(2)
-m1.metric(
-    "Counted speed-up ceiling (dense / ATP)",
-    f"{dense.macs / atp.macs:.1f}x",
-    help="what a perfect implementation could show; measured speed-ups are below it",
-)
-m2.metric("Attention-score memory ratio", f"{dense.scores / atp.scores:.0f}x")
+widgets.table_downloads(rows, "cost_per_layer")
+cols = st.columns(len(per_form))
+for col, (name, c) in zip(cols, per_form.items(), strict=True):
+    col.metric(
+        f"Counted speed-up ceiling, {name} (dense / ATP)",
+        f"{dense.macs / c.macs:.2f}x",
+        f"score memory / {dense.scores / c.scores:.0f}",
+        delta_color="off",
+        help="what a perfect implementation could show; measured speed-ups are below it",
+    )
 st.caption(
-    "Counted in the paper's order, 2 L r d_h per query head. The implementation evaluates the same sums as "
-    "q (K'^T [V' | U_r^T 1]) whenever r > (d_h + 1) / 2, which costs L d_h (d_h + 1) per query head instead: "
-    "cheaper than counted here for large r."
+    "The linear form is counted as it is evaluated: (q K'^T) [V' | U_r^T 1], or q (K'^T [V' | U_r^T 1]) "
+    "when r > (d_h + 1) / 2 (then L d_h (d_h + 1) per query head, cheaper than ATP_NOTES' 2 L r d_h)."
 )
-dense_ll, low_ll = costs.linear_layer_macs(int(L), int(r), d, d)
+dense_ll, low_ll = costs.linear_layer_macs(L, r, info.d_model, info.d_model)
 st.caption(
     f"Low-rank inputs for a d x d linear layer (claim 3): L d^2 = {dense_ll / 1e9:.2f} G vs "
     f"r d^2 + L r d = {low_ll / 1e9:.2f} G multiply-adds."
 )
 
 lengths = [2**k for k in range(7, 15)]
-series = {
-    "dense": [costs.dense_cost(n, H, dh).macs for n in lengths],
-    f"ATP r = {r}": [costs.atp_cost(n, int(r), H, Hkv, dh, d, method=method).macs for n in lengths],
-    "ATP r = L/8": [costs.atp_cost(n, max(1, n // 8), H, Hkv, dh, d, method=method).macs for n in lengths],
-}
+series = {"dense": [costs.dense_cost(n, geom).macs for n in lengths]}
+for name in forms.names():
+    series[f"{name}, r = {r}"] = [forms.get(name).cost(n, r, geom, method).macs for n in lengths]
+    series[f"{name}, r = L/8"] = [forms.get(name).cost(n, max(1, n // 8), geom, method).macs for n in lengths]
 fig = plots.cost_scaling_figure(
     lengths, series, title=f"Counted multiply-adds per layer ({info.label})", y_title="multiply-adds"
 )
 st.plotly_chart(fig, key="cost_counted")
-figure_downloads(fig, "cost_counted_macs")
+widgets.figure_downloads(fig, "cost_counted_macs")
 
 st.subheader("Measured")
 st.markdown(
@@ -104,23 +115,27 @@ st.markdown(
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _quick_bench(lengths: tuple[int, ...]) -> dict:
-    from atp_viz import bench
+    from atp_viz.analysis.bench import layer, timing
 
     # A heavy job: besides taking the CPU from other sessions, concurrent work would distort the timings.
-    with heavy_job("quick benchmark"):
-        bar = st.progress(0.0, text="Benchmarking...")
-        try:
-            layer = bench.run_layer_bench(
-                lengths,
-                "64,128,L/8",
-                repeats=3,
-                warmup=1,
-                measure_memory=False,
-                progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
-            )
-        finally:
-            bar.empty()
-    return {"layer": layer, "machine": bench.machine_info()}
+    with runtime.heavy_job("quick benchmark"), widgets.progress("Benchmarking...") as bar:
+        data = layer.run_layer_bench(
+            lengths, "64,128,L/8", repeats=3, warmup=1, measure_memory=False, progress=bar
+        )
+    return {"layer": data, "machine": timing.machine_info()}
+
+
+def _stored_results() -> tuple[dict | None, str | None]:
+    for path, what in (
+        (BENCH_JSON, "your last `make bench`"),
+        (REFERENCE_JSON, "the reference run in the README"),
+    ):
+        if path.exists():
+            try:
+                return json.loads(path.read_text()), f"{path.relative_to(ROOT)} ({what})"
+            except (OSError, ValueError) as err:
+                st.warning(f"Could not read {path}: {err}")
+    return None, None
 
 
 data, origin = None, None
@@ -130,28 +145,19 @@ if st.button("Run a quick benchmark here (L = 256 ... 2048, about a minute)", ke
     except BusyError as err:
         st.warning(str(err) + " Showing the stored results meanwhile.")
 if data is None:
-    for path, what in (
-        (BENCH_JSON, "your last `make bench`"),
-        (REFERENCE_JSON, "the reference run in the README"),
-    ):
-        if path.exists():
-            try:
-                data, origin = json.loads(path.read_text()), f"{path.relative_to(ROOT)} ({what})"
-                break
-            except (OSError, ValueError) as err:
-                st.warning(f"Could not read {path}: {err}")
+    data, origin = _stored_results()
 if data is None:
     st.info("No benchmark results yet: run `make bench`, or the quick run above.")
 else:
     try:
-        lengths_m, measured = costs.measured_series(data)
+        lengths_m, measured = measured_series(data)
     except (KeyError, TypeError) as err:
         st.warning(f"The benchmark file does not have the expected layout ({err}); run `make bench` again.")
     else:
         ms = {k: [None if v is None else v * 1e3 for v in vs] for k, vs in measured.items()}
         fig = plots.cost_scaling_figure(lengths_m, ms, title="Measured time per layer (median)", y_title="ms")
         st.plotly_chart(fig, key="cost_measured")
-        figure_downloads(fig, "cost_measured_time")
+        widgets.figure_downloads(fig, "cost_measured_time")
         machine = data.get("machine", {})
         where = ", ".join(
             f"{k} {machine.get(k, '?')}" for k in ("cpu_model", "torch_threads", "torch_version", "device")

@@ -5,8 +5,17 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from atp_viz import finetune, jobs, plots
-from ui import current_settings, figure_downloads, table_downloads
+from atp_app import navigation, runtime, widgets
+from atp_viz import forms
+from atp_viz.analysis.finetune import evaluation
+from atp_viz.analysis.finetune.config import TuneConfig
+from atp_viz.analysis.finetune.job import TuneJob
+from atp_viz.deploy import jobs
+from atp_viz.figures import plots
+from atp_viz.hf import tuned
+from atp_viz.text.corpus import HELDOUT_MODULES, TRAIN_MODULES
+
+navigation.use_this_navigation()
 
 st.title("Low-rank-aware fine-tuning")
 st.markdown(
@@ -19,57 +28,57 @@ st.markdown(
     "compressed past of earlier chunks only), so the model cannot learn to read the future through the "
     "basis.\n"
     "- **Data**: Python standard-library docstrings, split by module: "
-    f"{len(finetune.TRAIN_MODULES)} modules for training, {len(finetune.HELDOUT_MODULES)} held out "
-    f"({', '.join(finetune.HELDOUT_MODULES)}) for every metric below."
+    f"{len(TRAIN_MODULES)} modules for training, {len(HELDOUT_MODULES)} held out "
+    f"({', '.join(HELDOUT_MODULES)}) for every metric below."
 )
 
 # ------------------------------------------------------------------------------------------------
 st.header("Finished runs")
-runs = finetune.find_runs()
+runs = tuned.find_runs()
 if not runs:
     st.info(
         "No finished run yet. Start one below, or from a terminal: "
         "`python -m atp_viz finetune --model minilm --rank 0.5 --form exact`."
     )
 if runs:
-    summary = finetune.summary_rows(runs)
+    summary = evaluation.summary_rows(runs)
     st.dataframe(pd.DataFrame(summary), hide_index=True, key="runs_summary")
-    table_downloads(summary, "finetune_runs_summary")
+    widgets.table_downloads(summary, "finetune_runs_summary")
 for path, meta in runs:
     s = meta["settings"]
-    with st.expander(f"{finetune.tuned_label(meta)}: {s['steps']} steps, {path}", expanded=len(runs) == 1):
+    with st.expander(f"{tuned.tuned_label(meta)}: {s['steps']} steps, {path}", expanded=len(runs) == 1):
         st.caption(meta["metrics"]["what"])
-        rows = finetune.metrics_table(meta)
+        rows = evaluation.metrics_table(meta)
         st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"runs_{path}")
         uid = hashlib.sha1(str(path).encode()).hexdigest()[:8]  # two roots may hold the same folder name
-        table_downloads(rows, f"finetune_{uid}")
+        widgets.table_downloads(rows, f"finetune_{uid}")
         fig = plots.loss_curve_figure(
             meta["losses"],
             title=f"Training loss ({meta['train_seconds'] / 60:.1f} min of training)",
             y_title="1 - cosine" if "cosine" in str(rows) else "next-token loss (nats)",
         )
         st.plotly_chart(fig, key=f"loss_{path}")
-        figure_downloads(fig, f"finetune_loss_{uid}")
+        widgets.figure_downloads(fig, f"finetune_loss_{uid}")
         st.caption(
             "To see this model next to dense and untuned ATP, pick "
-            f"“{finetune.tuned_label(meta)} · {path.name}” in the sidebar's model list and open the Rank "
+            f"“{tuned.tuned_label(meta)} · {path.name}” in the sidebar's model list and open the Rank "
             "explorer."
         )
 
 # ------------------------------------------------------------------------------------------------
 st.header("Start a run")
-settings = current_settings()
+settings = runtime.current_settings()
 if settings.server_mode:
     st.info("Fine-tuning is off in server mode: it runs for minutes and writes files on the server.")
     st.stop()
 
-job: finetune.TuneJob | None = st.session_state.get("tune_job")
+job: TuneJob | None = st.session_state.get("tune_job")
 busy = job is not None and job.running
 with st.form("tune_form"):
     c1, c2, c3 = st.columns(3)
     model = c1.selectbox("Model", ["minilm", "smollm2", "tiny-bert", "tiny-llama"], key="tune_model")
     rank = c2.select_slider("Rank r / L", [0.125, 0.25, 0.5, 0.75], value=0.5, key="tune_rank")
-    form = c3.radio("Form", ["exact", "linear"], horizontal=True, key="tune_form_choice")
+    form = c3.radio("Form", forms.names(), horizontal=True, key="tune_form_choice")
     d1, d2, d3 = st.columns(3)
     steps = d1.number_input("Steps", 1, 5000, 200, key="tune_steps")
     lr = d2.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
@@ -82,7 +91,7 @@ with st.form("tune_form"):
     start = st.form_submit_button("Start fine-tuning", disabled=busy, type="primary")
 if start:
     try:
-        cfg = finetune.TuneConfig(
+        cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
             lora_r=int(lora_r), lora_alpha=2 * int(lora_r),
         )  # fmt: skip
@@ -90,13 +99,13 @@ if start:
         st.error(str(err))
     else:
         limit = settings.max_heavy_jobs
-        st.session_state.tune_job = finetune.TuneJob(cfg, guard=lambda: jobs.heavy_job("fine-tuning", limit))
+        st.session_state.tune_job = TuneJob(cfg, guard=lambda: jobs.heavy_job("fine-tuning", limit))
         job = st.session_state.tune_job
 
 
 @st.fragment(run_every=1.0)
 def live() -> None:
-    job: finetune.TuneJob | None = st.session_state.get("tune_job")
+    job: TuneJob | None = st.session_state.get("tune_job")
     if job is None:
         return
     snap = job.snapshot()
@@ -126,7 +135,9 @@ def live() -> None:
                 "(the linear form's denominator came close to zero), so they changed nothing."
             )
         st.dataframe(
-            pd.DataFrame(finetune.metrics_table({"metrics": res.metrics})), hide_index=True, key="tune_result"
+            pd.DataFrame(evaluation.metrics_table({"metrics": res.metrics})),
+            hide_index=True,
+            key="tune_result",
         )
     if not snap["running"] and st.button("Clear", key="tune_clear"):
         del st.session_state["tune_job"]

@@ -3,12 +3,15 @@
 import numpy as np
 import streamlit as st
 
-from atp_viz import analysis, plots, spectra
-from atp_viz.analysis import sink_ratio
-from atp_viz.texts import readable_tokens
-from ui import figure_downloads, get_model, model_caption, page_inputs
+from atp_app import navigation, runtime, widgets
+from atp_app.sidebar import model_caption, page_inputs
+from atp_viz.analysis import lengths, spectra
+from atp_viz.analysis.lengths import sink_ratio
+from atp_viz.figures import plots
+from atp_viz.text.inputs import readable_tokens
 
 MAX_TOKENS_SHOWN = 600
+navigation.use_this_navigation()
 
 st.title("ATP Explorer")
 st.markdown(
@@ -37,25 +40,20 @@ c4.metric(
 
 fig = plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model)
 st.plotly_chart(fig, key="home_erank")
-figure_downloads(fig, "home_effective_rank")
+widgets.figure_downloads(fig, "home_effective_rank")
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _erank_by_length(model_key: str, text: str):
-    bar = st.progress(0.0, text="Effective rank on prefixes of the text...")
-    try:
-        return analysis.effective_rank_by_length(
-            get_model(model_key), text, progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg)
-        )
-    finally:
-        bar.empty()
+    with widgets.progress("Effective rank on prefixes of the text...") as bar:
+        return lengths.effective_rank_by_length(runtime.get_model(model_key), text, progress=bar)
 
 
-lengths, by_len = _erank_by_length(sel.model_key, sel.text)
-if lengths.size > 1:
+prefixes, by_len = _erank_by_length(sel.model_key, sel.text)
+if prefixes.size > 1:
     fig = plots.fraction_vs_length_figure(
-        lengths,
-        by_len / lengths,
+        prefixes,
+        by_len / prefixes,
         [f"layer {i}" for i in range(len(by_len))],
         cap.info.d_model,
         0.0,
@@ -63,7 +61,7 @@ if lengths.size > 1:
         y_title="effective rank / L",
     )
     st.plotly_chart(fig, key="home_erank_length")
-    figure_downloads(fig, "home_effective_rank_by_length")
+    widgets.figure_downloads(fig, "home_effective_rank_by_length")
 st.latex(spectra.EFFECTIVE_RANK_FORMULA)
 st.caption(
     "Effective rank (Roy & Vetterli, 2007) of each layer's attention input X (uncentred, all tokens). "

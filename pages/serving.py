@@ -3,12 +3,19 @@
 import pandas as pd
 import streamlit as st
 
-from atp_viz import atp, plots, serving, texts
-from atp_viz.jobs import BusyError
-from atp_viz.texts import tokenize
-from ui import figure_downloads, get_model, heavy_job, highlight_divergence, page_inputs, table_downloads
+from atp_app import navigation, runtime, widgets
+from atp_app.sidebar import page_inputs
+from atp_viz import forms
+from atp_viz.analysis import serving
+from atp_viz.core.progress import within
+from atp_viz.core.ranks import resolve_rank
+from atp_viz.deploy.jobs import BusyError
+from atp_viz.figures import plots
+from atp_viz.text import corpus
+from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
+navigation.use_this_navigation()
 
 st.title("Serving: compressed KV cache and causal perplexity")
 st.markdown(
@@ -27,29 +34,17 @@ if not info.is_decoder:
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _generate(model_key: str, text: str, rank, form: str, n_new: int):
-    m = get_model(model_key)
+    m = runtime.get_model(model_key)
     tok = tokenize(m.tokenizer, text, min(MAX_PROMPT, m.info.max_tokens), min_tokens=1)
-    r, notice = atp.resolve_rank(rank, tok.n_tokens)
-    with heavy_job("generation"):
-        bar = st.progress(0.0, text="Dense generation...")
-        try:
-            dense = serving.generate(
-                m,
-                tok.input_ids,
-                rank=None,
-                max_new_tokens=n_new,
-                progress=lambda f, msg: bar.progress(f / 2, text="dense: " + msg),
-            )
-            comp = serving.generate(
-                m,
-                tok.input_ids,
-                rank=r,
-                form=form,
-                max_new_tokens=n_new,
-                progress=lambda f, msg: bar.progress(0.5 + f / 2, text="ATP cache: " + msg),
-            )
-        finally:
-            bar.empty()
+    r, notice = resolve_rank(rank, tok.n_tokens)
+    with runtime.heavy_job("generation"), widgets.progress("Dense generation...") as bar:
+        ids = tok.input_ids
+        dense = serving.generate(
+            m, ids, rank=None, max_new_tokens=n_new, progress=within(bar, 0, 0.5, "dense: ")
+        )
+        comp = serving.generate(
+            m, ids, rank=r, form=form, max_new_tokens=n_new, progress=within(bar, 0.5, 1, "ATP cache: ")
+        )
     return tok, r, notice, dense, comp
 
 
@@ -58,11 +53,11 @@ c1, c2, c3 = st.columns([3, 2, 2])
 frac = c1.slider("Rank r / prompt length", 0.05, 1.0, 0.5, 0.05, key="serve_rank")
 form = c2.radio(
     "Form",
-    ["exact", "linear"],
+    forms.names(),
     horizontal=True,
     key="serve_form",
-    help="linear: the paper's form, a true compression (K', V', U_r^T 1). exact: softmax on the "
-    "reconstructed keys, which also needs U_r (L x r) in the cache.",
+    help="; ".join(f"{n}: {forms.get(n).description}" for n in forms.names())
+    + ". The cache keeps what each form needs (the exact form also keeps U_r, L x r, to rebuild the keys).",
 )
 n_new = c3.number_input("New tokens (at most)", 1, 64, 32, key="serve_new")
 if st.button("Generate", key="serve_go", type="primary") or st.session_state.get("serve_ran"):
@@ -107,11 +102,11 @@ if st.button("Generate", key="serve_go", type="primary") or st.session_state.get
         "dense_text": "".join(dec),
         "atp_text": "".join(atp_dec),
     }
-    table_downloads([gen_row], "serving_generation")
+    widgets.table_downloads([gen_row], "serving_generation")
 
     t1, t2 = st.columns(2)
-    t1.markdown("**Dense KV cache**\n\n" + highlight_divergence(dec, first))
-    t2.markdown(f"**ATP cache (r = {r}, {form})**\n\n" + highlight_divergence(atp_dec, first))
+    t1.markdown("**Dense KV cache**\n\n" + widgets.highlight_divergence(dec, first))
+    t2.markdown(f"**ATP cache (r = {r}, {form})**\n\n" + widgets.highlight_divergence(atp_dec, first))
     st.caption(
         "First diverging token: " + ("none" if first is None else f"position {first} (highlighted)") + ". "
         "Cache sizes count float32 keys/values of all layers at the end of generation; the tokens generated "
@@ -135,7 +130,7 @@ n_tokens = p1.number_input(
     "Tokens", 64, min(8192, info.max_tokens), min(2048, info.max_tokens), 64, key="ppl_tokens"
 )
 chunk = p2.number_input("Chunk size", 8, 2048, 256, 8, key="ppl_chunk")
-forms = p3.multiselect("Forms", ["exact", "linear"], ["exact", "linear"], key="ppl_forms")
+form_names = p3.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
 ranks = st.multiselect(
     "Ranks r (principal keys for the past)",
     [8, 16, 32, 64, 128, 256, 512],
@@ -145,40 +140,26 @@ ranks = st.multiselect(
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _perplexity(model_key: str, text: str, n_tokens: int, chunk: int, ranks: tuple, forms: tuple):
-    m = get_model(model_key)
+def _perplexity(model_key: str, text: str, n_tokens: int, chunk: int, ranks: tuple, form_names: tuple):
+    m = runtime.get_model(model_key)
     tok = tokenize(m.tokenizer, text, n_tokens)
-    runs = [(None, "exact")] + [(r, f) for f in forms for r in ranks]
-    with heavy_job("perplexity grid"):
-        bar = st.progress(0.0, text="Perplexity...")
-        out = []
-        try:
-            for j, (r, f) in enumerate(runs):
-                label = "dense" if r is None else f"{f} r={r}"
-                out.append(
-                    serving.perplexity(
-                        m,
-                        tok.input_ids,
-                        rank=r,
-                        form=f,
-                        chunk=chunk,
-                        progress=lambda x, msg, j=j, label=label: bar.progress(
-                            (j + x) / len(runs), text=f"{label}: {msg}"
-                        ),
-                    )
-                )
-        finally:
-            bar.empty()
+    runs = [(None, forms.DEFAULT)] + [(r, f) for f in form_names for r in ranks]
+    out = []
+    with runtime.heavy_job("perplexity grid"), widgets.progress("Perplexity...") as bar:
+        for j, (r, f) in enumerate(runs):
+            label = "dense" if r is None else f"{f} r={r}"
+            sub = within(bar, j / len(runs), (j + 1) / len(runs), f"{label}: ")
+            out.append(serving.perplexity(m, tok.input_ids, rank=r, form=f, chunk=chunk, progress=sub))
     return tok, out
 
 
-if st.button("Run the perplexity grid", key="ppl_go") and forms and ranks:
-    text = serving.stdlib_text()[0] if src.startswith("Python") else sel.text
+if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
+    text = corpus.perplexity_text()[0] if src.startswith("Python") else sel.text
     try:
         tok, res = _perplexity(
-            sel.model_key, text, int(n_tokens), int(chunk), tuple(sorted(ranks)), tuple(forms)
+            sel.model_key, text, int(n_tokens), int(chunk), tuple(sorted(ranks)), tuple(form_names)
         )
-    except (ValueError, texts.TextError) as err:
+    except (ValueError, TextError) as err:
         st.error(str(err))
         st.stop()
     except BusyError as err:
@@ -191,24 +172,24 @@ if st.button("Run the perplexity grid", key="ppl_go") and forms and ranks:
     shown = pd.DataFrame(table)
     shown["rank"] = shown["rank"].astype(str)  # "dense" next to ints: one type for Arrow
     st.dataframe(shown, hide_index=True, key="ppl_table")
-    table_downloads(table, "perplexity_table")
-    by_form_r = {f: [x.rank for x in rest if x.form == f] for f in forms}
+    widgets.table_downloads(table, "perplexity_table")
+    by_form_r = {f: [x.rank for x in rest if x.form == f] for f in form_names}
     fig = plots.rank_grid_figure(
         by_form_r,
-        {f: [x.perplexity for x in rest if x.form == f] for f in forms},
+        {f: [x.perplexity for x in rest if x.form == f] for f in form_names},
         dense.perplexity,
         title=f"Perplexity over {tok.n_tokens} tokens, chunks of {chunk}",
         y_title="perplexity",
         log_y=True,
     )
     st.plotly_chart(fig, key="ppl_fig")
-    figure_downloads(fig, "perplexity_vs_rank")
+    widgets.figure_downloads(fig, "perplexity_vs_rank")
     fig = plots.rank_grid_figure(
         by_form_r,
-        {f: [x.top1 for x in rest if x.form == f] for f in forms},
+        {f: [x.top1 for x in rest if x.form == f] for f in form_names},
         dense.top1,
         title="Next-token top-1 accuracy",
         y_title="top-1 accuracy",
     )
     st.plotly_chart(fig, key="ppl_top1")
-    figure_downloads(fig, "top1_vs_rank")
+    widgets.figure_downloads(fig, "top1_vs_rank")

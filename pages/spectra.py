@@ -3,10 +3,15 @@
 import numpy as np
 import streamlit as st
 
-from atp_viz import analysis, export, plots, spectra, texts
-from atp_viz.jobs import BusyError
-from ui import figure_downloads, get_model, heavy_job, page_inputs, table_downloads
+from atp_app import navigation, runtime, widgets
+from atp_app.sidebar import page_inputs
+from atp_viz.analysis import lengths, spectra
+from atp_viz.deploy.jobs import BusyError
+from atp_viz.figures import plots
+from atp_viz.outputs import export
+from atp_viz.text import inputs as texts
 
+navigation.use_this_navigation()
 st.title("Low-rank spectra")
 st.markdown(
     "Each layer's attention input X (L tokens x d features, exactly what feeds the Q/K/V projections) is "
@@ -53,7 +58,7 @@ def _matrix(i: int) -> np.ndarray:
     return cap.layers[i].resid if use_resid else cap.layers[i].x
 
 
-sinks = [analysis.sink_ratio(layer.resid) for layer in cap.layers]
+sinks = [lengths.sink_ratio(layer.resid) for layer in cap.layers]
 worst = int(np.argmax(sinks))
 if sinks[worst] > 10:
     sink_layers = [i for i, r in enumerate(sinks) if r > 10]
@@ -82,16 +87,16 @@ labels = [f"layer {i}" for i in chosen]
 what = "the residual stream (block input)" if use_resid else "the attention input X"
 fig = plots.spectra_figure(sps, labels, log=log, title=f"Singular values of {what}, per layer")
 st.plotly_chart(fig, key="spectra_sv")
-figure_downloads(fig, "spectra_singular_values")
+widgets.figure_downloads(fig, "spectra_singular_values")
 fig = plots.energy_figure(sps, labels, spectra.THRESHOLDS)
 st.plotly_chart(fig, key="spectra_energy")
-figure_downloads(fig, "spectra_cumulative_energy")
+widgets.figure_downloads(fig, "spectra_cumulative_energy")
 n_rows = sps[0].n_rows
 table = spectra.ranks_table(sps)
 fig = plots.ranks_heatmap(table, labels, spectra.THRESHOLDS, n_rows)
 st.plotly_chart(fig, key="spectra_ranks")
-figure_downloads(fig, "spectra_ranks_needed")
-table_downloads(export.spectra_rows(sps, labels), "spectra_ranks_table")
+widgets.figure_downloads(fig, "spectra_ranks_needed")
+widgets.table_downloads(export.spectra_rows(sps, labels), "spectra_ranks_table")
 st.download_button(
     "Spectra (.npz)",
     lambda sps=sps, labels=labels: export.spectra_npz(sps, labels),
@@ -132,7 +137,7 @@ fig = plots.spectra_figure(
     title=f"Singular values of the keys K, layer {layer} ({head_note})",
 )
 st.plotly_chart(fig, key="spectra_keys")
-figure_downloads(fig, "spectra_keys")
+widgets.figure_downloads(fig, "spectra_keys")
 if info.has_rope:
     st.caption("Keys are shown after the rotary position embedding, as attention sees them.")
 fig = plots.token_norms_figure(
@@ -141,7 +146,7 @@ fig = plots.token_norms_figure(
     title=f"Row norm per token of {what}, layer {layer}",
 )
 st.plotly_chart(fig, key="spectra_norms")
-figure_downloads(fig, "spectra_token_norms")
+widgets.figure_downloads(fig, "spectra_token_norms")
 
 st.subheader("Are longer sequences relatively lower-rank?")
 st.markdown(
@@ -156,20 +161,16 @@ threshold = st.select_slider(
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _length_study(model_key: str, threshold: float, centered: bool, skip_first: bool):
-    with heavy_job("length study"):
-        bar = st.progress(0.0, text="Running the model on every sample...")
-        try:
-            sample_texts = [(s.title, s.read()) for s in texts.samples()]
-            return analysis.length_study(
-                get_model(model_key),
-                sample_texts,
-                threshold=threshold,
-                centered=centered,
-                skip_first=skip_first,
-                progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg),
-            )
-        finally:
-            bar.empty()
+    with runtime.heavy_job("length study"), widgets.progress("Running the model on every sample...") as bar:
+        sample_texts = [(s.title, s.read()) for s in texts.samples()]
+        return lengths.length_study(
+            runtime.get_model(model_key),
+            sample_texts,
+            threshold=threshold,
+            centered=centered,
+            skip_first=skip_first,
+            progress=bar,
+        )
 
 
 if st.button("Run across all samples", key="run_length_study") or st.session_state.get("length_study_ran"):
@@ -186,5 +187,5 @@ if st.button("Run across all samples", key="run_length_study") or st.session_sta
     names = ["mean over layers"] + labels
     fig = plots.fraction_vs_length_figure(study.lengths, np.array(series), names, info.d_model, threshold)
     st.plotly_chart(fig, key="spectra_length")
-    figure_downloads(fig, "spectra_fraction_vs_length")
-    st.markdown(analysis.describe_length_trend(study, info.d_model))
+    widgets.figure_downloads(fig, "spectra_fraction_vs_length")
+    st.markdown(lengths.describe_length_trend(study, info.d_model))

@@ -2,8 +2,11 @@
 
 import streamlit as st
 
-from atp_viz import tour
-from ui import current_settings, figure_downloads, get_capture, model_caption, page_inputs
+from atp_app import navigation, runtime, widgets
+from atp_app.sidebar import model_caption, page_inputs
+from atp_viz.figures.tour import data as tour_data
+from atp_viz.figures.tour.layout import presenter_layout
+from atp_viz.figures.tour.steps import STEPS
 
 # Large type for a lecture hall; local CSS only (no web fonts: the app stays offline).
 PRESENTER_CSS = """
@@ -17,6 +20,8 @@ PRESENTER_CSS = """
 </style>
 """
 STEP_KEYS = ("tour_layer", "tour_head", "tour_rank", "tour_rank_L")
+
+navigation.use_this_navigation()
 
 # Widgets that are not drawn in a run lose their state (Streamlit cleans it up); presenter mode hides
 # the layer/head/rank controls, so their values are re-saved here to survive it (the documented idiom).
@@ -43,7 +48,7 @@ else:
 sel, loaded, cap = page_inputs()
 info = cap.info
 L = cap.n_tokens
-steps = tour.STEPS
+steps = STEPS
 
 # Keep the controls valid when the model or text changes (fewer layers or heads, another length).
 if st.session_state.get("tour_layer", 0) >= info.n_layers:
@@ -51,7 +56,7 @@ if st.session_state.get("tour_layer", 0) >= info.n_layers:
 if st.session_state.get("tour_head", 0) >= info.n_heads:
     st.session_state.tour_head = 0
 if st.session_state.get("tour_rank_L") != L:
-    st.session_state.tour_rank = tour.default_rank(L)  # a new text starts at r = L/2
+    st.session_state.tour_rank = tour_data.default_rank(L)  # a new text starts at r = L/2
     st.session_state.tour_rank_L = L
 st.session_state.setdefault("tour_layer", info.n_layers // 2)
 st.session_state.setdefault("tour_step", 0)
@@ -119,15 +124,20 @@ n3.button(
 @st.cache_resource(show_spinner="Decomposing X...", max_entries=8)
 def _data(
     model_key: str, text: str, layer: int, head: int, rank: int, max_side: int, max_map_tokens: int
-) -> tour.TourData:
+) -> tour_data.TourData:
     # Shared read-only between sessions; its maps are computed once, on first use (under a lock of
     # this object only: other sessions' tours never wait for it).
-    return tour.tour_data(
-        get_capture(model_key, text), layer, head, rank, max_side=max_side, max_map_tokens=max_map_tokens
+    return tour_data.tour_data(
+        runtime.get_capture(model_key, text),
+        layer,
+        head,
+        rank,
+        max_side=max_side,
+        max_map_tokens=max_map_tokens,
     )
 
 
-limits = current_settings()  # the deployment's display size and map limit, as the explorer uses them
+limits = runtime.current_settings()  # the deployment's display size and map limit, as the explorer uses them
 step = steps[st.session_state.tour_step]
 data = _data(sel.model_key, sel.text, layer, head, rank, limits.map_display_size, limits.max_map_tokens)
 st.subheader(f"Step {st.session_state.tour_step + 1} of {len(steps)}: {step.title}")
@@ -142,7 +152,7 @@ else:
     with st.spinner("Drawing..."):
         fig = step.build(data)
     if presenter:
-        fig = tour.presenter_layout(fig)
+        fig = presenter_layout(fig)
     st.plotly_chart(fig, key="tour_fig")
     # In presenter mode the download has the large fonts too: ready for a slide.
-    figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")
+    widgets.figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")

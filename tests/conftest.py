@@ -9,14 +9,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = ("tiny-bert", "tiny-llama", "tiny-qwen2")
+TINY = ("tiny-bert", "tiny-llama", "tiny-qwen2", "tiny-gpt2")
 BUNDLED = ("minilm", "smollm2")
 
 
 @pytest.fixture(scope="session")
 def load():
     """``load(key)`` -> LoadedModel, cached for the session."""
-    from atp_viz.models import load_model
+    from atp_viz.hf.models import load_model
 
     cache = {}
 

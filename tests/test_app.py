@@ -140,11 +140,16 @@ def test_cost_page_counts_follow_inputs():
     at.number_input(key="cost_L").set_value(8192).run()
     at.number_input(key="cost_r").set_value(128).run()
     assert not at.exception, at.exception
-    ceiling = next(m.value for m in at.metric if m.label.startswith("Counted speed-up"))
-    from atp_viz import costs
+    ceiling = next(m.value for m in at.metric if m.label.startswith("Counted speed-up ceiling, linear"))
+    from atp_viz import forms
+    from atp_viz.core import costs
 
-    # MiniLM (the default): 12 heads, 12 kv heads, head size 32, d = 384.
-    assert ceiling == f"{costs.speedup_ceiling(8192, 128, 12, 12, 32, 384):.1f}x"
+    # MiniLM (the default): 12 heads, 12 kv heads, head size 32, d = 384; the randomised basis.
+    geom = costs.Geometry(12, 12, 32, 384)
+    expected = (
+        costs.dense_cost(8192, geom).macs / forms.get("linear").cost(8192, 128, geom, "randomized").macs
+    )
+    assert ceiling == f"{expected:.2f}x"
 
 
 def test_cost_page_shows_measured_reference_curves():

@@ -1,4 +1,6 @@
-"""Property tests for atp_viz.atp on small seeded tensors (float64 for tight checks, float32 at 1e-4)."""
+"""Property tests of the maths (principal bases, ranks, the dense reference, the exact and linear forms)
+on small seeded tensors (float64 for tight checks, float32 at 1e-4). The checks every registered form
+must pass are in test_forms.py; these are the built-in forms' own."""
 
 from __future__ import annotations
 
@@ -9,14 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atp_viz.atp import (
-    atp_attention,
-    dense_attention,
-    lift_principal_map,
-    linearised_dense_attention,
-    principal_basis,
-    resolve_rank,
-)
+from atp_viz import forms
+from atp_viz.core.attention import dense_attention, lift_principal_map, linearised_dense_attention
+from atp_viz.core.basis import principal_basis
+from atp_viz.core.ranks import resolve_rank
+from atp_viz.forms import linear as linear_form
+
+
+def atp_attention(q, k, v, basis, *, form="linear", chunk_size=None, **kw):
+    """The registered form's full-sequence attention (``chunk_size``: the causal linear path's block)."""
+    if chunk_size is None:
+        return forms.get(form).attend(q, k, v, basis, **kw)
+    saved, linear_form.CAUSAL_CHUNK = linear_form.CAUSAL_CHUNK, chunk_size
+    try:
+        return forms.get(form).attend(q, k, v, basis, **kw)
+    finally:
+        linear_form.CAUSAL_CHUNK = saved
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -272,7 +282,7 @@ def test_exact_maps_are_softmax_over_reconstructed_keys():
     q, k, v = _randn(B, H, L, dh, seed=1), _randn(B, H, L, dh, seed=2), _randn(B, H, L, dh, seed=3)
     U = principal_basis(_randn(B, L, 5, seed=4), r)
     out, maps = atp_attention(q, k, v, U, form="exact", causal=True, return_maps=True)
-    P = maps["principal"]
+    P = maps["tokens"]
     assert P.shape == (B, H, L, L)
     torch.testing.assert_close(P.sum(-1), torch.ones(B, H, L, dtype=q.dtype))
     assert (P.triu(1) == 0).all()

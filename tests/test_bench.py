@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from atp_viz import bench
+from atp_viz.analysis.bench import layer, timing
+from atp_viz.cli import bench
+from atp_viz.core.basis import METHODS
 
 # A limit between the tiny lengths' dense-eager probability sizes (L=64: 0.15 MB, L=128: 0.59 MB), so
 # one length runs dense eager and the other reports why it skipped it.
@@ -65,15 +67,15 @@ def test_register_adds_bench_with_defaults():
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench"])
-    assert args.func is bench.cmd_bench
+    assert args.func is bench.run
     assert not args.tiny and not args.no_model and args.threads is None and args.json is None
-    assert bench.parse_lengths("512,1024,2048,4096,8192") == bench.DEFAULT_LENGTHS
-    assert bench.parse_ranks(bench.DEFAULT_RANKS) == ("64", "128", "L/8")
-    assert bench.ranks_for(("64", "128", "L/8"), 1024) == [(64, ["64"]), (128, ["128", "L/8"])]
-    assert bench.ranks_for(("64",), 32) == [(32, ["64"])]  # clamped to L
+    assert timing.parse_lengths("512,1024,2048,4096,8192") == layer.DEFAULT_LENGTHS
+    assert timing.parse_ranks(layer.DEFAULT_RANKS) == ("64", "128", "L/8")
+    assert timing.ranks_for(("64", "128", "L/8"), 1024) == [(64, ["64"]), (128, ["128", "L/8"])]
+    assert timing.ranks_for(("64",), 32) == [(32, ["64"])]  # clamped to L
     for bad in ("0", "x", "L/0", ""):
-        with pytest.raises(argparse.ArgumentTypeError):
-            bench.parse_ranks(bad)
+        with pytest.raises(ValueError):
+            timing.parse_ranks(bad)
 
 
 def test_json_structure_and_settings(result):
@@ -91,7 +93,7 @@ def test_json_structure_and_settings(result):
     assert [row["L"] for row in layer["lengths"]] == [64, 128]
     for row in layer["lengths"]:
         combos = {(a["rank"], a["basis_method"]) for a in row["atp"]}
-        assert combos == {(r, m) for r in (8, 16) for m in bench.BASIS_METHODS}
+        assert combos == {(r, m) for r in (8, 16) for m in METHODS}
 
 
 def test_all_numbers_finite_and_timings_positive(result):
@@ -171,11 +173,11 @@ def test_model_part_and_crossover(result):
     for t in _timing_runs:
         assert len(t["repeats_s"]) == 1 and t["median_s"] > 0
     assert {(r["form"], r["basis_method"]) for r in model["atp"].values()} == {
-        (f, m) for f in ("linear", "exact") for m in bench.BASIS_METHODS
+        (f, m) for f in ("linear", "exact") for m in METHODS
     }
     cross = result["layer"]["crossover"]
     assert {(c["rank_spec"], c["basis_method"]) for c in cross} == {
-        (r, m) for r in ("8", "16") for m in bench.BASIS_METHODS
+        (r, m) for r in ("8", "16") for m in METHODS
     }
     for c in cross:
         assert c["crossover_L"] is None or c["crossover_L"] in c["faster_than_sdpa_at"]
@@ -194,10 +196,10 @@ def test_no_model_and_table(tmp_path, capsys):
 
 def test_layer_paths_agree_numerically():
     """The bench's paths compute what they claim: SDPA equals the eager path; full-rank ATP is finite."""
-    t = bench.layer_inputs(32)
+    t = layer.layer_inputs(32)
     with torch.inference_mode():
-        sdpa = bench.dense_sdpa(t["q"], t["k"], t["v"])  # (1, H, L, dh)
-        eager = bench.dense_eager(t["q"], t["k"], t["v"])  # (1, L, H, dh)
+        sdpa = layer.dense_sdpa(t["q"], t["k"], t["v"])  # (1, H, L, dh)
+        eager = layer.dense_eager(t["q"], t["k"], t["v"])  # (1, L, H, dh)
         torch.testing.assert_close(sdpa.transpose(1, 2), eager, atol=1e-5, rtol=1e-4)
-        out = bench.atp_layer(t["x"], t["q"], t["k"], t["v"], 8, "randomized")
+        out = layer.atp_layer(t["x"], t["q"], t["k"], t["v"], 8, "randomized")
     assert out.shape == sdpa.shape and torch.isfinite(out).all()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import BUNDLED, SENTENCE, TINY
 
-from atp_viz import backend
-from atp_viz.capture import capture
-from atp_viz.texts import tokenize
+from atp_viz.analysis.capture import capture
+from atp_viz.hf import backend
+from atp_viz.text.inputs import tokenize
 
 
 def _reference(loaded, text):
@@ -30,10 +30,24 @@ def _reference(loaded, text):
 
 
 def _attention_input(ref, info, hidden, i):
-    """X of layer i written out per family: BERT feeds the layer input, Llama/Qwen2 its input norm."""
+    """X of layer i written out per family: BERT feeds the layer input, Llama/Qwen2 its input norm,
+    GPT-2 its ln_1."""
     if info.model_type == "bert":
         return hidden
+    if info.model_type == "gpt2":
+        return ref.transformer.h[i].ln_1(hidden)
     return ref.model.layers[i].input_layernorm(hidden)
+
+
+def _final_norm(ref, info):
+    return ref.transformer.ln_f if info.model_type == "gpt2" else ref.model.norm
+
+
+def _values(attn_mod, x, info):
+    """V = the value projection of X (GPT-2: the last third of the fused c_attn)."""
+    if info.model_type == "gpt2":
+        return attn_mod.c_attn(x).split(info.d_model, dim=-1)[2]
+    return (getattr(attn_mod, "v_proj", None) or attn_mod.value)(x)
 
 
 @pytest.mark.parametrize("key", TINY + BUNDLED)
@@ -59,7 +73,7 @@ def test_capture_matches_transformers(load, key):
             # transformers reports the final norm's output instead, so compare before the norm).
             if info.is_decoder and i == info.n_layers - 1:
                 np.testing.assert_allclose(
-                    ref.model.norm(torch.from_numpy(layer.output.copy())).numpy(),
+                    _final_norm(ref, info)(torch.from_numpy(layer.output.copy())).numpy(),
                     out.hidden_states[-1][0],
                     **tol,
                 )
@@ -68,8 +82,8 @@ def test_capture_matches_transformers(load, key):
             np.testing.assert_allclose(layer.attn, out.attentions[i][0].numpy(), **tol)
             # V is the value projection of X; Q and K (after rotary embedding) reproduce the attention.
             attn_mod = backend.layer_modules(ref)[i].attn
-            v_proj = getattr(attn_mod, "v_proj", None) or attn_mod.value
-            v_ref = v_proj(torch.from_numpy(layer.x.copy())).view(L, info.n_kv_heads, -1).transpose(0, 1)
+            v_ref = _values(attn_mod, torch.from_numpy(layer.x.copy()), info).view(L, info.n_kv_heads, -1)
+            v_ref = v_ref.transpose(0, 1)
             np.testing.assert_allclose(layer.v, v_ref.numpy(), **tol)
             k = torch.from_numpy(layer.k.copy()).repeat_interleave(info.gqa_groups, dim=0)
             scores = torch.from_numpy(layer.q.copy()) @ k.transpose(1, 2) * info.head_dim**-0.5
@@ -88,7 +102,7 @@ def test_capture_matches_transformers(load, key):
 def test_minilm_embedding_matches_sentence_transformers(load):
     """The bundled MiniLM's embedding equals what sentence-transformers computes for the same model."""
     st = pytest.importorskip("sentence_transformers")
-    from atp_viz.models import minilm_dir
+    from atp_viz.hf.checkpoints import minilm_dir
 
     loaded = load("minilm")
     cap = capture(loaded, SENTENCE, attentions="none")
@@ -118,7 +132,7 @@ def test_hooks_removed_when_forward_fails(load):
 
 
 def test_attention_maps_dropped_when_too_large_is_reported(load, monkeypatch):
-    import atp_viz.capture as capmod
+    import atp_viz.analysis.capture as capmod
 
     monkeypatch.setattr(capmod, "MAX_ATTN_FLOATS", 10)
     cap = capture(load("tiny-bert"), SENTENCE)

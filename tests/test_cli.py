@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from atp_viz import forms
 from atp_viz.cli import main
 
 
@@ -57,7 +58,8 @@ def test_compare_decoder_json_with_continuation_and_sweep(tmp_path, text_file):
     assert d["rank"] == 4 and d["config"]["form"] == "linear"
     assert len(d["top10_dense"]) == 10 and d["next_token_kl_dense_to_atp"] >= 0
     assert set(d["continuation"]) >= {"dense", "atp", "first_divergence", "agreement"}
-    assert len(d["sweep"]["ranks"]) == len(d["sweep"]["exact"]) == len(d["sweep"]["linear"])
+    assert set(d["sweep"]["errors"]) == set(forms.names())
+    assert all(len(e) == len(d["sweep"]["ranks"]) for e in d["sweep"]["errors"].values())
 
 
 def test_spectra_json(tmp_path, text_file):
@@ -70,8 +72,9 @@ def test_spectra_json(tmp_path, text_file):
 def test_bad_inputs_exit_2(tmp_path, text_file, capsys):
     assert main(["compare", "--model", "tiny-bert", "--text-file", str(tmp_path / "none.txt")]) == 2
     assert "No such text file" in capsys.readouterr().err
-    assert main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--rank", "0"]) == 2
-    assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_rank:  # refused while parsing, with the reason
+        main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--rank", "0"])
+    assert bad_rank.value.code == 2 and "at least 1" in capsys.readouterr().err
     assert main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--layers", "5"]) == 2
     assert "do not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):

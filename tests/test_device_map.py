@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atp_viz.models import LoadedModel, ModelLoadError, load_model
-from atp_viz.settings import Settings, load_settings
+from atp_viz.deploy.settings import Settings, load_settings
+from atp_viz.hf.model_info import LoadedModel, ModelLoadError
+from atp_viz.hf.models import load_model
 
 HUB_ID = "someorg/bigger-llama"
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import SENTENCE, TINY
 
-from atp_viz import backend, compare, engine
-from atp_viz.engine import ATPConfig
-from atp_viz.texts import tokenize
+from atp_viz import forms
+from atp_viz.analysis import compare
+from atp_viz.hf import backend, engine
+from atp_viz.hf.engine import ATPConfig
+from atp_viz.text.inputs import tokenize
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -56,14 +58,14 @@ def test_lowrank_linear_layers_change_output_below_full_rank(load):
 
 def test_linear_form_at_full_rank_is_the_linearised_model(load):
     """At r = L the linear form is exactly first-order attention on the full keys, in every layer."""
-    from atp_viz import atp
+    from atp_viz.core.attention import linearised_dense_attention
 
     loaded = load("tiny-llama")
     tok = _tok(loaded)
     run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="linear"))
 
     def linearised(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
-        out = atp.linearised_dense_attention(q, k, v, causal=True, scaling=scaling)
+        out = linearised_dense_attention(q, k, v, causal=True, scaling=scaling)
         return out.transpose(1, 2), None
 
     # Reference: the same model with every attention replaced by the explicit linearised formula.
@@ -186,7 +188,7 @@ def test_comparison_metrics_and_maps(load):
     loaded = load("tiny-llama")
     tok = _tok(loaded)
     dense = compare.forward(loaded, tok)
-    from atp_viz.capture import capture
+    from atp_viz.analysis.capture import capture
 
     cap = capture(loaded, SENTENCE, attentions="all")
     for form in ("exact", "linear"):
@@ -239,6 +241,9 @@ def test_continuation_and_sweep(load):
     ranks = compare.sweep_ranks(tok.n_tokens, 5)
     assert ranks[-1] == tok.n_tokens and tok.n_tokens // 2 in ranks
     sw = compare.error_sweep(loaded, tok, dense, ATPConfig(), ranks)
-    assert sw.exact.shape == sw.linear.shape == (len(ranks),)
-    assert sw.exact[-1] == pytest.approx(0.0, abs=1e-6)  # full rank: the exact form is dense
-    np.testing.assert_allclose(sw.linearisation, sw.linear - sw.exact)
+    assert list(sw.errors) == list(forms.names())  # every registered form
+    assert all(e.shape == (len(ranks),) for e in sw.errors.values())
+    assert sw.errors["exact"][-1] == pytest.approx(0.0, abs=1e-6)  # full rank: the exact form is dense
+    # The sweep's entries are the errors of single runs at those settings.
+    run = compare.forward(loaded, tok, ATPConfig(rank=int(ranks[1]), form="linear"))
+    assert sw.errors["linear"][1] == pytest.approx(compare.kl_divergence(dense.next_logits, run.next_logits))

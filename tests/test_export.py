@@ -22,8 +22,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from atp_viz import export
-from atp_viz.spectra import layer_spectra
+from atp_viz.analysis.spectra import layer_spectra
+from atp_viz.outputs import export
 
 CHROMIUM = Path(export.SYSTEM_CHROMIUM)
 needs_chromium = pytest.mark.skipif(
@@ -360,7 +360,7 @@ def test_metric_rows_flatten_nested_metrics():
 
 @pytest.fixture(scope="module")
 def tiny_capture(load):
-    from atp_viz.capture import capture
+    from atp_viz.analysis.capture import capture
 
     return capture(load("tiny-llama"), "Principal keys carry most of the energy of the attention input.")
 

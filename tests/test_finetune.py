@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from atp_viz import finetune, models
-from atp_viz.engine import ATPConfig, make_plan
+from atp_viz import forms
+from atp_viz.analysis.finetune import data, evaluation, objectives, training
+from atp_viz.analysis.finetune.config import Cancelled, TuneConfig
+from atp_viz.core.basis import NonFiniteError, principal_basis
+from atp_viz.hf import models, tuned
+from atp_viz.hf.engine import ATPConfig, make_plan
+from atp_viz.hf.model_info import TUNED_PREFIX, ModelLoadError
+from atp_viz.text import corpus
 
 SHORT_TEXTS = [
     "Return a new list containing all items from the iterable in ascending order.",
@@ -23,9 +29,9 @@ SHORT_TEXTS = [
 
 
 def test_split_is_by_module_and_disjoint():
-    assert not set(finetune.TRAIN_MODULES) & set(finetune.HELDOUT_MODULES)
-    train = set(finetune.docstrings(finetune.TRAIN_MODULES))
-    held = set(finetune.docstrings(finetune.HELDOUT_MODULES))
+    assert not set(corpus.TRAIN_MODULES) & set(corpus.HELDOUT_MODULES)
+    train = set(corpus.docstrings(corpus.TRAIN_MODULES))
+    held = set(corpus.docstrings(corpus.HELDOUT_MODULES))
     assert len(held) > 100 and len(train) > 1000
     assert not train & held  # no docstring in both splits
 
@@ -39,23 +45,23 @@ def test_split_is_by_module_and_disjoint():
     ],
 )
 def test_two_steps_decrease_save_load_and_reproduce(tmp_path, model, kw):
-    cfg = finetune.TuneConfig(model=model, steps=2, **kw)
+    cfg = TuneConfig(model=model, steps=2, **kw)
     texts = SHORT_TEXTS if model == "minilm" else [" ".join(SHORT_TEXTS)]
-    res = finetune.train(cfg, tmp_path / "run", texts=texts)
-    assert res.config.model != "tiny-llama" or len(finetune._windows_of(texts[0], _tok(model), 96)) == 1
+    res = training.train(cfg, tmp_path / "run", texts=texts)
+    assert res.config.model != "tiny-llama" or len(data.windows_of(texts[0], _tok(model), 96)) == 1
     assert len(res.losses) == 2 and res.losses[1] < res.losses[0]  # the same batch twice: must go down
     # adapters (small safetensors) + settings JSON with the split and the metrics
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", finetune.SETTINGS_FILE} <= files
-    meta = json.loads((tmp_path / "run" / finetune.SETTINGS_FILE).read_text())
-    assert meta["split"]["heldout_modules"] == list(finetune.HELDOUT_MODULES)
+    assert {"adapter_model.safetensors", "adapter_config.json", tuned.SETTINGS_FILE} <= files
+    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    assert meta["split"]["heldout_modules"] == list(corpus.HELDOUT_MODULES)
     assert meta["settings"]["rank"] == cfg.rank and meta["losses"] == res.losses
     rows = meta["metrics"]["rows"]
     assert set(rows) == {"dense", "dense_tuned_weights", "atp_untuned", "atp_tuned"}
     # the app's loader (models.load_model "tuned:<folder>") gives a model reproducing the saved metrics
     loaded = models.load_model(f"tuned:{tmp_path / 'run'}")
     assert "ATP-tuned" in loaded.info.label
-    again = finetune.evaluate(models.load_model(model), loaded, cfg)["rows"]
+    again = evaluation.evaluate(models.load_model(model), loaded, cfg)["rows"]
     for name, vals in rows.items():
         for k, v in vals.items():
             assert again[name][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, k)
@@ -66,17 +72,17 @@ def test_two_steps_decrease_save_load_and_reproduce(tmp_path, model, kw):
         for a, b in zip(loaded.model.parameters(), base.model.parameters(), strict=True)
     )
     assert diff > 0
-    found = finetune.find_runs([tmp_path])
+    found = tuned.find_runs([tmp_path])
     assert [run for run, _ in found] == [tmp_path / "run"]
-    (row,) = finetune.summary_rows(found)
+    (row,) = evaluation.summary_rows(found)
     key = "cosine_mean" if model == "minilm" else "top1"
     assert row["tuned ATP"] == rows["atp_tuned"][key] and row["untuned ATP"] == rows["atp_untuned"][key]
 
 
 def test_untrained_adapters_change_nothing(tmp_path):
     """LoRA's B starts at zero: with 0 steps the tuned model equals the base model exactly."""
-    cfg = finetune.TuneConfig(model="tiny-llama", steps=0, seq_len=48, chunk=16, eval_windows=1)
-    res = finetune.train(cfg, tmp_path / "zero", texts=[" ".join(SHORT_TEXTS)])
+    cfg = TuneConfig(model="tiny-llama", steps=0, seq_len=48, chunk=16, eval_windows=1)
+    res = training.train(cfg, tmp_path / "zero", texts=[" ".join(SHORT_TEXTS)])
     rows = res.metrics["rows"]
     assert rows["atp_tuned"] == rows["atp_untuned"]
     assert rows["dense_tuned_weights"] == rows["dense"]
@@ -92,8 +98,8 @@ def test_decoder_objective_does_not_read_the_future(load, form):
     chunk, p = 16, 40
     other = ids.clone()
     other[0, p:] = torch.randint(5, 1000, (64 - p,))
-    a, _ = finetune.decoder_losses(loaded, ids, 0.5, form, chunk)
-    b, _ = finetune.decoder_losses(loaded, other, 0.5, form, chunk)
+    a, _ = objectives.decoder_losses(loaded, ids, 0.5, form, chunk)
+    b, _ = objectives.decoder_losses(loaded, other, 0.5, form, chunk)
     assert a.requires_grad or not any(q.requires_grad for q in loaded.model.parameters())
     # entry j predicts token chunk + j + 1 from tokens <= chunk + j; unchanged while chunk + j + 1 < p
     n = p - chunk - 1
@@ -104,7 +110,7 @@ def test_decoder_objective_does_not_read_the_future(load, form):
 def test_a_whole_sequence_basis_would_leak(load):
     """Why the decoder objective uses the chunked mode: with the basis over the whole sequence (the
     explorer's prefill view), earlier logits change when later tokens do."""
-    from atp_viz import backend
+    from atp_viz.hf import backend
 
     loaded = load("tiny-llama")
     torch.manual_seed(1)
@@ -125,30 +131,30 @@ def _tok(model):
 
 def test_bad_settings_and_folders(tmp_path):
     with pytest.raises(ValueError, match="share of L"):
-        finetune.TuneConfig(rank=64)
+        TuneConfig(rank=64)
     with pytest.raises(ValueError, match="form"):
-        finetune.TuneConfig(form="fast")
+        TuneConfig(form="fast")
     with pytest.raises(ValueError, match="chunk"):
-        finetune.TuneConfig(seq_len=64, chunk=64)
+        TuneConfig(seq_len=64, chunk=64)
     with pytest.raises(ValueError, match="eval_texts"):
-        finetune.TuneConfig(eval_windows=0)
-    with pytest.raises(models.ModelLoadError, match="not an ATP fine-tuning run"):
+        TuneConfig(eval_windows=0)
+    with pytest.raises(ModelLoadError, match="not an ATP fine-tuning run"):
         models.load_model(f"tuned:{tmp_path}")
-    (tmp_path / finetune.SETTINGS_FILE).write_text("{}")
+    (tmp_path / tuned.SETTINGS_FILE).write_text("{}")
     with pytest.raises(ValueError, match="already holds a fine-tuning run"):
-        finetune.train(finetune.TuneConfig(model="tiny-llama"), tmp_path)
+        training.train(TuneConfig(model="tiny-llama"), tmp_path)
 
 
 def test_cancel_saves_nothing(tmp_path):
-    cfg = finetune.TuneConfig(model="tiny-llama", steps=5, seq_len=48, chunk=16)
+    cfg = TuneConfig(model="tiny-llama", steps=5, seq_len=48, chunk=16)
     calls = []
 
     def stop():
         calls.append(1)
         return len(calls) > 1
 
-    with pytest.raises(finetune.Cancelled, match="after 1 of 5 steps"):
-        finetune.train(cfg, tmp_path / "c", texts=[" ".join(SHORT_TEXTS)], stop=stop)
+    with pytest.raises(Cancelled, match="after 1 of 5 steps"):
+        training.train(cfg, tmp_path / "c", texts=[" ".join(SHORT_TEXTS)], stop=stop)
     assert not (tmp_path / "c").exists()
 
 
@@ -160,8 +166,8 @@ def test_finetune_page_runs_a_job_and_lists_it(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))  # the run's default folder: <cache>/tuned/...
-    original = finetune.find_runs  # only this test's runs, not the repository's data/tuned
-    monkeypatch.setattr(finetune, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
+    original = tuned.find_runs  # only this test's runs, not the repository's data/tuned
+    monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
     app = str(Path(__file__).resolve().parent.parent / "app.py")
     at = AppTest.from_file(app, default_timeout=120)
     at.switch_page("pages/finetune.py").run()
@@ -190,16 +196,16 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
-    cfg = finetune.TuneConfig(model="tiny-bert", steps=1, batch=8, eval_texts=8)
-    run = finetune.train(cfg, texts=SHORT_TEXTS).out_dir
+    cfg = TuneConfig(model="tiny-bert", steps=1, batch=8, eval_texts=8)
+    run = training.train(cfg, texts=SHORT_TEXTS).out_dir
     assert run.parent == tmp_path / "tuned" and run.name.startswith("tiny-bert-r0.5-exact-")
     app = str(Path(__file__).resolve().parent.parent / "app.py")
     at = AppTest.from_file(app, default_timeout=120)
     at.switch_page("pages/explorer.py")
-    at.query_params["model"] = f"{finetune.TUNED_PREFIX}{run}"
+    at.query_params["model"] = f"{TUNED_PREFIX}{run}"
     at.run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="model_choice").value == f"{finetune.TUNED_PREFIX}{run}"
+    assert at.selectbox(key="model_choice").value == f"{TUNED_PREFIX}{run}"
     label = f"TINY-BERT + ATP-tuned r=0.5 (exact) · {run.name}"  # the folder tells same-setting runs apart
     assert label in at.selectbox(key="model_choice").options
     table = at.dataframe[0].value  # the only table of an encoder's explorer (AppTest keeps no df key)
@@ -210,49 +216,43 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     """The linear form can send a layer's input to inf/NaN (its denominator crosses zero); such a step
     is skipped, counted in the run's JSON, and training goes on."""
-    from atp_viz import atp
-
-    real = finetune._decoder_nll
+    real = training.decoder_nll
     calls = []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise atp.NonFiniteError("boom")
+            raise NonFiniteError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "_decoder_nll", flaky)
-    cfg = finetune.TuneConfig(model="tiny-llama", steps=3, seq_len=96, chunk=16, eval_windows=1)
-    res = finetune.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
+    monkeypatch.setattr(training, "decoder_nll", flaky)
+    cfg = TuneConfig(model="tiny-llama", steps=3, seq_len=96, chunk=16, eval_windows=1)
+    res = training.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
     assert res.skipped == 1 and len(res.losses) == 3
     assert res.losses[0] != res.losses[0] and all(v == v for v in res.losses[1:])  # nan, then numbers
-    assert json.loads((tmp_path / "r" / finetune.SETTINGS_FILE).read_text())["skipped_steps"] == 1
+    assert json.loads((tmp_path / "r" / tuned.SETTINGS_FILE).read_text())["skipped_steps"] == 1
 
 
 def test_a_non_finite_layer_input_gives_a_clear_error():
-    from atp_viz import atp
-
     x = torch.randn(8, 4)
     x[3, 1] = float("inf")
-    with pytest.raises(atp.NonFiniteError, match="inf or NaN"):
-        atp.principal_basis(x, 2)
+    with pytest.raises(NonFiniteError, match="inf or NaN"):
+        principal_basis(x, 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_form_backpropagates_and_matches_inference(causal):
     """The inference path divides in place; under autograd it must not (the first MiniLM linear-form
     run failed in backward), and both give the same numbers."""
-    from atp_viz import atp
-
     torch.manual_seed(0)
     q = torch.randn(2, 4, 12, 8, requires_grad=True)
     k = torch.randn(2, 2, 12, 8, requires_grad=True)
     v = torch.randn(2, 2, 12, 8, requires_grad=True)
-    u = atp.principal_basis(torch.randn(2, 12, 16), 4)
-    out = atp.atp_attention(q, k, v, u, form="linear", causal=causal)
+    u = principal_basis(torch.randn(2, 12, 16), 4)
+    out = forms.get("linear").attend(q, k, v, u, causal=causal)
     out.square().sum().backward()
     with torch.no_grad():
-        ref = atp.atp_attention(q, k, v, u, form="linear", causal=causal)
+        ref = forms.get("linear").attend(q, k, v, u, causal=causal)
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
     assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in (q, k, v))
 
@@ -262,8 +262,8 @@ def test_overflowing_gradients_are_counted_not_silently_zeroed(tmp_path, monkeyp
     word (it happened with SmolLM2's linear form); such steps are counted as skipped."""
     inf = torch.tensor(float("inf"))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: inf)
-    cfg = finetune.TuneConfig(model="tiny-llama", steps=2, seq_len=96, chunk=16, eval_windows=1, lr=3e-2)
-    res = finetune.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
+    cfg = TuneConfig(model="tiny-llama", steps=2, seq_len=96, chunk=16, eval_windows=1, lr=3e-2)
+    res = training.train(cfg, tmp_path / "r", texts=[" ".join(SHORT_TEXTS)])
     assert res.skipped == 2
     rows = res.metrics["rows"]
     assert rows["atp_tuned"] == rows["atp_untuned"]  # nothing was learned, and the JSON says why

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from atp_viz.models import ModelLoadError, load_model
-from atp_viz.texts import MAX_UPLOAD_BYTES, TextError, decode_upload, samples, tokenize
+from atp_viz.hf.model_info import ModelLoadError
+from atp_viz.hf.models import load_model
+from atp_viz.text.inputs import MAX_UPLOAD_BYTES, TextError, decode_upload, samples, tokenize
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t  ", None])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from atp_viz import jobs
-from atp_viz.jobs import BusyError, heavy_job
+from atp_viz.deploy import jobs
+from atp_viz.deploy.jobs import BusyError, heavy_job
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
@@ -63,7 +63,7 @@ def test_refusal_is_immediate_across_threads_and_light_work_runs(load):
         with pytest.raises(BusyError), heavy_job("second sweep"):
             pass
         assert time.perf_counter() - t0 < 0.5  # refused, not queued
-        from atp_viz.capture import capture
+        from atp_viz.analysis.capture import capture
 
         cap = capture(load("tiny-bert"), "Light work goes on while a heavy job runs elsewhere.")
         assert cap.n_tokens > 2

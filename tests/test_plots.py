@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from atp_viz import compare, plots, spectra
+from atp_viz.analysis import compare, spectra
+from atp_viz.figures import plots
 
 
 def test_spectra_and_energy_figures_carry_the_spectra():
@@ -21,9 +22,25 @@ def test_heatmap_block_and_sweep_lines():
     m = np.arange(16.0).reshape(4, 4)
     fig = plots.heatmap_figure(m, title="t", x_title="x", diverging=True, block=3)
     assert "blocks of 3" in fig.layout.title.text and fig.data[0].zmid == 0.0
-    sw = compare.Sweep(np.array([1, 2, 4]), np.array([0.3, 0.2, 0.0]), np.array([0.9, 0.8, 0.7]), "m", 4)
-    fig = plots.sweep_figure(sw.ranks, sw.exact, sw.linear, metric=sw.metric, n_tokens=4, current=2)
-    np.testing.assert_allclose(fig.data[2].y, sw.linearisation)
+    errors = {"exact": np.array([0.3, 0.2, 0.0]), "linear": np.array([0.9, 0.8, 0.7])}
+    sw = compare.Sweep(np.array([1, 2, 4]), errors, "m", 4)
+    fig = plots.sweep_figure(sw, current=2)
+    assert len(fig.data) == 2  # one line per form, no "difference" line
+    np.testing.assert_allclose(fig.data[1].y, errors["linear"])
+
+
+def test_sweep_rank_axis_spans_its_data():
+    """On a log axis Plotly reads a shape's x as log10(x): the rank lines must not stretch the axis
+    (they once drew it from 1 to 10^90)."""
+    ranks = np.array([1, 3, 10, 40, 169])
+    sw = compare.Sweep(ranks, {"exact": np.linspace(0.5, 0, 5), "linear": np.linspace(1, 0.5, 5)}, "m", 169)
+    fig = plots.sweep_figure(sw, current=84)
+    lo, hi = fig.layout.xaxis.range
+    assert lo <= np.log10(1) and hi >= np.log10(169)  # spans the data
+    assert lo > np.log10(1) - 1 and hi < np.log10(169) + 1  # and no more than a decade beyond
+    lines = [s.x0 for s in fig.layout.shapes]
+    assert np.log10(84) in lines and np.log10(round(169 / 4)) in lines
+    assert all(lo <= x <= hi for x in lines)
 
 
 def test_fraction_vs_length_has_the_d_over_L_ceiling():

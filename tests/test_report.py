@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atp_viz import export, spectra
+from atp_viz import forms
+from atp_viz.analysis import spectra
 from atp_viz.cli import main
-from atp_viz.report import ReportSettings, make_report
+from atp_viz.outputs import export
+from atp_viz.outputs.report import ReportSettings, make_report
 
 TEXT = (
     "Attention on top principal keys keeps the few directions that carry most of the energy. "
@@ -52,7 +54,7 @@ def test_report_html_is_offline_and_holds_every_figure(report_dir, load):
 
 
 def test_report_data_files_hold_the_computed_values(report_dir, load):
-    from atp_viz.capture import capture
+    from atp_viz.analysis.capture import capture
 
     cap = capture(load("tiny-bert"), TEXT)
     L = cap.n_tokens
@@ -67,8 +69,7 @@ def test_report_data_files_hold_the_computed_values(report_dir, load):
     assert [r["rank"] for r in rows] == sorted({2, 4, round(0.5 * L)})
     back = pd.read_csv(report_dir / "sweep.csv").to_dict("records")
     assert back == rows
-    for r in rows:
-        assert r["linearisation"] == pytest.approx(r["linear_form_error"] - r["exact_form_error"])
+    assert all({f"{name}_form_error" for name in forms.names()} <= set(r) for r in rows)
 
     cnpz = np.load(report_dir / "capture.npz")
     np.testing.assert_allclose(cnpz["blocks.0.x"], cap.layers[0].x, rtol=1e-5, atol=1e-6)
@@ -118,7 +119,6 @@ def test_report_cli(tmp_path, capsys):
     ("extra", "message"),
     [
         (["--ranks", "2,5000"], "exceeds the text's L"),
-        (["--ranks", "0,2"], "at least 1"),
         (["--map-layer", "7"], "Map layer 7 does not exist"),
         (["--map-head", "9"], "Map head 9 does not exist"),
     ],
@@ -130,6 +130,27 @@ def test_report_cli_bad_settings_are_explained(tmp_path, capsys, extra, message)
     assert main(argv + extra + ["--no-png"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_report_cli_refuses_a_rank_below_one_while_parsing(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "report",
+                "--model",
+                "tiny-bert",
+                "--text-file",
+                str(text),
+                "--out",
+                str(tmp_path / "o"),
+                "--ranks",
+                "0,2",
+            ]
+        )
+    assert exit_info.value.code == 2 and "at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_cli_missing_text_file(tmp_path, capsys):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import SENTENCE
 
-from atp_viz import serving
-from atp_viz.texts import tokenize
+from atp_viz.analysis import serving
+from atp_viz.text.inputs import tokenize
 
 TEXT = SENTENCE + " " + "The basis is computed from past tokens only, so nothing leaks from the future." * 2
 
@@ -109,7 +109,9 @@ def test_bad_inputs(load):
         serving.chunked_logits(load("tiny-bert"), ids, rank=4, chunk=4)
 
 
-def test_stdlib_text_is_long_and_deterministic():
-    text, mods = serving.stdlib_text()
+def test_perplexity_text_is_long_and_deterministic():
+    from atp_viz.text import corpus
+
+    text, mods = corpus.perplexity_text()
     assert len(text) >= 60_000 and "collections" in mods
-    assert serving.stdlib_text()[0] == text
+    assert corpus.perplexity_text()[0] == text

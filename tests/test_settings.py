@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from atp_viz import models
-from atp_viz.models import ModelLoadError, load_model
-from atp_viz.settings import SERVER_MAX_TOKENS, Settings, SettingsError, load_settings
-from atp_viz.texts import MAX_UPLOAD_BYTES, TextError, decode_upload, tokenize
+from atp_viz.deploy.settings import SERVER_MAX_TOKENS, Settings, SettingsError, load_settings
+from atp_viz.hf import model_info
+from atp_viz.hf.model_info import ModelLoadError
+from atp_viz.hf.models import load_model
+from atp_viz.text.inputs import MAX_UPLOAD_BYTES, TextError, decode_upload, tokenize
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SERVER = Settings(server_mode=True)
@@ -181,7 +182,7 @@ def test_app_in_server_mode_has_no_other_option(monkeypatch):
     at.run()
     assert not at.exception, at.exception
     options = at.selectbox(key="model_choice").options  # as shown: labels
-    assert options == [c.label for c in models.BUNDLED]
+    assert options == [c.label for c in model_info.BUNDLED]
     assert not any(o.startswith("Other") for o in options)
     assert any(c.value.startswith("Server mode:") for c in at.sidebar.caption)
 
@@ -196,8 +197,8 @@ def test_app_in_server_mode_refuses_unlisted_model_from_link(monkeypatch, tmp_pa
     at.run()
     assert not at.exception, at.exception
     assert at.selectbox(key="model_choice").options == [
-        models.BUNDLED[0].label,
-        models.TINY[0].label,
+        model_info.BUNDLED[0].label,
+        model_info.TINY[0].label,
         "HuggingFaceTB/SmolLM2-360M-Instruct",
     ]
     assert at.selectbox(key="model_choice").value == "minilm"
@@ -240,9 +241,9 @@ def test_explorer_aggregates_maps_above_the_display_size(monkeypatch, tmp_path):
 
 
 def test_bundled_list_matches_models():
-    from atp_viz.settings import BUNDLED_KEYS
+    from atp_viz.deploy.settings import BUNDLED_KEYS
 
-    assert tuple(c.key for c in models.BUNDLED) == BUNDLED_KEYS
+    assert tuple(c.key for c in model_info.BUNDLED) == BUNDLED_KEYS
 
 
 def test_typed_text_above_the_limit_is_refused_not_cut(monkeypatch, tmp_path):

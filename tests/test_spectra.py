@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import SENTENCE
 
-from atp_viz import spectra
-from atp_viz.capture import capture
+from atp_viz.analysis import spectra
+from atp_viz.analysis.capture import capture
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_capture_spectra_on_model(load):
 
 
 def test_effective_rank_by_length_uses_each_prefix(load):
-    from atp_viz.analysis import effective_rank_by_length
+    from atp_viz.analysis.lengths import effective_rank_by_length
 
     loaded = load("tiny-bert")
     lengths, er = effective_rank_by_length(loaded, "one two three four five six seven eight nine ten " * 4)

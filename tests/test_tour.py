@@ -12,9 +12,15 @@ import pytest
 from conftest import SENTENCE
 from streamlit.testing.v1 import AppTest
 
-from atp_viz import atp, costs, tour
-from atp_viz.capture import capture
-from atp_viz.settings import Settings
+from atp_viz import forms
+from atp_viz.analysis.capture import capture
+from atp_viz.core import costs
+from atp_viz.core.basis import basis_path
+from atp_viz.deploy.settings import Settings
+from atp_viz.figures.tour import data as tdata
+from atp_viz.figures.tour import figures as tfig
+from atp_viz.figures.tour import layout, steps
+from atp_viz.figures.tour import toy as tour_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -46,9 +52,9 @@ def _heatmaps(fig: go.Figure) -> list:
 @pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
 def test_every_step_builds_a_figure(captures, key):
     cap = captures(key)
-    data = tour.tour_data(cap, 1, 3, tour.default_rank(cap.n_tokens))
+    data = tdata.tour_data(cap, 1, 3, tdata.default_rank(cap.n_tokens))
     assert data.rank == cap.n_tokens // 2
-    assert [s.key for s in tour.STEPS] == [
+    assert [s.key for s in steps.STEPS] == [
         "tokens",
         "matrix",
         "svd",
@@ -58,7 +64,7 @@ def test_every_step_builds_a_figure(captures, key):
         "attention",
         "cost",
     ]
-    for step in tour.STEPS:
+    for step in steps.STEPS:
         fig = step.build(data)
         assert isinstance(fig, go.Figure), step.key
         assert fig.layout.title.text, step.key
@@ -70,7 +76,7 @@ def test_every_step_builds_a_figure(captures, key):
 
 def test_principal_tokens_are_U_r_transpose_X(captures):
     cap = captures("tiny-bert")
-    data = tour.tour_data(cap, 0, 0, 5)
+    data = tdata.tour_data(cap, 0, 0, 5)
     U, X = data.basis.astype(np.float64), cap.layers[0].x.astype(np.float64)
     assert data.x_principal.shape == (5, cap.info.d_model)
     np.testing.assert_allclose(data.x_principal, U.T @ X, rtol=1e-4, atol=1e-4)
@@ -78,7 +84,7 @@ def test_principal_tokens_are_U_r_transpose_X(captures):
     # X' = S_r V_r^T: its squared norm is the energy of the top r singular values.
     s = data.spectrum.singular_values
     assert np.sum(data.x_principal.astype(np.float64) ** 2) == pytest.approx(np.sum(s[:5] ** 2), rel=1e-4)
-    fig = tour.principal_tokens_figure(data)
+    fig = tfig.principal_tokens_figure(data)
     xp, up = _heatmaps(fig)
     assert np.shape(xp.z) == (5, cap.info.d_model)
     assert np.shape(up.z) == (cap.n_tokens, 5)
@@ -89,23 +95,23 @@ def test_principal_keys_per_key_value_head_after_rope(captures):
     info = cap.info
     assert info.has_rope and info.gqa_groups == 2
     r = 6
-    a = tour.tour_data(cap, 1, 2, r)  # query heads 2 and 3 share key/value head 1
-    b = tour.tour_data(cap, 1, 3, r)
+    a = tdata.tour_data(cap, 1, 2, r)  # query heads 2 and 3 share key/value head 1
+    b = tdata.tour_data(cap, 1, 3, r)
     assert a.kv_head == b.kv_head == 1
     np.testing.assert_array_equal(a.k, cap.layers[1].k[1])  # the captured keys: after rotary embedding
     np.testing.assert_array_equal(a.k_principal, b.k_principal)
     assert a.k_principal.shape == a.v_principal.shape == (r, info.head_dim)
     U = a.basis.astype(np.float64)
     np.testing.assert_allclose(a.v_principal, U.T @ cap.layers[1].v[1], rtol=1e-4, atol=1e-5)
-    fig = tour.principal_kv_figure(a)
+    fig = tfig.principal_kv_figure(a)
     assert "after rotary embedding" in fig.layout.annotations[0].text
     assert "shared by query heads 2-3" in fig.layout.title.text
 
 
 @pytest.mark.parametrize("rank", [1, 4, 9])
 def test_spectrum_marks_the_cumulative_energy_at_r(captures, rank):
-    data = tour.tour_data(captures("tiny-bert"), 1, 0, rank)
-    fig = tour.spectrum_figure(data)
+    data = tdata.tour_data(captures("tiny-bert"), 1, 0, rank)
+    fig = tfig.spectrum_figure(data)
     mark = next(t for t in fig.data if t.name.startswith("chosen r"))
     cum = np.cumsum(data.spectrum.singular_values.astype(np.float64) ** 2)
     assert mark.x[0] == rank
@@ -119,82 +125,87 @@ def test_rank_above_min_L_d_keeps_all_energy_and_says_so(load):
     cap = capture(load("tiny-bert"), LONG_TEXT[:600])  # L > d = 32
     L, d = cap.n_tokens, cap.info.d_model
     assert d < L
-    data = tour.tour_data(cap, 0, 0, L - 1)
+    data = tdata.tour_data(cap, 0, 0, L - 1)
     assert data.energy_at_rank == pytest.approx(1.0)
-    assert f"exceeds min(L, d) = {d}" in tour.spectrum_figure(data).layout.title.text
-    assert "are zero" in tour.principal_tokens_figure(data).layout.title.text
+    assert f"exceeds min(L, d) = {d}" in tfig.spectrum_figure(data).layout.title.text
+    assert "are zero" in tfig.principal_tokens_figure(data).layout.title.text
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
 def test_dense_map_is_the_models_attention(captures, key):
     cap = captures(key)
     for head in (0, 3):
-        data = tour.tour_data(cap, 1, head, 4)
+        data = tdata.tour_data(cap, 1, head, 4)
         maps = data.maps
         assert not maps.dense.aggregated
         np.testing.assert_allclose(maps.dense.values, cap.layers[1].attn[head], atol=1e-5)
-        assert maps.principal.values.shape == (cap.n_tokens, 4)
+        assert maps.forms["linear"].pooled.values.shape == (cap.n_tokens, 4)
         if cap.info.is_decoder:  # the exact form keeps the causal mask
-            assert np.abs(np.triu(maps.exact.values, 1)).max() == 0.0
+            assert np.abs(np.triu(maps.forms["exact"].pooled.values, 1)).max() == 0.0
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
 def test_exact_form_at_full_rank_equals_dense(captures, key):
     cap = captures(key)
-    data = tour.tour_data(cap, 0, 1, cap.n_tokens)  # L < d: the basis spans everything
-    assert data.maps.exact_error < 1e-4
-    np.testing.assert_allclose(data.maps.exact.values, data.maps.dense.values, atol=1e-5)
+    data = tdata.tour_data(cap, 0, 1, cap.n_tokens)  # L < d: the basis spans everything
+    assert data.maps.forms["exact"].error < 1e-4
+    np.testing.assert_allclose(data.maps.forms["exact"].pooled.values, data.maps.dense.values, atol=1e-5)
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
 def test_blockwise_maps_equal_the_library_maps(captures, key, monkeypatch):
-    data = tour.tour_data(captures(key), 1, 2, 7)
-    whole = tour.head_maps(data, max_side=4)  # L = 18: blocks of 5, the last one shorter
-    monkeypatch.setattr(tour, "MAP_ROW_CHUNK", 5)  # several row chunks
-    blocks = tour.head_maps(data, max_side=4, library_limit=0)
+    data = tdata.tour_data(captures(key), 1, 2, 7)
+    whole = tdata.head_maps(data, max_side=4)  # L = 18: blocks of 5, the last one shorter
+    monkeypatch.setattr(tdata, "MAP_ROW_CHUNK", 5)  # several row chunks
+    blocks = tdata.head_maps(data, max_side=4, library_limit=0)
     assert blocks.blockwise and not whole.blockwise
     assert whole.dense.row_block == blocks.dense.row_block == 5
-    for name in ("dense", "exact", "principal"):
-        np.testing.assert_allclose(getattr(blocks, name).values, getattr(whole, name).values, atol=1e-6)
-    assert blocks.exact_error == pytest.approx(whole.exact_error, rel=1e-4)
-    assert blocks.linear_error == pytest.approx(whole.linear_error, rel=1e-4)
+    np.testing.assert_allclose(blocks.dense.values, whole.dense.values, atol=1e-6)
+    for name in forms.names():
+        np.testing.assert_allclose(
+            blocks.forms[name].pooled.values, whole.forms[name].pooled.values, atol=1e-6
+        )
+        assert blocks.forms[name].error == pytest.approx(whole.forms[name].error, rel=1e-4)
 
 
 def test_cost_figure_uses_the_cost_model(captures):
-    data = tour.tour_data(captures("tiny-llama"), 0, 0, 5)
+    data = tdata.tour_data(captures("tiny-llama"), 0, 0, 5)
     i, L = data.info, data.n_tokens
-    fig = tour.cost_figure(data)
+    fig = tfig.cost_figure(data)
     attention, basis, memory = fig.data[:3]
-    dense = costs.dense_cost(L, i.n_heads, i.head_dim)
-    atp_c = costs.atp_cost(L, 5, i.n_heads, i.n_kv_heads, i.head_dim, i.d_model, method="randomized")
-    assert attention.y[0] == dense.macs
-    assert attention.y[1] + basis.y[1] == pytest.approx(atp_c.macs)
-    assert list(memory.y) == [dense.scores * 4, atp_c.scores * 4]
+    assert list(attention.x) == ["dense", *forms.names()]
+    dense = costs.dense_cost(L, i.geometry)
+    assert attention.y[0] == dense.macs and basis.y[0] == 0
+    for j, name in enumerate(forms.names(), start=1):
+        c = forms.get(name).cost(L, 5, i.geometry, "randomized")
+        assert attention.y[j] + basis.y[j] == pytest.approx(c.macs)
+        assert memory.y[j] == c.scores * 4
+    assert memory.y[0] == dense.scores * 4
     # The basis is counted as principal_basis computes it: randomised, or exact once r nears min(L, d).
-    assert tour.basis_method(4096, 576, 128) == "randomized"
-    assert tour.basis_method(2459, 576, 1229) == tour.basis_method(2459, 576, 570) == "exact"
+    assert basis_path(4096, 576, 128, "randomized") == "randomized"
+    assert basis_path(2459, 576, 1229, "randomized") == basis_path(2459, 576, 570, "randomized") == "exact"
 
 
-def _attention_step() -> tour.Step:
-    return next(s for s in tour.STEPS if s.key == "attention")
+def _attention_step() -> steps.Step:
+    return next(s for s in steps.STEPS if s.key == "attention")
 
 
 def test_decoder_attention_formula_is_the_causal_one(captures):
     step = _attention_step()
-    enc = step.latex(tour.tour_data(captures("tiny-bert"), 1, 0, 4))
-    dec = step.latex(tour.tour_data(captures("tiny-llama"), 1, 0, 4))
+    enc = step.latex(tdata.tour_data(captures("tiny-bert"), 1, 0, 4))
+    dec = step.latex(tdata.tour_data(captures("tiny-llama"), 1, 0, 4))
     assert enc != dec
     assert "+ M" in dec and "causal mask" in dec and r"-\infty & j > i" in dec
     assert r"{i + c\,(q_i K'^\top)\,s_i}" in dec  # the count of tokens up to i, not L
     assert r"P_i = \sum_{j \le i} u_j u_j^\top" in dec and r"s_i = \sum_{j \le i} u_j" in dec
     assert "+ M" not in enc and "{L + c" in enc and "mask" not in enc
-    assert step.latex(tour.tour_data(captures("tiny-bert"), 1, 0, 4)) == step.formula
+    assert step.latex(tdata.tour_data(captures("tiny-bert"), 1, 0, 4)) == step.formula
 
 
 def test_causal_formula_as_shown_is_what_the_library_computes(captures):
     """o_i = (s_i^T V' + c (q_i K'^T) P_i V') / (i + c (q_i K'^T) s_i), i counted from 1, evaluated
     naively, equals atp.atp_attention(causal=True)'s linear form."""
-    data = tour.tour_data(captures("tiny-llama"), 1, 2, 5)
+    data = tdata.tour_data(captures("tiny-llama"), 1, 2, 5)
     q, k, v, U = (np.asarray(a, dtype=np.float64) for a in (data.q, data.k, data.v, data.basis))
     c = q.shape[1] ** -0.5
     Kp, Vp = U.T @ k, U.T @ v  # K', V'
@@ -204,15 +215,15 @@ def test_causal_formula_as_shown_is_what_the_library_computes(captures):
         s_i, P_i = u.sum(axis=0), u.T @ u
         phi = c * (q[i - 1] @ Kp.T)  # c q_i K'^T
         out[i - 1] = (s_i @ Vp + phi @ P_i @ Vp) / (i + phi @ s_i)
-    t = [tour._t(a.astype(np.float64)) for a in (q, k, v)]
-    lib = atp.atp_attention(
-        t[0][None, None], t[1][None, None], t[2][None, None], tour._t(U)[None], form="linear", causal=True
+    t = [tdata._t(a.astype(np.float64)) for a in (q, k, v)]
+    lib = forms.get("linear").attend(
+        t[0][None, None], t[1][None, None], t[2][None, None], tdata._t(U)[None], causal=True
     )
     np.testing.assert_allclose(out, lib[0, 0].numpy(), rtol=1e-8, atol=1e-10)
 
 
 def test_decoder_explanation_names_the_mask(captures):
-    text = _attention_step().explain(tour.tour_data(captures("tiny-llama"), 1, 0, 4))
+    text = _attention_step().explain(tdata.tour_data(captures("tiny-llama"), 1, 0, 4))
     assert "causal mask M" in text and "tokens 1 to i" in text
 
 
@@ -220,8 +231,8 @@ def test_maps_of_one_object_never_block_another(captures, monkeypatch):
     """Each TourData has its own lock (functools.cached_property's lock is shared by every instance on
     Python < 3.12: one session's long maps would block every other session's tour)."""
     cap = captures("tiny-bert")
-    slow, fast = tour.tour_data(cap, 0, 0, 3), tour.tour_data(cap, 1, 0, 3)
-    real, entered, release = tour.head_maps, threading.Event(), threading.Event()
+    slow, fast = tdata.tour_data(cap, 0, 0, 3), tdata.tour_data(cap, 1, 0, 3)
+    real, entered, release = tdata.head_maps, threading.Event(), threading.Event()
 
     def head_maps(data, **kw):
         if data is slow:
@@ -229,7 +240,7 @@ def test_maps_of_one_object_never_block_another(captures, monkeypatch):
             assert release.wait(30)
         return real(data, **kw)
 
-    monkeypatch.setattr(tour, "head_maps", head_maps)
+    monkeypatch.setattr(tdata, "head_maps", head_maps)
     worker = threading.Thread(target=lambda: slow.maps)
     worker.start()
     try:
@@ -247,29 +258,29 @@ def test_maps_of_one_object_never_block_another(captures, monkeypatch):
 def test_deployment_limits_are_used(captures):
     cap = captures("tiny-llama")
     L = cap.n_tokens
-    default = tour.tour_data(cap, 1, 0, 6)
-    assert default.max_side == tour.MAX_SIDE and default.map_refusal is None
-    small = tour.tour_data(cap, 1, 0, 6, max_side=4, max_map_tokens=L)
+    default = tdata.tour_data(cap, 1, 0, 6)
+    assert default.max_side == tdata.MAX_SIDE and default.map_refusal is None
+    small = tdata.tour_data(cap, 1, 0, 6, max_side=4, max_map_tokens=L)
     assert small.map_refusal is None
-    for step in tour.STEPS:
+    for step in steps.STEPS:
         if step.key == "tokens":
             continue  # a grid of L cells in reading order, not a matrix
         for hm in _heatmaps(step.build(small)):
             rows, cols = np.shape(hm.z)  # feature columns of X and X' keep MAX_FEATURES
             assert rows <= 4 and (cols <= 4 or step.key in ("matrix", "principal_tokens")), step.key
-    assert "mean over blocks of 5 tokens" in tour.attention_figure(small).layout.title.text  # 18 / 4
+    assert "mean over blocks of 5 tokens" in tfig.attention_figure(small).layout.title.text  # 18 / 4
     # Above max_map_tokens: no L x L map is computed and the attention step says why, as the explorer.
-    refused = tour.tour_data(cap, 1, 0, 6, max_map_tokens=L - 1)
+    refused = tdata.tour_data(cap, 1, 0, 6, max_map_tokens=L - 1)
     assert refused.map_refusal == Settings(max_map_tokens=L - 1).map_refusal(L)
     assert "Attention maps are not drawn" in refused.map_refusal
     assert _attention_step().refusal(refused) == refused.map_refusal
-    assert all(s.refusal(refused) is None for s in tour.STEPS if s.key != "attention")
+    assert all(s.refusal(refused) is None for s in steps.STEPS if s.key != "attention")
     with pytest.raises(ValueError, match="Attention maps are not drawn"):
         _ = refused.maps
-    fig = tour.attention_figure(refused)
+    fig = tfig.attention_figure(refused)
     assert not _heatmaps(fig) and "not drawn" in fig.layout.annotations[0].text
     with pytest.raises(ValueError, match="max_side"):
-        tour.tour_data(cap, 1, 0, 6, max_side=0)
+        tdata.tour_data(cap, 1, 0, 6, max_side=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,32 +290,32 @@ def test_deployment_limits_are_used(captures):
 
 def test_pool_averages_blocks_and_keeps_every_row():
     m = np.arange(35.0).reshape(7, 5)
-    p = tour.pool(m, max_rows=3, max_cols=5)
+    p = tdata.pool(m, max_rows=3, max_cols=5)
     assert (p.row_block, p.col_block) == (3, 1)
     np.testing.assert_allclose(p.values[0], m[:3].mean(axis=0))
     np.testing.assert_allclose(p.values[2], m[6])  # the short last block: its real row only
     assert p.note("tokens", "features") == "mean over blocks of 3 tokens"
     np.testing.assert_array_equal(p.rows(), [0, 3, 6])
-    r = tour.pool(np.array([[1.0, -1.0], [-1.0, 1.0]]), 1, 1, how="rms")
+    r = tdata.pool(np.array([[1.0, -1.0], [-1.0, 1.0]]), 1, 1, how="rms")
     assert r.values[0, 0] == pytest.approx(1.0)  # a mean would cancel to 0
-    assert tour.pool(m, 10, 10).note("tokens", "features") == ""
+    assert tdata.pool(m, 10, 10).note("tokens", "features") == ""
 
 
 def test_long_input_is_aggregated_with_a_note(captures):
     cap = captures("tiny-llama", LONG_TEXT)
     L = cap.n_tokens
-    assert L > 2 * tour.MAX_SIDE
-    data = tour.tour_data(cap, 1, 0, tour.default_rank(L))
-    for step in tour.STEPS:
+    assert L > 2 * tdata.MAX_SIDE
+    data = tdata.tour_data(cap, 1, 0, tdata.default_rank(L))
+    for step in steps.STEPS:
         fig = step.build(data)
         for hm in _heatmaps(fig):
             rows, cols = np.shape(hm.z)
-            assert rows <= max(tour.MAX_SIDE, 40) and cols <= tour.MAX_FEATURES, step.key
-    assert "too many to label" in tour.tokens_figure(data).layout.title.text
-    assert "mean over blocks of" in tour.x_figure(data).layout.title.text
-    title = tour.attention_figure(data).layout.title.text
+            assert rows <= max(tdata.MAX_SIDE, 40) and cols <= tdata.MAX_FEATURES, step.key
+    assert "too many to label" in tfig.tokens_figure(data).layout.title.text
+    assert "mean over blocks of" in tfig.x_figure(data).layout.title.text
+    title = tfig.attention_figure(data).layout.title.text
     assert "L x L maps: mean over blocks of" in title and "L x r map: mean over blocks of" in title
-    assert "RMS over blocks of" in tour.principal_tokens_figure(data).layout.title.text
+    assert "RMS over blocks of" in tfig.principal_tokens_figure(data).layout.title.text
     # Aggregated, never truncated: the pooled map covers every token and its rows still sum to ~1.
     dense = data.maps.dense
     assert dense.values.shape[0] * dense.row_block >= L > (dense.values.shape[0] - 1) * dense.row_block
@@ -317,7 +328,7 @@ def test_long_input_is_aggregated_with_a_note(captures):
 
 
 def test_toy_arrows_are_orthonormal_directions_scaled_by_singular_values():
-    toy = tour.toy_example()
+    toy = tour_toy.toy_example()
     V, s = toy.directions, toy.singular_values
     np.testing.assert_allclose(V @ V.T, np.eye(2), atol=1e-12)
     n = toy.points.shape[0]
@@ -330,19 +341,19 @@ def test_toy_arrows_are_orthonormal_directions_scaled_by_singular_values():
 
 
 def test_toy_sign_flip_leaves_the_linear_form_unchanged():
-    toy = tour.toy_example()
+    toy = tour_toy.toy_example()
     np.testing.assert_allclose(toy.linear, toy.linear_flipped, atol=1e-12)
     assert np.abs(toy.softmax - toy.softmax_flipped).max() > 1.0  # softmax over principal keys is not
-    fig = tour.toy_figure(toy)
+    fig = tour_toy.toy_figure(toy)
     arrows = [a for a in fig.layout.annotations if a.showarrow]
     assert len(arrows) == 4  # v_1, v_2 in both panels; v_1 flipped on the right
     assert arrows[0].x == pytest.approx(-arrows[2].x) and arrows[0].y == pytest.approx(-arrows[2].y)
 
 
 def test_presenter_layout_enlarges_fonts_and_leaves_the_figure_alone(captures):
-    data = tour.tour_data(captures("tiny-bert"), 0, 0, 4)
-    fig = tour.attention_figure(data)
-    big = tour.presenter_layout(fig)
+    data = tdata.tour_data(captures("tiny-bert"), 0, 0, 4)
+    fig = tfig.attention_figure(data)
+    big = layout.presenter_layout(fig)
     assert big.layout.font.size > 20 and fig.layout.font.size is None
     assert big.layout.height > fig.layout.height
     assert all(a.font.size > 20 for a in big.layout.annotations)
@@ -357,14 +368,14 @@ def test_presenter_layout_enlarges_fonts_and_leaves_the_figure_alone(captures):
 def test_every_step_on_minilm(load):
     text = (ROOT / "data" / "04_attention_explainer.txt").read_text()
     cap = capture(load("minilm"), text)
-    data = tour.tour_data(cap, 3, 5, tour.default_rank(cap.n_tokens))
-    for step in tour.STEPS:
+    data = tdata.tour_data(cap, 3, 5, tdata.default_rank(cap.n_tokens))
+    for step in steps.STEPS:
         assert isinstance(step.build(data), go.Figure), step.key
     np.testing.assert_allclose(data.maps.dense.values, cap.layers[3].attn[5], atol=1e-5)
-    mark = next(t for t in tour.spectrum_figure(data).data if t.name.startswith("chosen r"))
+    mark = next(t for t in tfig.spectrum_figure(data).data if t.name.startswith("chosen r"))
     assert mark.y[0] == pytest.approx(data.spectrum.cumulative_energy[data.rank - 1])
     # What ATP_NOTES reports for the untuned model: the exact form is close, the linear one is not.
-    assert data.maps.exact_error < data.maps.linear_error
+    assert data.maps.forms["exact"].error < data.maps.forms["linear"].error
     assert data.x_principal.shape == (data.rank, cap.info.d_model)
 
 
@@ -379,7 +390,7 @@ def test_tour_page_steps_through_and_presenter_mode():
     at.run()
     assert not at.exception, at.exception
     assert at.title[0].value == "How ATP works"
-    n = len(tour.STEPS)
+    n = len(steps.STEPS)
     assert _subheader(at) == f"Step 1 of {n}: Tokens"
     assert at.button(key="tour_prev").disabled
     L = int(at.slider(key="tour_rank").max)
@@ -395,7 +406,7 @@ def test_tour_page_steps_through_and_presenter_mode():
     at.toggle(key="tour_presenter").set_value(True).run()
     assert not at.exception, at.exception
     assert not any(s.key == "tour_layer" for s in at.selectbox)  # secondary controls hidden
-    assert _subheader(at) == f"Step {n} of {n}: {tour.STEPS[-1].title}"
+    assert _subheader(at) == f"Step {n} of {n}: {steps.STEPS[-1].title}"
     assert any("layer 2" in c.value for c in at.caption)
     at.button(key="tour_prev").click().run()
     assert not at.exception, at.exception

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from atp_viz import urlstate
+from atp_viz import forms
+from atp_viz.deploy import urlstate
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 180
@@ -70,9 +71,9 @@ def test_parse_index_and_choice():
         urlstate.parse_index("6", 6, "layer", "the model")
     with pytest.raises(ValueError, match="not a number"):
         urlstate.parse_index("three", 6, "layer", "the model")
-    assert urlstate.parse_choice("linear", urlstate.FORMS, "form") == "linear"
+    assert urlstate.parse_choice("linear", forms.names(), "form") == "linear"
     with pytest.raises(ValueError, match="not one of exact, linear"):
-        urlstate.parse_choice("cubic", urlstate.FORMS, "form")
+        urlstate.parse_choice("cubic", forms.names(), "form")
 
 
 def test_model_id_shapes():

@@ -1,0 +1,74 @@
+"""What a Streamlit process shares: the deployment settings, the heavy-job slot, and the caches of
+models, captures, tokenisations and dense runs (one copy per process, shared by all sessions; ATP
+settings are per call, so sharing a model is safe)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from atp_app.widgets import progress
+from atp_viz.analysis import compare
+from atp_viz.analysis.capture import Capture, capture
+from atp_viz.deploy import jobs
+from atp_viz.deploy.settings import Settings, SettingsError, load_settings
+from atp_viz.hf.model_info import LoadedModel
+from atp_viz.hf.models import load_model
+from atp_viz.text.inputs import Tokenized, tokenize
+
+
+def current_settings() -> Settings:
+    """This process's deployment settings (environment and ``ATP_VIZ_CONFIG``; see atp_viz.settings).
+
+    Read on every call (a small file at most), so the page always shows what is enforced. An invalid
+    configuration stops the page with the reason: serving unrestricted instead would be worse.
+    """
+    try:
+        return load_settings()
+    except SettingsError as err:
+        st.error(f"This server's configuration is invalid, so nothing is loaded: {err}")
+        st.stop()
+
+
+def heavy_job(name: str):
+    """A slot for one heavy job (sweep, perplexity, generation, benchmark) across all sessions.
+
+    Use as ``with heavy_job("rank sweep"):`` inside the cached function that does the work (a cached
+    result then needs no slot) and catch :class:`BusyError` where the result is shown.
+    """
+    return jobs.heavy_job(name, current_settings().max_heavy_jobs)
+
+
+def get_model(key: str) -> LoadedModel:
+    """One copy of each model per server process, shared by all sessions (ATP settings are per call).
+
+    Loaded under the deployment's settings: in server mode the library itself refuses a model that
+    is not on the list, and caps the tokens per text.
+    """
+    return _load_model(key, current_settings())
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _load_model(key: str, settings: Settings) -> LoadedModel:
+    with progress(f"Loading {key}...") as bar:
+        return load_model(key, progress=bar, settings=settings, **settings.load_kwargs())
+
+
+# Captures are frozen dataclasses of read-only arrays, so they are shared (cache_resource) rather
+# than copied on every rerun (cache_data pickles; SmolLM2 at 2k tokens would copy ~500 MB per rerun).
+@st.cache_resource(show_spinner="Running the model and capturing every layer...", max_entries=8)
+def get_capture(model_key: str, text: str, attentions: str | tuple[int, ...] = "auto") -> Capture:
+    return capture(get_model(model_key), text, attentions=attentions)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def tokenized(model_key: str, text: str) -> Tokenized:
+    """The text tokenised for the model (truncated to its limit, with a notice)."""
+    m = get_model(model_key)
+    return tokenize(m.tokenizer, text, m.info.max_tokens)
+
+
+@st.cache_resource(show_spinner="Dense reference run...", max_entries=8)
+def dense_forward(model_key: str, text: str) -> compare.Forward:
+    """The dense run of a text, computed once per (model, text) and shared by every page and session
+    while only the rank or the form changes."""
+    return compare.forward(get_model(model_key), tokenized(model_key, text))

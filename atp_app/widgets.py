@@ -1,0 +1,108 @@
+"""Widgets every page uses: a progress bar fed by the library's progress callbacks, download buttons
+for figures and tables (the files are made by :mod:`atp_viz.outputs.export`), highlighted text."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import streamlit as st
+
+from atp_viz.core.progress import ProgressFn
+from atp_viz.outputs import export
+
+
+@contextmanager
+def progress(text: str, *, container=None) -> Iterator[ProgressFn]:
+    """A progress bar for the block, as a :data:`~atp_viz.core.progress.ProgressFn`; removed when the
+    block ends, by return or by exception (so no stale bar stays on the page)."""
+    bar = (container or st).progress(0.0, text=text)
+
+    def update(fraction: float, message: str) -> None:
+        bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+    try:
+        yield update
+    finally:
+        bar.empty()
+
+
+def highlight_divergence(pieces: list[str], first: int | None) -> str:
+    """Markdown of decoded tokens with the first diverging one highlighted; markdown characters in
+    the tokens are escaped so generated text cannot break the formatting."""
+    esc = [re.sub(r"([\\`*_{}\[\]()#+\-.!|$<>~:])", r"\\\1", t) for t in pieces]
+    if first is None or first >= len(esc):
+        return "".join(esc)
+    return "".join(esc[:first]) + f":red-background[{esc[first]}]" + "".join(esc[first + 1 :])
+
+
+def _file_stem(name: str) -> str:
+    """A safe file name stem (and widget key part) from a figure or table name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
+    if not stem:
+        raise ValueError(f"A download needs a name with letters or digits, got {name!r}.")
+    return stem
+
+
+def figure_downloads(fig, name: str) -> None:
+    """PNG / SVG / HTML download buttons for one figure, in a compact "Download figure" popover.
+
+    ``name`` is the file name stem and must be unique on the page (it keys the widgets; the popover
+    gets the CSS class ``st-key-dl_<name>``). The files are made only when a button is clicked
+    (Streamlit runs the ``data`` callable then, on its own thread), so reruns never pay for kaleido
+    (about 0.3 s per image, 2-3 s for the first one while Chromium starts) or for the 4.8 MB HTML.
+    Without Chromium the popover says why instead of offering PNG and SVG; HTML always works.
+    """
+    stem = _file_stem(name)
+    with st.popover("Download figure", icon=":material/download:", key=f"dl_{stem}"):
+        problem = export.static_export_problem()
+        if problem:
+            st.caption(problem)
+        else:
+            st.download_button(
+                "PNG (2x)",
+                lambda: export.figure_png(fig),
+                file_name=f"{stem}.png",
+                mime="image/png",
+                key=f"dl_{stem}_png",
+                on_click="ignore",
+            )
+            st.download_button(
+                "SVG",
+                lambda: export.figure_svg(fig),
+                file_name=f"{stem}.svg",
+                mime="image/svg+xml",
+                key=f"dl_{stem}_svg",
+                on_click="ignore",
+            )
+        st.download_button(
+            "HTML (interactive, works offline)",
+            lambda: export.figure_html(fig),
+            file_name=f"{stem}.html",
+            mime="text/html",
+            key=f"dl_{stem}_html",
+            on_click="ignore",
+        )
+
+
+def table_downloads(rows: list[dict], name: str) -> None:
+    """CSV and JSON download buttons for a table or a set of metrics (a list of flat dicts).
+
+    Tables are small, so both files are made right away; a table that cannot be exported shows why.
+    ``name`` is the file name stem and must be unique on the page (popover class ``st-key-dl_<name>``).
+    """
+    stem = _file_stem(name)
+    with st.popover("Download table", icon=":material/download:", key=f"dl_{stem}"):
+        for label, make, ext, mime in (
+            ("CSV", export.table_csv, "csv", "text/csv"),
+            ("JSON", export.table_json, "json", "application/json"),
+        ):
+            try:
+                data = make(rows)
+            except export.ExportError as err:
+                st.caption(f"{label}: {err}")
+                continue
+            st.download_button(
+                label, data, file_name=f"{stem}.{ext}", mime=mime, key=f"dl_{stem}_{ext}", on_click="ignore"
+            )

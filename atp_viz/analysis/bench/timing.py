@@ -1,0 +1,216 @@
+"""Options, timing and memory measurement shared by the layer and model benchmarks.
+
+Timings: ``time.perf_counter`` around one call (after ``torch.cuda.synchronize`` on CUDA), ``warmup``
+untimed calls per path, then ``repeats`` rounds in which every path runs once, so that the paths being
+compared share the machine's load; median and min are reported and ratios are taken between medians of
+the same run. Peak memory: see :data:`MEMORY_METHOD`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atp_viz.core import ranks as _ranks
+
+TIMING_METHOD = (
+    "time.perf_counter around one call (torch.cuda.synchronize before and after on CUDA), "
+    "torch.inference_mode, float32; `warmup` untimed calls per path, then `repeats` interleaved rounds "
+    "(each path of one L once per round); median and min of the repeats; ratios = ratio of medians "
+    "from the same run."
+)
+MEMORY_METHOD = (
+    "CPU: torch.profiler.profile(profile_memory=True) around one extra, untimed call; peak of the "
+    "running sum of the allocator's [memory] events (bytes allocated by the path beyond what was live "
+    "before it: inputs excluded, the output and every intermediate included). Buffers that do not come "
+    "from PyTorch's allocator (MKL's GEMM packing, per-thread LAPACK scratch) are not seen. "
+    "CUDA: torch.cuda.max_memory_allocated minus the allocation before the call."
+)
+
+
+def parse_lengths(text: str | Sequence[int]) -> tuple[int, ...]:
+    """'512,1024' -> (512, 1024); every length an int >= 2. ValueError with a sentence otherwise."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in items:
+        try:
+            n = int(str(item).strip())
+        except ValueError:
+            raise ValueError(f"lengths must be ints separated by commas, got {text!r}") from None
+        if n < 2:
+            raise ValueError(f"every length must be at least 2 tokens, got {n}")
+        out.append(n)
+    if not out:
+        raise ValueError("give at least one length")
+    return tuple(sorted(set(out)))
+
+
+def parse_ranks(text: str | Sequence[str | int]) -> tuple[str, ...]:
+    """'64,128,L/8' -> ('64', '128', 'L/8'): each item read by :func:`atp_viz.core.ranks.parse_rank`
+    (an int, a fraction of L or L/k) and kept as written (canonical case), so the JSON names its rows
+    by the spec the user gave."""
+    items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    out = []
+    for item in items:
+        tok = item.strip().replace(" ", "")
+        if not tok:
+            continue
+        value = _ranks.parse_rank(tok)
+        out.append(f"L/{int(tok[2:])}" if tok[:2].upper() == "L/" else str(value))
+    if not out:
+        raise ValueError("give at least one rank")
+    return tuple(dict.fromkeys(out))
+
+
+def ranks_for(spec: Sequence[str], L: int) -> list[tuple[int, list[str]]]:
+    """The distinct ranks of ``spec`` at length L, clamped to [1, L]: ``[(r, [spec tokens giving r])]``."""
+    by_rank: dict[int, list[str]] = {}
+    for tok in spec:
+        r, _notice = _ranks.resolve_rank(_ranks.parse_rank(tok), L)
+        by_rank.setdefault(r, []).append(tok)
+    return sorted(by_rank.items())
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "device": device,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "mkl": torch.backends.mkl.is_available(),
+        "sdpa_enable_gqa": sdpa_has_gqa(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = list(os.getloadavg())
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    return {"repeats_s": list(times), "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def time_paths(
+    paths: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str
+) -> dict[str, list[float]]:
+    """Warm every path up, then run ``repeats`` rounds with each path once per round (interleaved)."""
+    with torch.inference_mode():
+        for fn in paths.values():
+            for _ in range(warmup):
+                fn()
+        sync(device)
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                sync(device)
+                t0 = time.perf_counter()
+                out = fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+                del out
+    return times
+
+
+@contextlib.contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (only around the profiler's start and stop)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
+    """Peak bytes allocated by one call of ``fn`` beyond what was live before it (see MEMORY_METHOD)."""
+    with torch.inference_mode():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            del out
+            return int(peak)
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _fd2_silenced():  # the profiler's C++ side prints a start line on fd 2
+            prof.__enter__()
+        try:
+            out = fn()
+            del out
+        finally:
+            with _fd2_silenced():
+                prof.__exit__(None, None, None)
+    try:
+        events = prof.profiler.kineto_results.events()
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except (AttributeError, RuntimeError):
+        return None
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
+
+
+_GQA: list[bool] = []
+
+
+def sdpa_has_gqa() -> bool:
+    """Whether this torch's SDPA takes ``enable_gqa`` (torch >= 2.5); probed once on a tiny input."""
+    if not _GQA:
+        q, kv = torch.zeros(1, 2, 2, 4), torch.zeros(1, 1, 2, 4)
+        try:
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+            _GQA.append(True)
+        except (TypeError, RuntimeError):
+            _GQA.append(False)
+    return _GQA[0]

@@ -1,0 +1,334 @@
+"""Serving with ATP: a compressed KV cache for generation, and a strictly causal perplexity.
+
+Both run a decoder over a sequence in pieces, keeping each layer's past (keys after rotary
+embedding, values, attention inputs X) and letting the current piece attend to
+
+- the **compressed past**: r principal keys/values K' = U_r^T K_past, V' = U_r^T V_past with U_r the
+  top-r left singular vectors of the *past* tokens' X (or keys) — never of the current piece;
+- the **exact tail** (tokens kept exactly: those generated after the compressed prompt);
+- the **current piece** itself, exactly and causally.
+
+So the logits at position i depend on tokens <= i only: the basis sees past tokens, and the
+current piece is causally masked (``tests/test_serving.py`` perturbs later tokens to check).
+
+How the current piece combines the compressed past with the exact keys is each attention form's
+streaming step (``AttentionForm.stream`` in :mod:`atp_viz.forms`), and what the cache must keep is
+its ``cache_floats``: the linear form keeps K', V' and U_r^T 1 (a real compression); the exact form
+also keeps U_r (n x r) to rebuild the keys, smaller than dense only while r < 2 Hkv dh (n - r) / n.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from atp_viz import forms
+from atp_viz.core import basis as _basis
+from atp_viz.core import ranks
+from atp_viz.core.costs import BYTES_PER_FLOAT
+from atp_viz.core.progress import ProgressFn
+from atp_viz.forms import PrincipalPast
+from atp_viz.hf import backend
+from atp_viz.hf.model_info import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerMemory:
+    """One layer's past: ``k``/``v`` ``[Hkv, n, dh]`` kept exactly, ``x`` ``[n, d]`` their attention
+    inputs, and ``past`` the earlier tokens compressed to principal keys/values (or None)."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    past: PrincipalPast | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        self.x = x if self.x is None else torch.cat([self.x, x], dim=0)
+
+    @property
+    def n_exact(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+
+def compressed(
+    mem: LayerMemory, rank: int, *, basis_from: str = "input", method: str = "exact"
+) -> LayerMemory:
+    """A new memory holding ``mem``'s exact past as r principal keys/values (basis from that past).
+
+    ``mem`` itself is left as it is, so a caller can keep the exact past and re-compress it later.
+    """
+    if mem.k is None:
+        return LayerMemory()
+    n = mem.k.shape[1]
+    src = mem.x if basis_from == "input" else mem.k.transpose(0, 1).reshape(n, -1)  # (n, Hkv*dh)
+    u = _basis.principal_basis(src, min(rank, n), method)  # (n, r)
+    return LayerMemory(past=forms.compress(u, mem.k, mem.v))
+
+
+def streaming_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: LayerMemory, *, form: str, scaling: float
+) -> torch.Tensor:
+    """q ``[H, C, dh]`` (current piece), k/v ``[Hkv, C, dh]``; returns ``[H, C, dh]``: the form's
+    streaming step over ``mem``'s compressed past, its exact tail, and the current piece (causal)."""
+    keys = k if mem.k is None else torch.cat([mem.k, k], dim=1)  # (Hkv, T + C, dh): tail, then piece
+    vals = v if mem.v is None else torch.cat([mem.v, v], dim=1)
+    return forms.get(form).stream(q, keys, vals, mem.past, scaling=scaling)
+
+
+@dataclass
+class StreamPlan:
+    """Plugged into ``backend.activate(atp=...)``: attention over memories instead of dense.
+
+    Each layer attends to ``memories[layer]``; the piece's own keys, values and X are then appended
+    to ``stores[layer]`` (the same list for generation, a separate exact store for perplexity).
+    """
+
+    memories: list[LayerMemory]
+    form: str
+    stores: list[LayerMemory] | None = None
+    lowrank_linear: bool = False
+
+    def applies_to(self, layer: int) -> bool:
+        return True
+
+    def attention(self, state, layer, module, query, key, value, attention_mask, scaling):
+        if query.shape[0] != 1:
+            raise ValueError("streaming attention runs one sequence at a time")
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        mem = self.memories[layer]
+        out = streaming_attention(query[0], key[0], value[0], mem, form=self.form, scaling=scaling)
+        if self.stores is not None:
+            self.stores[layer].append(key[0], value[0], state.x[layer][0])
+        return out.transpose(0, 1)[None].contiguous(), None  # (1, C, H, dh)
+
+
+def _run_piece(loaded: LoadedModel, plan: StreamPlan, ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """Forward one piece at positions offset.. with the plan's memories; returns logits [C, V]."""
+    C = ids.shape[1]
+    pos = torch.arange(offset, offset + C, device=ids.device)[None]
+    with backend.activate(loaded.model, atp=plan):
+        out = loaded.model(input_ids=ids, position_ids=pos, use_cache=False)
+    return out.logits[0]
+
+
+def _new_memories(loaded: LoadedModel) -> list[LayerMemory]:
+    return [LayerMemory() for _ in range(loaded.info.n_layers)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Strictly causal perplexity
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    rank: int | None  # None: dense (every past token kept exactly)
+    form: str
+    chunk: int
+    n_tokens: int
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    top1: float  # next-token top-1 accuracy
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def chunked_logits(
+    loaded: LoadedModel,
+    ids: torch.Tensor,
+    *,
+    rank: int | float | None,
+    form: str = "exact",
+    chunk: int = 256,
+    basis_from: str = "input",
+    method: str = "exact",
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
+    keys/values (basis from those past tokens only) and to itself exactly and causally.
+
+    ``rank=None`` keeps the past exact (dense attention computed in chunks). A float rank in (0, 1]
+    is a share of the past: chunk c's past of n tokens keeps ``round(rank * n)`` principal keys.
+    Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
+    constant there, see ``atp.principal_basis``).
+    """
+    if not loaded.info.is_decoder:
+        raise ValueError("perplexity needs a decoder (causal LM)")
+    ids = ids.to(loaded.device)
+    L = ids.shape[1]
+    if chunk < 1:
+        raise ValueError("the chunk size must be at least 1 token")
+    if chunk >= L:
+        raise ValueError(
+            f"The chunk size ({chunk}) must be smaller than the text ({L} tokens): with one chunk there is "
+            "no past to compress. Use a smaller chunk or a longer text."
+        )
+    if rank is not None:
+        ranks.check_rank(rank)  # int >= 1 or a float in (0, 1]; clear errors otherwise
+    # The exact past of every layer, appended to as each chunk is processed (its keys and values as
+    # computed when that chunk was current); each chunk attends to a fresh compression of it.
+    stores = _new_memories(loaded)
+    all_logits = []
+    n_chunks = math.ceil(L / chunk)
+    for c in range(n_chunks):
+        piece = ids[:, c * chunk : (c + 1) * chunk]
+        if rank is None or c == 0:
+            # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
+            views = [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
+        else:
+            r = ranks.resolve_rank(rank, c * chunk)[0]
+            views = [compressed(m, r, basis_from=basis_from, method=method) for m in stores]
+        plan = StreamPlan(memories=views, form=form, stores=stores)
+        all_logits.append(_run_piece(loaded, plan, piece, c * chunk))
+        if progress:
+            progress((c + 1) / n_chunks, f"chunk {c + 1} of {n_chunks}")
+    return torch.cat(all_logits, dim=0)
+
+
+@torch.inference_mode()
+def perplexity(
+    loaded: LoadedModel,
+    ids: torch.Tensor,
+    *,
+    rank: int | None,
+    form: str = "exact",
+    chunk: int = 256,
+    progress: ProgressFn | None = None,
+) -> PerplexityResult:
+    """Strictly causal perplexity and top-1 accuracy of next-token prediction over ``ids``."""
+    t0 = time.perf_counter()
+    logits = chunked_logits(loaded, ids, rank=rank, form=form, chunk=chunk, progress=progress)
+    target = ids[0, 1:].to(logits.device)
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    nll = float(-logp.gather(1, target[:, None]).mean())
+    top1 = float((logits[:-1].argmax(-1) == target).float().mean())
+    return PerplexityResult(rank, form, chunk, ids.shape[1], nll, top1, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation with a compressed KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+def kv_bytes(info, n_exact: int, n_compressed: int, rank: int | None, form: str) -> int:
+    """Bytes of the KV cache across layers: exact tokens plus the compressed part (the form's
+    ``cache_floats``)."""
+    total = n_exact * 2 * info.n_kv_heads * info.head_dim
+    if rank is not None and n_compressed:
+        total += forms.get(form).cache_floats(n_compressed, rank, info.n_kv_heads, info.head_dim)
+    elif n_compressed:
+        total += n_compressed * 2 * info.n_kv_heads * info.head_dim
+    return total * info.n_layers * BYTES_PER_FLOAT
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_tokens: int
+    rank: int | None
+    form: str
+    new_ids: tuple[int, ...]
+    kv_cache_bytes: int  # at the end of generation
+    dense_kv_cache_bytes: int  # a dense cache of the same tokens
+    seconds: float
+
+
+@torch.inference_mode()
+def generate(
+    loaded: LoadedModel,
+    prompt_ids: torch.Tensor,
+    *,
+    rank: int | None,
+    form: str = "exact",
+    max_new_tokens: int = 32,
+    basis_from: str = "input",
+    stop: Callable[[], bool] | None = None,
+    progress: ProgressFn | None = None,
+) -> Generation:
+    """Greedy decoding. ``rank=None``: dense cache. Otherwise the prompt (prefilled densely; the
+    prompt is fully known, so its basis is legitimate) is compressed to ``rank`` principal
+    keys/values per layer, and new tokens are kept exactly in a tail.
+
+    Stops at EOS, at ``max_new_tokens``, at the model's context limit, or when ``stop()`` is true.
+    """
+    info = loaded.info
+    if not info.is_decoder:
+        raise ValueError("generation needs a decoder (causal LM)")
+    prompt_ids = prompt_ids.to(loaded.device)
+    L = prompt_ids.shape[1]
+    if L < 2 and rank is not None:
+        raise ValueError("The prompt has one token: there is nothing to compress. Give a longer prompt.")
+    if rank is not None and rank > L:
+        raise ValueError(f"Rank {rank} is larger than the prompt ({L} tokens); choose r <= {L}.")
+    if info.max_tokens <= L:
+        raise ValueError(f"The prompt ({L} tokens) already fills the model's context ({info.max_tokens}).")
+    t0 = time.perf_counter()
+    prompt = _new_memories(loaded)
+    empty = _new_memories(loaded)
+    logits = _run_piece(loaded, StreamPlan(memories=empty, form="exact", stores=prompt), prompt_ids, 0)
+    # Dense prefill (no past, exact causal). Then the cache: the prompt exact, or compressed once.
+    cache = prompt if rank is None else [compressed(m, rank, basis_from=basis_from) for m in prompt]
+    plan = StreamPlan(memories=cache, form=form if rank is not None else "exact", stores=cache)
+    eos = loaded.tokenizer.eos_token_id
+    new: list[int] = []
+    nxt = int(logits[-1].argmax())
+    for t in range(max_new_tokens):
+        new.append(nxt)
+        if progress:
+            progress((t + 1) / max_new_tokens, f"token {t + 1} of at most {max_new_tokens}")
+        if nxt == eos or L + len(new) >= info.max_tokens or (stop is not None and stop()):
+            break
+        logits = _run_piece(loaded, plan, torch.tensor([[nxt]], device=prompt_ids.device), L + t)
+        nxt = int(logits[-1].argmax())
+    n_tail = len(new) - 1  # the last token's keys were never computed
+    return Generation(
+        prompt_tokens=L,
+        rank=rank,
+        form=form,
+        new_ids=tuple(new),
+        kv_cache_bytes=kv_bytes(info, n_tail, L if rank is not None else 0, rank, form)
+        if rank is not None
+        else kv_bytes(info, L + n_tail, 0, None, form),
+        dense_kv_cache_bytes=kv_bytes(info, L + n_tail, 0, None, form),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int | None]:
+    """(share of positions where the two greedy texts agree, first diverging position or None)."""
+    n = min(len(a), len(b))
+    first = next((i for i in range(n) if a[i] != b[i]), None)
+    if first is None and len(a) != len(b):
+        first = n
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    return (same / n if n else 1.0), first
+
+
+def rank_grid(n: int) -> list[int]:
+    return [r for r in (16, 32, 64, 128, 256) if r < n]
+
+
+def as_table(results: Sequence[PerplexityResult], dense: PerplexityResult) -> list[dict]:
+    rows = [
+        {
+            "rank": r.rank,
+            "form": r.form,
+            "perplexity": r.perplexity,
+            "top1": r.top1,
+            "top1_minus_dense": r.top1 - dense.top1,
+            "seconds": r.seconds,
+        }
+        for r in results
+    ]
+    head = {"rank": "dense", "form": "-", "perplexity": dense.perplexity, "top1": dense.top1}
+    return [{**head, "top1_minus_dense": 0.0, "seconds": dense.seconds}, *rows]

@@ -1,0 +1,89 @@
+"""What every command shares: argument types, reading a text file, writing JSON, progress lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from atp_viz import forms
+from atp_viz.core import basis, ranks
+from atp_viz.core.progress import ProgressFn
+from atp_viz.text.inputs import read_text_file
+
+MODEL_HELP = "minilm | smollm2 | tiny-* | tuned:DIR | folder | hub id"
+
+__all__ = ["MODEL_HELP", "add_form", "add_basis_method", "rank_arg", "read_text_file", "write_json"]
+
+
+def arg_type(parse):
+    """An argparse type from one of the project's parsers (their ValueError becomes a usage error)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+rank_arg = arg_type(ranks.parse_rank)
+fraction_arg = arg_type(ranks.parse_fraction)
+rank_list_arg = arg_type(ranks.parse_rank_list)
+
+
+def add_form(parser: argparse.ArgumentParser, *, default: str = forms.DEFAULT, many: bool = False) -> None:
+    """``--form`` (or ``--forms a,b``) with the registered attention forms as choices."""
+    if many:
+        parser.add_argument(
+            "--forms",
+            type=arg_type(_form_list),
+            default=list(forms.names()),
+            help=f"comma-separated forms (default: all registered: {','.join(forms.names())})",
+        )
+    else:
+        parser.add_argument("--form", choices=forms.names(), default=default, help="attention form")
+
+
+def _form_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        forms.get(n)  # ValueError naming the registered forms
+    if not names:
+        raise ValueError("Give at least one form.")
+    return names
+
+
+def add_basis_method(parser: argparse.ArgumentParser, default: str = "exact") -> None:
+    parser.add_argument("--basis-method", choices=basis.METHODS, default=default, help="how U_r is computed")
+
+
+def write_json(obj, out: str | None) -> None:
+    """``obj`` as indented JSON to the file ``out`` (folders created), or to stdout."""
+    text = json.dumps(obj, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def stderr_progress(every: float = 10.0) -> ProgressFn:
+    """Progress lines on stderr: every new phase (a message whose first word changes) at once, repeats
+    of one phase ("step 3 of 200 ...") at most one every ``every`` seconds, the end always."""
+    t0 = time.perf_counter()
+    last = [-every, ""]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.perf_counter() - t0
+        phase = message.split(" ", 1)[0]
+        if now - last[0] >= every or fraction >= 1.0 or phase != last[1]:
+            last[0], last[1] = now, phase
+            print(f"[{now:6.0f} s] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+    return progress

@@ -1,0 +1,76 @@
+"""``atp-viz compare``: ATP vs dense on one text at one rank (the explorer's metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from atp_viz.cli.common import MODEL_HELP, add_basis_method, add_form, rank_arg, read_text_file, write_json
+from atp_viz.hf.engine import BASIS_SOURCES
+
+
+def register(sub) -> None:
+    c = sub.add_parser("compare", help="ATP vs dense on one text at one rank")
+    c.add_argument("--model", default="minilm", help=MODEL_HELP)
+    c.add_argument("--text-file", required=True)
+    c.add_argument("--rank", type=rank_arg, default=0.5, help="int (principal keys), fraction of L, or L/k")
+    add_form(c)
+    c.add_argument("--layers", default="all", help="'all', '3', '0-5' or '1,3,7'")
+    c.add_argument("--basis", choices=tuple(BASIS_SOURCES), default="input", help="basis from X or from K")
+    add_basis_method(c)
+    c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
+    c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
+    c.add_argument("--sweep", action="store_true", help="also sweep the rank for every form")
+    c.add_argument("--json", help="write the result here (default: stdout)")
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from atp_viz.analysis import compare
+    from atp_viz.hf.engine import ATPConfig, parse_layers
+    from atp_viz.hf.models import load_model
+    from atp_viz.text.inputs import tokenize
+
+    text = read_text_file(args.text_file)
+    loaded = load_model(args.model)
+    tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
+    config = ATPConfig(
+        rank=args.rank,
+        form=args.form,
+        layers=parse_layers(args.layers, loaded.info.n_layers),
+        basis_source=args.basis,
+        lowrank_linear=args.lowrank_linear,
+        basis_method=args.basis_method,
+    )
+    dense = compare.forward(loaded, tok)
+    run_ = compare.forward(loaded, tok, config)
+    result = compare.compare(dense, run_).as_dict(loaded.tokenizer)
+    result.update(model=args.model, text_file=args.text_file, truncation_notice=tok.notice)
+    if tok.notice:
+        print(f"note: {tok.notice}", file=sys.stderr)
+    if loaded.info.is_decoder and args.new_tokens > 0:
+        cont = compare.continuation(loaded, tok, config, n_new=args.new_tokens)
+        result["continuation"] = {
+            "dense": loaded.tokenizer.decode(list(cont.dense_ids)),
+            "atp": loaded.tokenizer.decode(list(cont.atp_ids)),
+            "first_divergence": cont.first_divergence,
+            "agreement": cont.agreement,
+        }
+    if args.sweep:
+        sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
+        result["sweep"] = {
+            "metric": sw.metric,
+            "ranks": sw.ranks.tolist(),
+            "errors": {name: errs.tolist() for name, errs in sw.errors.items()},
+        }
+    summary = f"{config.label()}: r = {result['rank']} of L = {result['n_tokens']}"
+    if "embedding_cosine_to_dense" in result:
+        summary += f", embedding cosine to dense {result['embedding_cosine_to_dense']:.4f}"
+    else:
+        summary += (
+            f", next-token KL {result['next_token_kl_dense_to_atp']:.4f} nats, "
+            f"top-1 agrees: {result['next_token_top1_agree']}"
+        )
+    print(summary, file=sys.stderr)
+    write_json(result, args.json)
+    return 0

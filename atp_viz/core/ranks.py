@@ -1,0 +1,106 @@
+"""Ranks: the one place that reads a rank a user typed and turns it into a number of principal keys.
+
+A rank is either an **int** (an absolute number of principal keys, ``64``) or a **float in (0, 1]**
+(a share of the sequence length L, ``0.5`` = L/2). Text is parsed by :func:`parse_rank` (``"64"``,
+``"0.5"``, ``"L/8"``); :func:`resolve_rank` turns a rank into ``r`` for one sequence. Every command,
+page, URL parser and config in the project goes through these two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Rank = int | float
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool) or type(x).__name__ in ("bool", "bool_")  # numpy's bool too
+
+
+def check_rank(rank: Any) -> Rank:
+    """Validate a rank without a sequence at hand: an int >= 1 or a float in (0, 1]; returns it.
+
+    Raises TypeError for a bool or a non-number (``True`` would otherwise silently mean rank 1) and
+    ValueError for a value out of range.
+    """
+    if _is_bool(rank):
+        raise TypeError(
+            "rank must be an int (number of principal keys) or a float fraction of L, not a bool."
+        )
+    if hasattr(rank, "__index__") and not isinstance(rank, float):
+        r = rank.__index__()
+        if r <= 0:
+            raise ValueError(f"The rank must be at least 1 principal key, got {r}.")
+        return r
+    if hasattr(rank, "__float__") and not isinstance(rank, str):
+        frac = float(rank)
+        if not math.isfinite(frac) or frac <= 0.0 or frac > 1.0:
+            raise ValueError(
+                f"A fractional rank must lie in (0, 1] (a share of the sequence length L), got {rank}. "
+                "Give an int for an absolute number of principal keys."
+            )
+        return frac
+    raise TypeError(f"rank must be an int or a float in (0, 1], got {type(rank).__name__}.")
+
+
+def resolve_rank(rank: Rank, L: int) -> tuple[int, str | None]:
+    """Turn a rank into ``(r, notice)`` for a sequence of ``L`` tokens.
+
+    - int: ``rank > L`` is clamped to ``L`` and ``notice`` says so;
+    - float in (0, 1]: a share of ``L``, rounded half up, at least 1 (so ``1.0`` means all L tokens,
+      while the int ``1`` means one principal key).
+
+    Errors as in :func:`check_rank`.
+    """
+    if _is_bool(L) or not hasattr(L, "__index__") or L.__index__() < 1:
+        raise ValueError(f"The sequence length L must be a positive int, got {L!r}.")
+    L = L.__index__()
+    rank = check_rank(rank)
+    if isinstance(rank, int):
+        if rank > L:
+            return L, f"Rank {rank} exceeds the sequence length L = {L}; using r = {L} (full rank)."
+        return rank, None
+    return max(1, min(L, math.floor(rank * L + 0.5))), None
+
+
+def parse_rank(text: str) -> Rank:
+    """``"64"`` -> 64 principal keys; ``"0.5"`` -> half of L; ``"L/8"`` -> 0.125 (an eighth of L).
+
+    Raises ValueError with a sentence for the user.
+    """
+    raw = str(text).strip()
+    try:
+        if raw[:2].upper() == "L/":
+            k = int(raw[2:])
+            if k < 1:
+                raise ValueError
+            return check_rank(1.0 / k)
+        value: Rank = float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except (ValueError, ZeroDivisionError, IndexError):
+        raise ValueError(
+            f"Cannot read the rank {text!r}: give an int (principal keys, 64), a fraction of L (0.5) or L/k."
+        ) from None
+    return check_rank(value)
+
+
+def parse_fraction(text: str) -> float:
+    """A rank that must be a share of L (``"0.5"``, ``"L/4"``), e.g. for fine-tuning over texts of many
+    lengths; ValueError otherwise."""
+    value = parse_rank(text)
+    if not isinstance(value, float):
+        raise ValueError(f"The rank must be a share of L such as 0.5 or L/4 here, got {text!r}.")
+    return value
+
+
+def parse_rank_list(text: str) -> list[Rank]:
+    """``"4,16,0.25,L/8"`` -> ``[4, 16, 0.25, 0.125]`` (order kept); ValueError on any bad item."""
+    items = [t for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError("Give at least one rank (e.g. 16,64 or 0.25,0.5).")
+    return [parse_rank(t) for t in items]
+
+
+def describe(rank: Rank) -> str:
+    """``r = 64`` or ``r = 0.5 L``: how a rank is printed everywhere."""
+    return f"r = {rank:g} L" if isinstance(rank, float) else f"r = {rank}"

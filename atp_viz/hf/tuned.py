@@ -1,0 +1,81 @@
+"""Fine-tuned runs on disk: a folder with peft LoRA adapters and ``atp_tuning.json``.
+
+``load_model("tuned:<folder>")`` (:mod:`atp_viz.hf.models`) loads the run's base model with the
+adapters merged in, so every page and the ATP backend work on it unchanged. The sidebar lists the
+finished runs found by :func:`find_runs` (the cache's ``tuned/`` folder and the repository's
+``data/tuned/``). Writing runs is :mod:`atp_viz.analysis.finetune`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from atp_viz.core.progress import ProgressFn
+from atp_viz.hf import checkpoints
+from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir
+
+SETTINGS_FILE = "atp_tuning.json"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "tuned"
+
+
+def read_settings(folder: str | Path) -> dict:
+    path = Path(folder).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} is not an ATP fine-tuning run (no {SETTINGS_FILE}).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+
+
+def tuned_label(meta: dict) -> str:
+    s = meta["settings"]
+    return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']})"
+
+
+def load_tuned(
+    folder: str | Path,
+    place: dict[str, Any],
+    *,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """The base model with the run's adapters merged in (a plain transformers model again)."""
+    from peft import PeftModel
+
+    folder = Path(folder).expanduser()
+    meta = read_settings(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{folder} has no adapter_config.json (an unfinished or cancelled run?).")
+    loaded = checkpoints.load_checkpoint(meta["base_model"], place, device=device, progress=progress)
+    model = PeftModel.from_pretrained(loaded.model, folder).merge_and_unload()
+    model.eval()
+    info = replace(
+        loaded.info,
+        key=f"{TUNED_PREFIX}{folder}",
+        label=tuned_label(meta),
+        source=f"{loaded.info.source} + LoRA adapters from {folder}",
+    )
+    return LoadedModel(model=model, tokenizer=loaded.tokenizer, info=info)
+
+
+def find_runs(roots: Sequence[Path] | None = None) -> list[tuple[Path, dict]]:
+    """Finished runs (with metrics) under the default places: ``<cache>/tuned`` and ``data/tuned``."""
+    if roots is None:
+        roots = [cache_dir() / "tuned", SHIPPED_DIR]
+    runs = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for sub in sorted(root.iterdir()):
+            try:
+                meta = read_settings(sub)
+            except ModelLoadError:
+                continue
+            if "metrics" in meta and (sub / "adapter_config.json").is_file():
+                runs.append((sub, meta))
+    return runs

@@ -1,0 +1,1 @@
+"""What leaves the app: figure and table exports, the offline HTML report."""

@@ -1,0 +1,1 @@
+"""Text in: the bundled samples, uploads and typed text, tokenisation, and the docstring corpora."""
