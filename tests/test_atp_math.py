@@ -488,3 +488,29 @@ def test_low_precision_dtypes_run_in_that_dtype(form):
         out = atp_attention(q.to(dtype), k.to(dtype), v.to(dtype), U.to(dtype), form=form, causal=True)
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_the_one_rank_parser():
+    from atp_viz.core.ranks import parse_fraction, parse_rank, parse_rank_list
+
+    assert parse_rank("64") == 64 and isinstance(parse_rank("64"), int)
+    assert parse_rank("0.5") == 0.5 and parse_rank("1.0") == 1.0 and parse_rank(" l/8 ") == 0.125
+    assert parse_rank_list("4,16, 0.25,L/4") == [4, 16, 0.25, 0.25]
+    assert parse_fraction("L/4") == 0.25
+    for bad, match in (
+        ("0", "at least 1"),
+        ("1.5", r"\(0, 1\]"),
+        ("L/0", "Cannot read"),
+        ("half", "Cannot read"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_rank(bad)
+    with pytest.raises(ValueError, match="share of L"):
+        parse_fraction("64")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_rank_list(" , ")
+    assert parse_rank("0", check=False) == 0  # a caller with its own range says what is wrong
+    # The fractional-rank message quotes no made-up token count (it once said "the 1000000 tokens").
+    with pytest.raises(ValueError) as err:
+        parse_rank("2.5")
+    assert "1000000" not in str(err.value) and "sequence length L" in str(err.value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +11,11 @@ import torch
 
 from atp_viz.analysis import spectra
 from atp_viz.analysis.capture import capture
+from atp_viz.core.progress import ProgressFn
 from atp_viz.hf.model_info import LoadedModel
 from atp_viz.text.inputs import Tokenized, tokenize
 
 logger = logging.getLogger(__name__)
-ProgressFn = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)

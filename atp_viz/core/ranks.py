@@ -64,10 +64,11 @@ def resolve_rank(rank: Rank, L: int) -> tuple[int, str | None]:
     return max(1, min(L, math.floor(rank * L + 0.5))), None
 
 
-def parse_rank(text: str) -> Rank:
+def parse_rank(text: str, *, check: bool = True) -> Rank:
     """``"64"`` -> 64 principal keys; ``"0.5"`` -> half of L; ``"L/8"`` -> 0.125 (an eighth of L).
 
-    Raises ValueError with a sentence for the user.
+    Raises ValueError with a sentence for the user. ``check=False`` only reads the number (a caller with
+    a narrower range of its own, such as a slider, says what is wrong in its own terms).
     """
     raw = str(text).strip()
     try:
@@ -75,13 +76,13 @@ def parse_rank(text: str) -> Rank:
             k = int(raw[2:])
             if k < 1:
                 raise ValueError
-            return check_rank(1.0 / k)
+            return 1.0 / k
         value: Rank = float(raw) if any(c in raw for c in ".eE") else int(raw)
     except (ValueError, ZeroDivisionError, IndexError):
         raise ValueError(
             f"Cannot read the rank {text!r}: give an int (principal keys, 64), a fraction of L (0.5) or L/k."
         ) from None
-    return check_rank(value)
+    return check_rank(value) if check else value
 
 
 def parse_fraction(text: str) -> float:

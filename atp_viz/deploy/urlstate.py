@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from atp_viz.core import ranks
+
 FRACTION_STEP = 0.05  # the explorer's "Rank r / L" slider step
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -24,25 +26,22 @@ def format_rank(unit: str, value: float | int) -> str:
 
 
 def parse_rank(raw: str, n_tokens: int) -> tuple[str, float | int]:
-    """``("fraction", f)`` for "0.25" (a multiple of 0.05 in [0.05, 1]) or ``("tokens", r)`` for "83"
-    (1 <= r <= the text's tokens)."""
+    """``("fraction", f)`` for "0.25" (a multiple of 0.05 in [0.05, 1], the slider's values) or
+    ``("tokens", r)`` for "83" (1 <= r <= the text's tokens). Read by the project's one rank parser
+    (:func:`atp_viz.core.ranks.parse_rank`), then checked against what the explorer's widgets offer."""
     raw = raw.strip()
-    if "." in raw:
-        try:
-            f = float(raw)
-        except ValueError:
-            raise _not_a_rank(raw) from None
-        steps = round(f / FRACTION_STEP)
-        if not (FRACTION_STEP - 1e-9 <= f <= 1 + 1e-9) or abs(steps * FRACTION_STEP - f) > 1e-6:
+    try:
+        value = ranks.parse_rank(raw, check=False)
+    except (ValueError, TypeError):
+        raise _not_a_rank(raw) from None
+    if isinstance(value, float):
+        steps = round(value / FRACTION_STEP)
+        if not (FRACTION_STEP - 1e-9 <= value <= 1 + 1e-9) or abs(steps * FRACTION_STEP - value) > 1e-6:
             raise ValueError(f"rank={raw} is not a fraction of L between 0.05 and 1 in steps of 0.05.")
         return "fraction", round(steps * FRACTION_STEP, 2)
-    try:
-        r = int(raw)
-    except ValueError:
-        raise _not_a_rank(raw) from None
-    if not 1 <= r <= n_tokens:
-        raise ValueError(f"rank={r} is out of range: this text has {n_tokens} tokens (r from 1 to L).")
-    return "tokens", r
+    if not 1 <= value <= n_tokens:
+        raise ValueError(f"rank={value} is out of range: this text has {n_tokens} tokens (r from 1 to L).")
+    return "tokens", value
 
 
 def parse_choice(raw: str, choices: Sequence[str], name: str) -> str:
