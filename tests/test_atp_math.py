@@ -514,3 +514,36 @@ def test_the_one_rank_parser():
     with pytest.raises(ValueError) as err:
         parse_rank("2.5")
     assert "1000000" not in str(err.value) and "sequence length L" in str(err.value)
+
+
+def test_randomized_basis_is_deterministic_without_a_generator():
+    """The same input gives the same basis whatever the global random state (a figure must not move
+    between two runs of the same setting)."""
+    x = _randn(300, 40, seed=21, dtype=torch.float32)
+    torch.manual_seed(1)
+    a = principal_basis(x, 6, "randomized")
+    torch.manual_seed(2)
+    torch.randn(10)
+    assert torch.equal(principal_basis(x, 6, "randomized"), a)
+
+
+@pytest.mark.parametrize("L", [7, 33, 150])
+@pytest.mark.parametrize("r", [2, 8, 9, 30])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_branches_equal_the_explicit_L_by_L_formula(L, r, causal):
+    """Both evaluation orders of the linear form, (q K'^T) [V'|s] (r <= 8 here) and q (K'^T [V'|s])
+    (r >= 9), and the blockwise causal path, against an explicit (1 + s) L x L matrix on V_r."""
+    r = min(r, L)
+    dh = 16
+    assert linear_form.reassociate(r, dh) == (r >= 9)
+    x = _randn(2, L, 40, seed=L + r)
+    q, k, v = _qkv_from_x(x, 4, 2, dh, seed=3)
+    U = principal_basis(x, r)
+    c = dh**-0.5
+    Kr, Vr = _proj(U).unsqueeze(1) @ k, _proj(U).unsqueeze(1) @ v  # rebuilt keys and values
+    A = 1.0 + c * (q @ _repeat(Kr, 2).mT)  # (B, H, L, L): the first-order weights, explicitly
+    if causal:
+        A = A.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), 0.0)
+    expected = (A @ _repeat(Vr, 2)) / A.sum(-1, keepdim=True)
+    out = atp_attention(q, k, v, U, form="linear", causal=causal, chunk_size=5)
+    torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-8)

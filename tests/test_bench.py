@@ -203,3 +203,102 @@ def test_layer_paths_agree_numerically():
         torch.testing.assert_close(sdpa.transpose(1, 2), eager, atol=1e-5, rtol=1e-4)
         out = layer.atp_layer(t["x"], t["q"], t["k"], t["v"], 8, "randomized")
     assert out.shape == sdpa.shape and torch.isfinite(out).all()
+
+
+def test_median_interval_from_order_statistics():
+    assert timing.median_ci([1, 2, 3, 4, 5]) is None  # too few for 95%
+    assert timing.median_ci(list(range(1, 7))) == (1, 6)
+    assert timing.median_ci(list(range(10, 0, -1))) == (2, 9)  # sorted first
+    assert timing.median_ci(list(range(1, 31))) == (10, 21)  # the textbook pair for n = 30
+
+
+def test_paths_repeat_until_their_median_is_known(monkeypatch):
+    """A path whose times scatter widely runs again (up to the cap); a steady one stops at the minimum."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    calls = {"steady": 0, "noisy": 0}
+    widths = iter([1, 30] * 100)
+
+    def steady():
+        calls["steady"] += 1
+
+    def noisy():
+        calls["noisy"] += 1
+        for _ in range(next(widths)):  # alternately 1 and 30 clock ticks: the interval never narrows
+            next(clock)
+
+    times = timing.time_paths(
+        {"steady": steady, "noisy": noisy}, repeats=6, warmup=0, device="cpu", max_repeats=15
+    )
+    assert len(times["steady"]) == 6 and timing.summary(times["steady"])["converged"]
+    assert len(times["noisy"]) == 15 and not timing.summary(times["noisy"])["converged"]
+
+
+def test_inconsistent_rows_are_flagged():
+    def t(median, lo, hi):
+        return {"median_s": median, "median_ci_s": [lo, hi]}
+
+    row = {
+        "atp": [
+            {"rank": 64, "basis_method": "exact", "total": t(1.0, 0.9, 1.1), "basis": t(1.3, 1.2, 1.4),
+             "attention": t(0.2, 0.1, 0.3)},
+            {"rank": 128, "basis_method": "exact", "total": t(0.5, 0.45, 0.55), "basis": t(0.3, 0.2, 0.4),
+             "attention": t(0.2, 0.1, 0.3)},
+        ]
+    }  # fmt: skip
+    flags = layer.inconsistencies(row)
+    assert any("basis alone slower" in f for f in flags) and any("r=128 faster than r=64" in f for f in flags)
+    row["atp"][0]["basis"] = t(0.5, 0.4, 0.6)
+    row["atp"][1]["total"] = t(1.2, 1.1, 1.3)
+    assert layer.inconsistencies(row) == []
+
+
+def test_prefill_with_an_exact_full_rank_past_is_dense_and_reports_every_key(tmp_path):
+    """bench --prefill times dense and ATP and scores both on the same positions: with the exact form and
+    as many principal keys as past tokens, ATP prefill is dense attention, so perplexities agree and every
+    top-1 prediction matches (a misaligned scoring or a leaky chunk would not)."""
+    out = tmp_path / "prefill.json"
+    argv = ["bench", "--prefill", "--model", "tiny-llama", "--tokens", "96", "--rank", "96", "--chunk", "32",
+            "--form", "exact", "--basis-method", "exact", "--repeats", "1", "--max-repeats", "1",
+            "--json", str(out), "--quiet"]  # fmt: skip
+    from atp_viz.cli import main
+
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    for key in ("dense_seconds", "atp_seconds", "speedup", "ceiling", "dense_perplexity", "atp_perplexity",
+                "top1_agreement"):  # fmt: skip
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["speedup"] == pytest.approx(r["dense_seconds"] / r["atp_seconds"])
+    assert r["ceiling"] == pytest.approx(r["macs"]["dense_total"] / r["macs"]["atp_total"])
+    assert r["atp_perplexity"] == pytest.approx(r["dense_perplexity"], rel=1e-4)
+    assert r["top1_agreement"] == 1.0 and r["n_scored"] == 96 - 32 - 1
+    assert sum(r["scored_per_module"].values()) == r["n_scored"]
+    argv[argv.index("--rank") + 1] = "2"  # two principal keys of a 32-wide input: the past is squeezed
+    assert main(argv) == 0
+    low = json.loads(out.read_text())
+    assert low["atp_perplexity"] != pytest.approx(low["dense_perplexity"], rel=1e-4)
+    assert low["dense_perplexity"] == pytest.approx(r["dense_perplexity"], rel=1e-6)
+    assert low["ceiling"] > r["ceiling"]
+
+
+def test_prefill_counts_the_projections_and_head_and_refuses_bad_settings():
+    from atp_viz.analysis.bench import prefill
+    from atp_viz.hf.models import load_model
+
+    loaded = load_model("tiny-llama")
+    per_token = prefill.linear_macs_per_token(loaded.model)
+    i = loaded.info
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    assert per_token > vocab * i.d_model  # the LM head, and every layer's projections on top
+    macs = prefill.counted_macs(
+        loaded, 96, rank=8, form="linear", chunk=32, basis_from="input", method="exact"
+    )
+    assert macs["linear_layers"] == 96 * per_token
+    assert macs["dense_attention"] == i.n_layers * i.n_heads * 96 * 97 * i.head_dim
+    bad = ((dict(rank=0.5), "an int"), (dict(rank=8, chunk=96), "smaller than"), (dict(form="x"), "'x'"))
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            prefill.run_prefill(loaded, 96, **{"form": "exact", "rank": 8, "chunk": 32, **kw})
+    enc = load_model("tiny-bert")
+    with pytest.raises(ValueError, match="decoder"):
+        prefill.run_prefill(enc, 32, form="exact", rank=4)

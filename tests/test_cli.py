@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from atp_viz import forms
 from atp_viz.cli import main
@@ -56,7 +57,22 @@ def test_compare_decoder_json_with_continuation_and_sweep(tmp_path, text_file):
     assert rc == 0
     d = json.loads(out.read_text())
     assert d["rank"] == 4 and d["config"]["form"] == "linear"
-    assert len(d["top10_dense"]) == 10 and d["next_token_kl_dense_to_atp"] >= 0
+    assert len(d["top10_dense"]) == 10
+    # the KL printed is that of the two distributions, computed here independently of the command
+    from atp_viz.analysis import compare
+    from atp_viz.hf.engine import ATPConfig
+    from atp_viz.hf.models import load_model
+    from atp_viz.text.inputs import tokenize
+
+    loaded = load_model("tiny-llama")
+    tok = tokenize(loaded.tokenizer, text_file.read_text(), loaded.info.max_tokens)
+    p = torch.log_softmax(torch.from_numpy(compare.forward(loaded, tok).next_logits).double(), -1)
+    q = torch.log_softmax(
+        torch.from_numpy(compare.forward(loaded, tok, ATPConfig(4, "linear")).next_logits).double(), -1
+    )
+    assert d["next_token_kl_dense_to_atp"] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-6)
+    top = [t["p"] for t in d["top10_dense"]]
+    assert top == sorted(top, reverse=True) and top[0] == pytest.approx(float(p.exp().max()), rel=1e-6)
     assert set(d["continuation"]) >= {"dense", "atp", "first_divergence", "agreement"}
     assert set(d["sweep"]["errors"]) == set(forms.names())
     assert all(len(e) == len(d["sweep"]["ranks"]) for e in d["sweep"]["errors"].values())
@@ -79,3 +95,60 @@ def test_bad_inputs_exit_2(tmp_path, text_file, capsys):
     assert "do not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--rank", "half"])
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_a_tuned_model_is_also_compared_with_its_original(tmp_path, text_file, model):
+    """compare and perplexity on ``tuned:DIR`` also report the figures against the untouched base model.
+    A run of 0 steps is the base model, so those equal the figures against its own dense forward; a
+    trained run's differ."""
+    from atp_viz.analysis.finetune import training
+    from atp_viz.analysis.finetune.config import TuneConfig
+
+    decoder = model == "tiny-llama"
+    texts = [text_file.read_text() * 6] if decoder else [text_file.read_text()] * 4
+    extra = dict(seq_len=48, chunk=16, eval_windows=1) if decoder else dict(eval_texts=2, batch=4)
+    runs = {}
+    for steps in (0, 3):
+        cfg = TuneConfig(model=model, steps=steps, lr=3e-2, **extra)
+        runs[steps] = training.train(cfg, tmp_path / f"run{steps}", texts=texts).out_dir
+    got = {}
+    for steps, folder in runs.items():
+        out = tmp_path / f"c{steps}.json"
+        argv = ["compare", "--model", f"tuned:{folder}", "--text-file", str(text_file), "--rank", "0.5",
+                "--new-tokens", "0", "--json", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        got[steps] = json.loads(out.read_text())
+        assert got[steps]["original_model"] == model
+    if decoder:
+        assert got[0]["kl_to_original_dense"] == pytest.approx(got[0]["next_token_kl_dense_to_atp"], abs=1e-7)
+        assert got[0]["top1_agrees_with_original_dense"] == got[0]["next_token_top1_agree"]
+        assert got[3]["kl_to_original_dense"] != pytest.approx(got[3]["next_token_kl_dense_to_atp"], abs=1e-7)
+        out, long_text = tmp_path / "p.json", tmp_path / "long.txt"
+        long_text.write_text(texts[0])
+        argv = ["perplexity", "--model", f"tuned:{runs[3]}", "--text-file", str(long_text), "--seq-len", "40",
+                "--chunk", "16", "--ranks", "4", "--forms", "exact", "--json", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["rank"] for r in rows] == ["original dense", "dense", 4]
+        assert all("top1_minus_original_dense_ci" in r for r in rows[1:])
+    else:
+        assert got[0]["embedding_cosine_to_original_dense"] == pytest.approx(
+            got[0]["embedding_cosine_to_dense"]
+        )
+        assert got[3]["embedding_cosine_to_original_dense"] != pytest.approx(
+            got[3]["embedding_cosine_to_dense"], abs=1e-6
+        )
+
+
+def test_finetune_command_runs_both_stages_and_copies_its_record(tmp_path, text_file):
+    out, copy = tmp_path / "run", tmp_path / "docs" / "run.json"
+    argv = ["finetune", "--model", "tiny-bert", "--form", "taylor2", "--rank", "0.5", "--transfer-steps", "2",
+            "--steps", "1", "--batch", "4", "--eval-texts", "4", "--out", str(out),
+            "--json-copy", str(copy)]  # fmt: skip
+    assert main(argv) == 0
+    meta = json.loads(copy.read_text())
+    assert meta == json.loads((out / "atp_tuning.json").read_text())
+    assert len(meta["transfer_losses"]) == 2 and len(meta["losses"]) == 1
+    assert meta["command"][:3] == ["python", "-m", "atp_viz"] and "--transfer-steps" in meta["command"]
+    assert meta["settings"]["form"] == "taylor2" and meta["settings"]["transfer_steps"] == 2

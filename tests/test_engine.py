@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -91,25 +92,33 @@ def test_layers_subset_leaves_other_layers_dense(load):
 
 
 @pytest.mark.parametrize("key", ["tiny-bert", "tiny-llama"])
-@pytest.mark.parametrize("form", ["exact", "linear"])
+@pytest.mark.parametrize("form", forms.names())
 @pytest.mark.parametrize("rank", [0.5, 3])
-def test_padded_batch_equals_unbatched(load, key, form, rank):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_unbatched(load, key, form, rank, side):
+    """A batch padded on either side gives each sequence what it gives alone (positions passed
+    explicitly, so left padding does not shift them)."""
     loaded = load(key)
     texts = [SENTENCE, "Short text here."]
     cfg = ATPConfig(rank=rank, form=form, lowrank_linear=(form == "exact"))
-    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True)  # right padding
+    tokenizer = copy.copy(loaded.tokenizer)
+    tokenizer.padding_side = side
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 0} if loaded.info.is_decoder else {}
     with torch.inference_mode():
         plan = engine.make_plan(cfg, loaded.info.n_layers)
-        with backend.activate(loaded.model, atp=plan, key_mask=batch["attention_mask"]):
-            out = loaded.model(**batch, **kwargs)
+        with backend.activate(loaded.model, atp=plan, key_mask=mask):
+            out = loaded.model(**batch, position_ids=positions, **kwargs)
         for b, text in enumerate(texts):
             tok = _tok(loaded, text)
             n = tok.n_tokens
             single_plan = engine.make_plan(cfg, loaded.info.n_layers)
             with backend.activate(loaded.model, atp=single_plan, key_mask=tok.attention_mask):
                 ref = loaded.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, **kwargs)
-            got = out.logits[b, :n] if loaded.info.is_decoder else out.last_hidden_state[b, :n]
+            rows = slice(0, n) if side == "right" else slice(mask.shape[1] - n, None)
+            got = out.logits[b, rows] if loaded.info.is_decoder else out.last_hidden_state[b, rows]
             want = ref.logits[0] if loaded.info.is_decoder else ref.last_hidden_state[0]
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-4, rtol=1e-4)
             assert plan.ranks[b] == single_plan.ranks[0]
@@ -247,3 +256,18 @@ def test_continuation_and_sweep(load):
     # The sweep's entries are the errors of single runs at those settings.
     run = compare.forward(loaded, tok, ATPConfig(rank=int(ranks[1]), form="linear"))
     assert sw.errors["linear"][1] == pytest.approx(compare.kl_divergence(dense.next_logits, run.next_logits))
+
+
+@pytest.mark.parametrize("key", ["tiny-bert", "tiny-llama"])
+def test_recording_maps_never_changes_the_numbers(load, key):
+    """The explorer records one layer's maps, the command line none: the same setting must give the
+    same figures to the last bit (the linear form once moved in the second decimal between them)."""
+    loaded = load(key)
+    tok = _tok(loaded)
+    for form in forms.names():
+        cfg = ATPConfig(rank=0.5, form=form)
+        plain = compare.forward(loaded, tok, cfg)
+        mapped = compare.forward(loaded, tok, cfg, map_layers=[0, 1])
+        assert mapped.maps and not plain.maps
+        for a, b in zip(plain.layer_outputs, mapped.layer_outputs, strict=True):
+            assert np.array_equal(a, b), form

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -59,10 +58,19 @@ def test_refusal_is_immediate_across_threads_and_light_work_runs(load):
     t.start()
     try:
         assert started.wait(10)
-        t0 = time.perf_counter()
-        with pytest.raises(BusyError), heavy_job("second sweep"):
-            pass
-        assert time.perf_counter() - t0 < 0.5  # refused, not queued
+        outcome = []
+
+        def second():
+            try:
+                with heavy_job("second sweep"):
+                    outcome.append("ran")
+            except BusyError as err:
+                outcome.append(err)
+
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(10)  # the first job holds the slot until release: a queued call would still be waiting
+        assert not other.is_alive() and isinstance(outcome[0], BusyError)  # refused, not queued
         from atp_viz.analysis.capture import capture
 
         cap = capture(load("tiny-bert"), "Light work goes on while a heavy job runs elsewhere.")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import SENTENCE
 
-from atp_viz.analysis import serving
+from atp_viz import forms
+from atp_viz.analysis import protocol, serving
+from atp_viz.core.basis import METHODS, basis_path
 from atp_viz.text.inputs import tokenize
 
 TEXT = SENTENCE + " " + "The basis is computed from past tokens only, so nothing leaks from the future." * 2
@@ -33,35 +36,46 @@ def test_chunked_dense_and_full_rank_exact_equal_the_model(load, key):
     torch.testing.assert_close(full, ref, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["exact", "linear"])
+@pytest.mark.parametrize("form", forms.names())
 @pytest.mark.parametrize("basis_from", ["input", "keys"])
-def test_no_future_leak(load, form, basis_from):
-    """Perturbing tokens after position i leaves the logits at positions <= i unchanged."""
+@pytest.mark.parametrize("method", METHODS)
+def test_no_future_leak_inside_the_current_chunk(load, form, basis_from, method):
+    """Changing one token j in the middle of a chunk leaves every logit before j unchanged, those of the
+    same chunk included (a non-causal current chunk would fail here), and changes the logit at j. The
+    text is long enough (past of 576 tokens, r = 4) that the randomised and sketch bases really run."""
     loaded = load("tiny-llama")
-    ids = _ids(loaded)
-    L = ids.shape[1]
-    i = L // 2 + 3  # inside a chunk, so both the compressed past and the current chunk are involved
+    L, chunk, r = 768, 192, 4
+    ids = torch.randint(5, 3000, (1, L), generator=torch.Generator().manual_seed(0))
+    d = loaded.info.d_model if basis_from == "input" else loaded.info.n_kv_heads * loaded.info.head_dim
+    assert basis_path(3 * chunk, d, r, method) == method  # the method's own path, not its exact fallback
+    j = 3 * chunk + 5
     other = ids.clone()
-    other[0, i + 1 :] = torch.randint(1000, 2000, (L - i - 1,))
+    other[0, j] = 7
+    kw = dict(rank=r, form=form, chunk=chunk, basis_from=basis_from, method=method)
     with torch.inference_mode():
-        a = serving.chunked_logits(loaded, ids, rank=3, form=form, chunk=6, basis_from=basis_from)
-        b = serving.chunked_logits(loaded, other, rank=3, form=form, chunk=6, basis_from=basis_from)
-    torch.testing.assert_close(a[: i + 1], b[: i + 1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(a[i + 2 :], b[i + 2 :], atol=1e-3)  # later positions do change
+        a = serving.chunked_logits(loaded, ids, **kw)
+        b = serving.chunked_logits(loaded, other, **kw)
+    torch.testing.assert_close(a[:j], b[:j], atol=0, rtol=0)
+    assert not torch.allclose(a[j], b[j])
 
 
-def test_perplexity_low_rank_differs_and_reports(load):
+def test_dense_scoring_is_the_teacher_forced_model_on_the_scored_positions(load):
+    """The protocol's dense scores are the plain model's on positions chunk .. L-2, and a setting equal
+    to dense has a paired difference of exactly 0 with the interval [0, 0]."""
     loaded = load("tiny-llama")
-    ids = _ids(loaded)
-    dense = serving.perplexity(loaded, ids, rank=None, chunk=8)
-    low = serving.perplexity(loaded, ids, rank=2, form="exact", chunk=8)
-    assert dense.perplexity > 1 and low.perplexity > 1
-    assert dense.nll != pytest.approx(low.nll)
-    assert 0 <= low.top1 <= 1
-    # Dense chunked perplexity equals the plain teacher-forced one (legitimate for dense attention).
-    logits = _dense_logits(loaded, ids)
-    nll = torch.nn.functional.cross_entropy(logits[:-1].double(), ids[0, 1:]).item()
-    assert dense.nll == pytest.approx(nll, rel=1e-4)
+    windows = protocol.text_windows(loaded.tokenizer, TEXT * 4, 40)
+    dense = protocol.score_decoder(loaded, windows, rank=None, form="exact", chunk=8)
+    again = protocol.score_decoder(loaded, windows, rank=10_000, form="exact", chunk=8)  # nothing dropped
+    for ids, hits, nll in zip(windows.ids, dense.hits, dense.nll, strict=True):
+        logits = _dense_logits(loaded, ids)
+        target = ids[0, 9:]
+        ref = torch.nn.functional.cross_entropy(logits[8:-1].double(), target, reduction="none")
+        np.testing.assert_allclose(nll, ref.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(hits, (logits[8:-1].argmax(-1) == target).numpy())
+    row = protocol.decoder_summary(again, windows, dense)
+    assert row["n_scored"] == len(windows.ids) * (40 - 8 - 1)
+    assert row["top1_minus_reference"] == 0.0 and tuple(row["top1_minus_reference_ci"]) == (0.0, 0.0)
+    assert row["top1_ci"][0] <= row["top1"] <= row["top1_ci"][1]
 
 
 def test_generation_dense_matches_transformers_generate(load):
@@ -82,9 +96,18 @@ def test_generation_compressed_full_rank_exact_equals_dense(load):
     full = serving.generate(loaded, ids, rank=ids.shape[1], form="exact", max_new_tokens=6)
     assert full.new_ids == dense.new_ids
     low = serving.generate(loaded, ids, rank=4, form="linear", max_new_tokens=6)
+    n = len(dense.new_ids) - 1 + ids.shape[1]  # tokens whose keys are cached at the end
+    assert dense.kv_cache_bytes == serving.kv_bytes(loaded.info, n, 0, None, "exact")
+    assert low.kv_cache_bytes == serving.kv_bytes(
+        loaded.info, len(low.new_ids) - 1, ids.shape[1], 4, "linear"
+    )
     assert low.kv_cache_bytes < dense.kv_cache_bytes
-    share, first = serving.agreement(dense.new_ids, low.new_ids)
-    assert 0 <= share <= 1 and (first is None or 0 <= first <= len(dense.new_ids))
+
+
+def test_agreement_counts_positions_and_finds_the_first_divergence():
+    assert serving.agreement((1, 2, 3, 4), (1, 2, 9, 4)) == (0.75, 2)
+    assert serving.agreement((1, 2), (1, 2)) == (1.0, None)
+    assert serving.agreement((1, 2, 3), (1, 2)) == (1.0, 2)  # one text stopped early
 
 
 def test_kv_bytes_formulas(load):

@@ -16,6 +16,7 @@ from atp_viz import forms
 from atp_viz.analysis.capture import capture
 from atp_viz.core import costs
 from atp_viz.core.basis import basis_path
+from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy.settings import Settings
 from atp_viz.figures.tour import data as tdata
 from atp_viz.figures.tour import figures as tfig
@@ -62,6 +63,7 @@ def test_every_step_builds_a_figure(captures, key):
         "principal_tokens",
         "principal_kv",
         "attention",
+        "positivity",
         "cost",
     ]
     for step in steps.STEPS:
@@ -72,6 +74,28 @@ def test_every_step_builds_a_figure(captures, key):
         text = step.explain(data)  # every placeholder is filled
         assert "{" not in text and "}" not in text, step.key
         fig.to_dict()  # the figure validates
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-bert"])
+def test_positivity_step_plots_each_forms_normalisers(captures, key):
+    """The step's left panel is each query's normaliser under the linear and the second-order form
+    (``AttentionForm.denominators`` on this head), divided by the keys it reads; the title counts the
+    linear form's non-positive ones."""
+    import torch
+
+    cap = captures(key)
+    data = tdata.tour_data(cap, 1, 3, 3)
+    fig = steps.STEPS[[s.key for s in steps.STEPS].index("positivity")].build(data)
+    L = cap.n_tokens
+    n = np.arange(1, L + 1) if data.causal else np.full(L, L)
+    q, k = (torch.from_numpy(np.array(a))[None, None].double() for a in (data.q, data.k))
+    u = torch.from_numpy(np.array(data.basis))[None].double()
+    for trace, name in zip(fig.data[:2], tdata.POSITIVITY_FORMS, strict=True):
+        ref = forms.get(name).denominators(q, k, u, causal=data.causal)[0, 0].numpy()
+        np.testing.assert_allclose(trace.y, ref / n)
+    assert (np.asarray(fig.data[1].y) >= 0.5).all()
+    bad = int((np.asarray(fig.data[0].y) <= 0).sum())
+    assert f"{bad} of {L} normalisers" in fig.layout.title.text
 
 
 def test_principal_tokens_are_U_r_transpose_X(captures):
@@ -274,7 +298,7 @@ def test_deployment_limits_are_used(captures):
     assert refused.map_refusal == Settings(max_map_tokens=L - 1).map_refusal(L)
     assert "Attention maps are not drawn" in refused.map_refusal
     assert _attention_step().refusal(refused) == refused.map_refusal
-    assert all(s.refusal(refused) is None for s in steps.STEPS if s.key != "attention")
+    assert {s.key for s in steps.STEPS if s.refusal(refused)} == {"attention", "positivity"}  # the L x L steps
     with pytest.raises(ValueError, match="Attention maps are not drawn"):
         _ = refused.maps
     fig = tfig.attention_figure(refused)
@@ -394,7 +418,7 @@ def test_tour_page_steps_through_and_presenter_mode():
     assert _subheader(at) == f"Step 1 of {n}: Tokens"
     assert at.button(key="tour_prev").disabled
     L = int(at.slider(key="tour_rank").max)
-    assert at.slider(key="tour_rank").value == L // 2
+    assert at.slider(key="tour_rank").value == resolve_rank(0.5, L)[0]  # the explorer's r = L/2
     at.selectbox(key="tour_layer").set_value(2).run()
     for i in range(2, n + 1):
         at.button(key="tour_next").click().run()

@@ -47,6 +47,10 @@ class Forward:
     seconds: float
 
 
+def _params(loaded: LoadedModel, config: ATPConfig | None):
+    return None if config is None else loaded.form_params(config.form)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     a = t.detach().to("cpu", torch.float32).numpy()
     a.flags.writeable = False
@@ -63,7 +67,7 @@ def forward(
 ) -> Forward:
     """Run the model once on ``tok``, densely or with ATP per ``config``."""
     info = loaded.info
-    plan = make_plan(config, info.n_layers, map_layers=map_layers)
+    plan = make_plan(config, info.n_layers, map_layers=map_layers, params=_params(loaded, config))
     ids = tok.input_ids.to(loaded.device)
     mask = tok.attention_mask.to(loaded.device)
     t0 = time.perf_counter()
@@ -249,6 +253,7 @@ class AttentionMaps:
     dense: np.ndarray  # [L, L]
     principal: np.ndarray  # [L, r]
     lifted: np.ndarray  # [L, L]
+    basis: np.ndarray  # [L, r] U_r of this layer: column a is principal key a's token loadings
 
     @property
     def difference(self) -> np.ndarray:
@@ -282,6 +287,7 @@ def attention_maps(dense_attn: np.ndarray, atp_run: Forward, layer: int, head: i
         dense=np.asarray(dense_attn[head]),
         principal=principal.numpy(),
         lifted=lifted.numpy(),
+        basis=u.numpy(),
     )
 
 

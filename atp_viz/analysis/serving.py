@@ -1,4 +1,4 @@
-"""Serving with ATP: a compressed KV cache for generation, and a strictly causal perplexity.
+"""Serving with ATP: a compressed KV cache for generation, and strictly causal chunked logits.
 
 Both run a decoder over a sequence in pieces, keeping each layer's past (keys after rotary
 embedding, values, attention inputs X) and letting the current piece attend to
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from atp_viz import forms
+from atp_viz.analysis.moments import MomentStore
 from atp_viz.core import basis as _basis
 from atp_viz.core import ranks
 from atp_viz.core.costs import BYTES_PER_FLOAT
@@ -75,13 +76,20 @@ def compressed(
 
 
 def streaming_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: LayerMemory, *, form: str, scaling: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem: LayerMemory,
+    *,
+    form: str,
+    scaling: float,
+    params=None,
 ) -> torch.Tensor:
     """q ``[H, C, dh]`` (current piece), k/v ``[Hkv, C, dh]``; returns ``[H, C, dh]``: the form's
     streaming step over ``mem``'s compressed past, its exact tail, and the current piece (causal)."""
     keys = k if mem.k is None else torch.cat([mem.k, k], dim=1)  # (Hkv, T + C, dh): tail, then piece
     vals = v if mem.v is None else torch.cat([mem.v, v], dim=1)
-    return forms.get(form).stream(q, keys, vals, mem.past, scaling=scaling)
+    return forms.get(form).stream(q, keys, vals, mem.past, scaling=scaling, params=params)
 
 
 @dataclass
@@ -96,6 +104,7 @@ class StreamPlan:
     form: str
     stores: list[LayerMemory] | None = None
     lowrank_linear: bool = False
+    params: dict[int, dict[str, torch.Tensor]] | None = None  # the form's per-head parameters, per layer
 
     def applies_to(self, layer: int) -> bool:
         return True
@@ -105,7 +114,10 @@ class StreamPlan:
             raise ValueError("streaming attention runs one sequence at a time")
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         mem = self.memories[layer]
-        out = streaming_attention(query[0], key[0], value[0], mem, form=self.form, scaling=scaling)
+        params = (self.params or {}).get(layer)
+        out = streaming_attention(
+            query[0], key[0], value[0], mem, form=self.form, scaling=scaling, params=params
+        )
         if self.stores is not None:
             self.stores[layer].append(key[0], value[0], state.x[layer][0])
         return out.transpose(0, 1)[None].contiguous(), None  # (1, C, H, dh)
@@ -129,21 +141,6 @@ def _new_memories(loaded: LoadedModel) -> list[LayerMemory]:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PerplexityResult:
-    rank: int | None  # None: dense (every past token kept exactly)
-    form: str
-    chunk: int
-    n_tokens: int
-    nll: float  # mean negative log-likelihood per predicted token, nats
-    top1: float  # next-token top-1 accuracy
-    seconds: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll)
-
-
 def chunked_logits(
     loaded: LoadedModel,
     ids: torch.Tensor,
@@ -153,15 +150,26 @@ def chunked_logits(
     chunk: int = 256,
     basis_from: str = "input",
     method: str = "exact",
+    rank_mode: str = "past",
+    params: dict[int, dict[str, torch.Tensor]] | None = None,
+    basis_update: str = "recompute",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
     keys/values (basis from those past tokens only) and to itself exactly and causally.
 
+    ``basis_update``: "recompute" keeps the past exactly and computes its basis anew for every chunk
+    (``method``: exact, randomized or sketch SVD; every form); "moments" keeps only running sums of the
+    past (:mod:`atp_viz.analysis.moments`): the same basis from an eigendecomposition whose cost does not
+    grow with the past, for the forms that need no U_r (``linear``, ``pksoftmax``).
+
     ``rank=None`` keeps the past exact (dense attention computed in chunks). A float rank in (0, 1]
-    is a share of the past: chunk c's past of n tokens keeps ``round(rank * n)`` principal keys.
+    with ``rank_mode="past"`` is a share of the past: chunk c's past of n tokens keeps
+    ``round(rank * n)`` principal keys; with ``rank_mode="effective"`` it is the share of the key set
+    the chunk's queries attend to on average (:func:`atp_viz.core.ranks.chunk_rank`). ``params``: the
+    form's per-head parameters per layer (default: the model's trained ones, ``LoadedModel.form_params``).
     Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
-    constant there, see ``atp.principal_basis``).
+    constant there, see ``atp_viz.core.basis.principal_basis``).
     """
     if not loaded.info.is_decoder:
         raise ValueError("perplexity needs a decoder (causal LM)")
@@ -176,44 +184,38 @@ def chunked_logits(
         )
     if rank is not None:
         ranks.check_rank(rank)  # int >= 1 or a float in (0, 1]; clear errors otherwise
+    if basis_update not in ("recompute", "moments"):
+        raise ValueError(f"basis_update must be 'recompute' or 'moments', got {basis_update!r}")
+    moments = basis_update == "moments" and rank is not None
+    if moments and forms.get(form).needs_basis_rows:
+        raise ValueError(
+            f"The {form} form rebuilds every past key from U_r, which running sums do not keep: use "
+            "basis_update='recompute' with it, or a linear-cost form (linear, pksoftmax)."
+        )
     # The exact past of every layer, appended to as each chunk is processed (its keys and values as
-    # computed when that chunk was current); each chunk attends to a fresh compression of it.
-    stores = _new_memories(loaded)
+    # computed when that chunk was current); each chunk attends to a fresh compression of it. With
+    # moments, only the running sums of that past.
+    stores = (
+        [MomentStore(basis_from) for _ in range(loaded.info.n_layers)] if moments else _new_memories(loaded)
+    )
     all_logits = []
     n_chunks = math.ceil(L / chunk)
     for c in range(n_chunks):
         piece = ids[:, c * chunk : (c + 1) * chunk]
-        if rank is None or c == 0:
+        if moments:
+            r = ranks.chunk_rank(rank, c * chunk, piece.shape[1], rank_mode) if c else 0
+            views = [LayerMemory(past=m.past(r) if c else None) for m in stores]
+        elif rank is None or c == 0:
             # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
             views = [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
         else:
-            r = ranks.resolve_rank(rank, c * chunk)[0]
+            r = ranks.chunk_rank(rank, c * chunk, piece.shape[1], rank_mode)
             views = [compressed(m, r, basis_from=basis_from, method=method) for m in stores]
-        plan = StreamPlan(memories=views, form=form, stores=stores)
+        plan = StreamPlan(memories=views, form=form, stores=stores, params=params or loaded.form_params(form))
         all_logits.append(_run_piece(loaded, plan, piece, c * chunk))
         if progress:
             progress((c + 1) / n_chunks, f"chunk {c + 1} of {n_chunks}")
     return torch.cat(all_logits, dim=0)
-
-
-@torch.inference_mode()
-def perplexity(
-    loaded: LoadedModel,
-    ids: torch.Tensor,
-    *,
-    rank: int | None,
-    form: str = "exact",
-    chunk: int = 256,
-    progress: ProgressFn | None = None,
-) -> PerplexityResult:
-    """Strictly causal perplexity and top-1 accuracy of next-token prediction over ``ids``."""
-    t0 = time.perf_counter()
-    logits = chunked_logits(loaded, ids, rank=rank, form=form, chunk=chunk, progress=progress)
-    target = ids[0, 1:].to(logits.device)
-    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
-    nll = float(-logp.gather(1, target[:, None]).mean())
-    top1 = float((logits[:-1].argmax(-1) == target).float().mean())
-    return PerplexityResult(rank, form, chunk, ids.shape[1], nll, top1, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +280,12 @@ def generate(
     logits = _run_piece(loaded, StreamPlan(memories=empty, form="exact", stores=prompt), prompt_ids, 0)
     # Dense prefill (no past, exact causal). Then the cache: the prompt exact, or compressed once.
     cache = prompt if rank is None else [compressed(m, rank, basis_from=basis_from) for m in prompt]
-    plan = StreamPlan(memories=cache, form=form if rank is not None else "exact", stores=cache)
+    plan = StreamPlan(
+        memories=cache,
+        form=form if rank is not None else "exact",
+        stores=cache,
+        params=loaded.form_params(form),
+    )
     eos = loaded.tokenizer.eos_token_id
     new: list[int] = []
     nxt = int(logits[-1].argmax())
@@ -312,23 +319,3 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int | None]:
         first = n
     same = sum(x == y for x, y in zip(a, b, strict=False))
     return (same / n if n else 1.0), first
-
-
-def rank_grid(n: int) -> list[int]:
-    return [r for r in (16, 32, 64, 128, 256) if r < n]
-
-
-def as_table(results: Sequence[PerplexityResult], dense: PerplexityResult) -> list[dict]:
-    rows = [
-        {
-            "rank": r.rank,
-            "form": r.form,
-            "perplexity": r.perplexity,
-            "top1": r.top1,
-            "top1_minus_dense": r.top1 - dense.top1,
-            "seconds": r.seconds,
-        }
-        for r in results
-    ]
-    head = {"rank": "dense", "form": "-", "perplexity": dense.perplexity, "top1": dense.top1}
-    return [{**head, "top1_minus_dense": 0.0, "seconds": dense.seconds}, *rows]

@@ -140,3 +140,40 @@ def prefix_lengths(n_tokens: int, *, start: int = 16, factor: float = 2.0) -> li
         n *= factor
     out.append(n_tokens)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer ranks under one budget
+# --------------------------------------------------------------------------------------------------
+
+ALLOCATION_GRID = 64  # shares of L are allocated in steps of 1/64
+
+
+def energy_curve(s: np.ndarray, grid: int = ALLOCATION_GRID) -> np.ndarray:
+    """Cumulative energy E at shares 0, 1/grid, ..., 1 of the singular values (linear in between):
+    ``[grid + 1]``, from 0 to 1, concave (the values are sorted)."""
+    e = np.asarray(s, dtype=np.float64) ** 2
+    total = e.sum()
+    if total <= 0:
+        return np.linspace(0.0, 1.0, grid + 1)
+    cum = np.concatenate([[0.0], np.cumsum(e) / total])
+    return np.interp(np.linspace(0, 1, grid + 1), np.linspace(0, 1, e.size + 1), cum)
+
+
+def allocate(curves: np.ndarray, share: float) -> tuple[float, ...]:
+    """Per-layer shares of L with mean ``share`` (one budget) that keep the most energy summed over
+    layers: ``curves`` ``[n_layers, grid + 1]`` (:func:`energy_curve`, e.g. averaged over calibration
+    texts). Every layer keeps at least one step; the rest of the budget goes, step by step, to whichever
+    layer gains the most energy from it. The curves are concave, so this greedy choice is optimal."""
+    curves = np.asarray(curves, dtype=np.float64)
+    n_layers, grid = curves.shape[0], curves.shape[1] - 1
+    if not 0 < share <= 1:
+        raise ValueError(f"The budget must be a share of L in (0, 1], got {share}.")
+    steps = max(n_layers, round(share * grid * n_layers))
+    gains = np.diff(curves, axis=1)  # [n_layers, grid]: energy of each further step
+    taken = np.ones(n_layers, dtype=int)
+    # Step-major order, so equal gains go round the layers (a flat spectrum everywhere: equal shares).
+    rest = gains[:, 1:].T.ravel()
+    order = np.argsort(-rest, kind="stable")[: steps - n_layers]
+    np.add.at(taken, order % n_layers, 1)
+    return tuple(float(k) / grid for k in taken)

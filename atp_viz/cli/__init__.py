@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from atp_viz.cli import bench, compare, finetune, generate, perplexity, report, spectra
+from atp_viz.cli import bench, compare, finetune, generate, perplexity, report, results, spectra
 from atp_viz.hf.model_info import ModelLoadError
 from atp_viz.text.inputs import TextError
 
-COMMANDS = (spectra, compare, perplexity, generate, bench, finetune, report)
+COMMANDS = (spectra, compare, perplexity, generate, bench, finetune, report, results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["python", "-m", "atp_viz", *(sys.argv[1:] if argv is None else argv)]  # for the records
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

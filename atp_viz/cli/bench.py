@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from atp_viz.analysis.bench import layer, model, timing
+from atp_viz.analysis.bench import layer, model, prefill, timing
 from atp_viz.cli.common import arg_type
 
 
@@ -35,7 +35,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         type=arg_type(timing.parse_ranks),
         help=f"comma-separated ranks, ints or 'L/k' (default {layer.DEFAULT_RANKS})",
     )
-    b.add_argument("--repeats", type=int, help=f"timed runs per path (default {layer.DEFAULT_REPEATS})")
+    b.add_argument(
+        "--repeats", type=int, help=f"timed runs per path at least (default {layer.DEFAULT_REPEATS})"
+    )
+    target = f"{timing.TARGET_CI:.0%}".replace("%", "%%")  # argparse formats help with %
+    b.add_argument(
+        "--max-repeats",
+        type=int,
+        help=f"more runs of a path until its median's 95%% interval is within +-{target}, up to this many "
+        f"(default {timing.MAX_REPEATS}; --tiny: no more than --repeats)",
+    )
     b.add_argument("--warmup", type=int, help=f"untimed runs per path first (default {layer.DEFAULT_WARMUP})")
     b.add_argument("--no-model", action="store_true", help="skip the whole-model part")
     b.add_argument(
@@ -61,84 +70,142 @@ def register(subparsers) -> argparse.ArgumentParser:
         help=f"timed model forwards per configuration (default {model.MODEL_REPEATS})",
     )
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p = b.add_argument_group(
+        "prefill (--prefill)",
+        "dense SDPA prefill against ATP prefill (strictly causal chunks, past compressed to --rank principal "
+        "keys, basis timed), timed and scored on the same positions in one run",
+    )
+    p.add_argument("--prefill", action="store_true", help="run the prefill benchmark instead")
+    p.add_argument("--model", default="smollm2", help="a decoder: smollm2 (default), tuned:DIR, a local path")
+    p.add_argument(
+        "--tokens", type=arg_type(timing.parse_lengths), help="comma-separated L (default 2048,4096,8192)"
+    )
+    p.add_argument("--form", default="exact", help="attention form (default exact)")
+    p.add_argument("--rank", type=int, default=128, help="principal keys of the past (default 128)")
+    p.add_argument("--chunk", type=int, default=prefill.DEFAULT_CHUNK, help="chunk size (default 256)")
+    p.add_argument("--basis-from", choices=("input", "keys"), default="input", help="basis source")
+    p.add_argument("--basis-method", default="randomized", help="exact, randomized (default) or sketch")
+    p.add_argument(
+        "--basis-update", choices=("recompute", "moments"), default="recompute",
+        help="recompute: an SVD of the whole past per chunk (every form); moments: running sums of the "
+        "past, cost independent of its length (linear, pksoftmax)",
+    )  # fmt: skip
     b.set_defaults(func=run)
     return b
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``atp-viz bench``: run, print the table, write the JSON."""
-    import torch
-
-    from atp_viz.analysis.bench import layer, model, timing
-    from atp_viz.analysis.bench.report import format_report
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The layer bench's settings from the arguments (``--tiny`` changes the defaults), checked."""
     tiny = args.tiny
-    lengths = args.lengths or (layer.TINY_LENGTHS if tiny else layer.DEFAULT_LENGTHS)
-    ranks = args.ranks or timing.parse_ranks(layer.TINY_RANKS if tiny else layer.DEFAULT_RANKS)
     repeats = (
         args.repeats if args.repeats is not None else (layer.TINY_REPEATS if tiny else layer.DEFAULT_REPEATS)
     )
     warmup = args.warmup if args.warmup is not None else layer.DEFAULT_WARMUP
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be at least 1 and --warmup at least 0")
-    device = args.device
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {
-        "schema": "atp_viz.bench/1",
-        "argv": list(sys.argv),
-        "settings": {
-            "lengths": list(lengths),
-            "ranks": list(ranks),
-            "repeats": repeats,
-            "warmup": warmup,
-            "tiny": tiny,
-            "threads": torch.get_num_threads(),
-            "threads_option": args.threads,
-            "eager_limit_gb": args.eager_limit_gb,
-            "device": device,
-            "model": not args.no_model,
-        },
-        "machine": timing.machine_info(device),
+    max_repeats = args.max_repeats if args.max_repeats is not None else (None if tiny else timing.MAX_REPEATS)
+    return {
+        "lengths": args.lengths or (layer.TINY_LENGTHS if tiny else layer.DEFAULT_LENGTHS),
+        "ranks": args.ranks or timing.parse_ranks(layer.TINY_RANKS if tiny else layer.DEFAULT_RANKS),
+        "repeats": repeats,
+        "max_repeats": max_repeats,
+        "warmup": warmup,
     }
-    verbose = not getattr(args, "quiet", False)
 
-    def progress(fraction: float, msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
-    result["layer"] = layer.run_layer_bench(
-        lengths,
-        ranks,
-        repeats=repeats,
-        warmup=warmup,
-        eager_limit_gb=args.eager_limit_gb,
-        device=device,
-        progress=progress if verbose else None,
-    )
+def _model_part(args: argparse.Namespace, o: dict[str, Any], progress) -> dict[str, Any]:
     if args.no_model:
-        result["model"] = {"skipped": "skipped: --no-model"}
-    else:
-        key = model.TINY_MODEL_KEY if tiny else model.MODEL_KEY
-        result["model"] = model.run_model_bench(
-            key,
-            args.model_length or (model.TINY_MODEL_LENGTH if tiny else model.MODEL_LENGTH),
-            args.model_rank or (model.TINY_MODEL_RANK if tiny else model.MODEL_RANK),
-            repeats=args.model_repeats
-            or (model.TINY_MODEL_REPEATS if tiny else min(repeats, model.MODEL_REPEATS)),
-            warmup=warmup,
-            device=device,
-            progress=progress if verbose else None,
-        )
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    result["wall_seconds"] = time.perf_counter() - t0
-    print(format_report(result))
+        return {"skipped": "skipped: --no-model"}
+    tiny = args.tiny
+    return model.run_model_bench(
+        model.TINY_MODEL_KEY if tiny else model.MODEL_KEY,
+        args.model_length or (model.TINY_MODEL_LENGTH if tiny else model.MODEL_LENGTH),
+        args.model_rank or (model.TINY_MODEL_RANK if tiny else model.MODEL_RANK),
+        repeats=args.model_repeats
+        or (model.TINY_MODEL_REPEATS if tiny else min(o["repeats"], model.MODEL_REPEATS)),
+        warmup=o["warmup"],
+        device=args.device,
+        progress=progress,
+    )
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
     text = json.dumps(result, indent=2, allow_nan=False)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+
+
+def _say(args: argparse.Namespace):
+    if getattr(args, "quiet", False):
+        return None
+    return lambda fraction, msg: print(msg, file=sys.stderr, flush=True)
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    """``bench --prefill``: one JSON object per length (the object itself when there is one length)."""
+    import torch
+
+    from atp_viz.hf.models import load_model
+
+    lengths = args.tokens or (2048, 4096, 8192)
+    repeats = args.repeats or prefill.DEFAULT_REPEATS
+    max_repeats = max(repeats, args.max_repeats or prefill.DEFAULT_MAX_REPEATS)
+    loaded = load_model(args.model, device=None if args.device == "cpu" else args.device)
+    runs = []
+    for L in lengths:
+        run = prefill.run_prefill(
+            loaded, L, form=args.form, rank=args.rank, chunk=args.chunk, basis_from=args.basis_from,
+            method=args.basis_method, basis_update=args.basis_update, repeats=repeats,
+            max_repeats=max_repeats, progress=_say(args),
+        )  # fmt: skip
+        run["machine"] = timing.machine_info(args.device)
+        run["threads"] = torch.get_num_threads()
+        run["argv"] = getattr(args, "argv", list(sys.argv))
+        runs.append(prefill.nan_to_none(run))
+    print(prefill.report(runs))
+    out = runs[0] if len(runs) == 1 else {"runs": runs, "crossover_tokens": prefill.crossover(runs)}
+    _write(args, {"schema": "atp_viz.bench.prefill/1", **out})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``atp-viz bench``: run, print the table, write the JSON."""
+    import torch
+
+    from atp_viz.analysis.bench.report import format_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.prefill:
+        return run_prefill(args)
+    o = _options(args)
+    t0 = time.perf_counter()
+    settings = {
+        **o, "lengths": list(o["lengths"]), "ranks": list(o["ranks"]), "tiny": args.tiny,
+        "threads": torch.get_num_threads(), "threads_option": args.threads,
+        "eager_limit_gb": args.eager_limit_gb,
+        "device": args.device, "model": not args.no_model,
+    }  # fmt: skip
+    result: dict[str, Any] = {
+        "schema": "atp_viz.bench/1",
+        "argv": getattr(args, "argv", list(sys.argv)),
+        "settings": settings,
+        "machine": timing.machine_info(args.device),
+    }
+
+    say = _say(args)
+    result["layer"] = layer.run_layer_bench(
+        o["lengths"], o["ranks"], repeats=o["repeats"], max_repeats=o["max_repeats"], warmup=o["warmup"],
+        eager_limit_gb=args.eager_limit_gb, device=args.device, progress=say,
+    )  # fmt: skip
+    result["model"] = _model_part(args, o, say)
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    result["wall_seconds"] = time.perf_counter() - t0
+    print(format_report(result))
+    _write(args, result)
     return 0

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             "first_divergence": cont.first_divergence,
             "agreement": cont.agreement,
         }
+    _against_original(args.model, loaded, tok, run_, result)
     if args.sweep:
         sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
         result["sweep"] = {
@@ -64,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
             "errors": {name: errs.tolist() for name, errs in sw.errors.items()},
         }
     summary = f"{config.label()}: r = {result['rank']} of L = {result['n_tokens']}"
+    if "embedding_cosine_to_original_dense" in result:
+        summary += (
+            f", embedding cosine to the original model {result['embedding_cosine_to_original_dense']:.4f}"
+        )
+    if "kl_to_original_dense" in result:
+        summary += f", KL to the original model {result['kl_to_original_dense']:.4f} nats"
     if "embedding_cosine_to_dense" in result:
         summary += f", embedding cosine to dense {result['embedding_cosine_to_dense']:.4f}"
     else:
@@ -74,3 +81,23 @@ def run(args: argparse.Namespace) -> int:
     print(summary, file=sys.stderr)
     write_json(result, args.json)
     return 0
+
+
+def _against_original(key: str, loaded, tok, run_, result: dict) -> None:
+    """For a tuned model (``tuned:DIR``): the same ATP run against the untouched base model's dense
+    forward, so any text can be checked against the model before fine-tuning."""
+    from atp_viz.analysis import compare
+    from atp_viz.hf.models import load_model
+    from atp_viz.hf.tuned import base_model_of
+
+    base = base_model_of(key)
+    if base is None:
+        return
+    original = compare.forward(load_model(base), tok)
+    vs = compare.compare(original, run_).as_dict(loaded.tokenizer)
+    result["original_model"] = base
+    if "embedding_cosine_to_dense" in vs:
+        result["embedding_cosine_to_original_dense"] = vs["embedding_cosine_to_dense"]
+    else:
+        result["kl_to_original_dense"] = vs["next_token_kl_dense_to_atp"]
+        result["top1_agrees_with_original_dense"] = vs["next_token_top1_agree"]

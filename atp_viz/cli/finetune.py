@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 from atp_viz.cli.common import MODEL_HELP, add_form, fraction_arg, stderr_progress
+from atp_viz.core.ranks import RANK_MODES
 
 
 def register(sub) -> None:
@@ -24,15 +27,35 @@ def register(sub) -> None:
     f.add_argument("--model", default=d.model, help=MODEL_HELP)
     f.add_argument("--rank", type=fraction_arg, default=d.rank, help="ATP rank as a share of L (0.5, 0.25)")
     add_form(f, default=d.form)
-    f.add_argument("--steps", type=int, default=d.steps)
+    f.add_argument(
+        "--rank-mode", choices=RANK_MODES, default=d.rank_mode,
+        help="decoders: 'past' (share of the compressed past) or 'effective' (share of the attended key set)",
+    )  # fmt: skip
+    f.add_argument("--steps", type=int, default=d.steps, help="stage 2: end-to-end tuning steps")
     f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument(
+        "--transfer-steps", type=int, default=d.transfer_steps,
+        help="stage 1: layer-wise attention transfer steps first (0: none)",
+    )  # fmt: skip
+    f.add_argument("--transfer-lr", type=float, default=d.transfer_lr)
+    f.add_argument(
+        "--hidden-weight", type=float, default=d.hidden_weight,
+        help="encoders, stage 2: weight of the every-layer hidden-state distillation",
+    )  # fmt: skip
+    f.add_argument(
+        "--kl-weight", type=float, default=d.kl_weight,
+        help="decoders, stage 2: weight of KL(original dense || ATP) next to the token loss",
+    )  # fmt: skip
+    f.add_argument("--json-copy", help="also copy the run's JSON here (e.g. docs/finetune-runs/NAME.json)")
     f.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank")
     f.add_argument("--batch", type=int, default=d.batch, help="encoder texts per step")
     f.add_argument("--max-tokens", type=int, default=d.max_tokens, help="encoder: longest text")
     f.add_argument("--seq-len", type=int, default=d.seq_len, help="decoder: window length")
     f.add_argument("--chunk", type=int, default=d.chunk, help="decoder: chunk of the strictly causal mode")
-    f.add_argument("--eval-texts", type=int, default=d.eval_texts)
-    f.add_argument("--eval-windows", type=int, default=d.eval_windows)
+    f.add_argument("--eval-texts", type=int, default=d.eval_texts, help="encoder: held-out texts (0: all)")
+    f.add_argument(
+        "--eval-windows", type=int, default=d.eval_windows, help="decoder: held-out windows (0: all)"
+    )
     f.add_argument("--seed", type=int, default=d.seed)
     f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
     f.set_defaults(func=run)
@@ -43,18 +66,23 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis.finetune.training import train
 
     cfg = TuneConfig(
-        model=args.model, rank=args.rank, form=args.form, steps=args.steps, lr=args.lr, lora_r=args.lora_r,
+        model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,
+        lr=args.lr, lora_r=args.lora_r, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
+        hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,
         chunk=args.chunk, eval_texts=args.eval_texts, eval_windows=args.eval_windows, seed=args.seed,
     )  # fmt: skip
-    res = train(cfg, args.out, progress=stderr_progress())
-    rows = res.metrics["rows"]
-    print(f"\n{res.metrics['what']}; rank {cfg.rank:g} L, {cfg.form} form", file=sys.stderr)
-    keys = list(next(iter(rows.values())).keys())
-    print("setting               " + "  ".join(f"{k:>12}" for k in keys), file=sys.stderr)
-    for name, vals in rows.items():
-        cells = [f"{v:12.4f}" if isinstance(v, float) else f"{v:>12}" for v in vals.values()]
-        print(f"{name:22}" + "  ".join(cells), file=sys.stderr)
+    res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
+    from atp_viz.analysis.finetune.evaluation import metrics_table
+    from atp_viz.hf.tuned import SETTINGS_FILE
+
+    if args.json_copy:
+        Path(args.json_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(res.out_dir / SETTINGS_FILE, args.json_copy)
+
+    print(f"\n{res.metrics['what']}", file=sys.stderr)
+    for row in metrics_table({"metrics": res.metrics}):
+        print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
     print(
         f"train {res.train_seconds:.0f} s, evaluation {res.eval_seconds:.0f} s; wrote {res.out_dir}",
         file=sys.stderr,

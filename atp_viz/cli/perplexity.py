@@ -1,71 +1,81 @@
-"""``atp-viz perplexity``: strictly causal perplexity with a compressed past, over a rank grid."""
+"""``atp-viz perplexity``: strictly causal top-1 and perplexity with a compressed past, over a rank grid,
+on the evaluation protocol's held-out windows (or a text file cut into windows), with 95% intervals."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from atp_viz.cli.common import MODEL_HELP, add_form, read_text_file, write_json
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+from atp_viz.cli.common import MODEL_HELP, add_form, rank_list_arg, read_text_file, write_json
+from atp_viz.core.ranks import RANK_MODES
 
 
 def register(sub) -> None:
-    pp = sub.add_parser("perplexity", help="strictly causal perplexity, compressed past, rank grid")
+    pp = sub.add_parser(
+        "perplexity",
+        help="strictly causal perplexity and top-1 with a compressed past, over ranks and forms",
+        description="Each window is read in chunks; chunk c attends to the earlier chunks compressed to r "
+        "principal keys/values (basis from past tokens only) and to itself exactly. Scored: the "
+        "predictions from positions >= chunk (whose past is compressed), dense included. Intervals: 95%, "
+        "bootstrap over windows; differences to dense are paired (same positions).",
+    )
     pp.add_argument("--model", default="smollm2", help=MODEL_HELP)
-    pp.add_argument("--text-file", help="default: Python standard-library docstrings (real text)")
-    pp.add_argument("--tokens", type=int, default=2048, help="tokens of text to evaluate")
-    pp.add_argument("--chunk", type=int, default=256, help="tokens per chunk")
-    pp.add_argument("--ranks", type=_ints, default=[16, 32, 64, 128], help="principal keys for the past")
+    pp.add_argument("--text-file", help="a text cut into windows (default: the held-out docstring modules)")
+    pp.add_argument(
+        "--windows", type=int, default=24, help="held-out windows, spread over the stream (0: all)"
+    )
+    pp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    pp.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
+    pp.add_argument("--ranks", type=rank_list_arg, default=[16, 32, 64, 128], help="ints or shares of L")
+    pp.add_argument("--rank-mode", choices=RANK_MODES, default="past", help="what a share of L means")
     add_form(pp, many=True)
     pp.add_argument("--json")
     pp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from atp_viz.analysis import serving
+    from atp_viz.analysis import protocol
+    from atp_viz.cli.common import stderr_progress
     from atp_viz.hf.models import load_model
-    from atp_viz.text import corpus
-    from atp_viz.text.inputs import tokenize
+    from atp_viz.hf.tuned import base_model_of
 
+    if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
+        raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
     loaded = load_model(args.model)
     if args.text_file:
-        text, source = read_text_file(args.text_file), args.text_file
+        windows = protocol.text_windows(loaded.tokenizer, read_text_file(args.text_file), args.seq_len)
+        source = args.text_file
     else:
-        text, mods = corpus.perplexity_text()
-        source = "Python standard-library docstrings (inspect.getdoc) of: " + ", ".join(mods)
-    tok = tokenize(loaded.tokenizer, text, min(args.tokens, loaded.info.max_tokens))
-    ids = tok.input_ids.to(loaded.device)
-    print(f"{tok.n_tokens} tokens from {source}; chunks of {args.chunk}", file=sys.stderr)
-
-    def show(label: str, res) -> None:
-        print(
-            f"{label:>22}: perplexity {res.perplexity:8.3f}  top-1 {res.top1:.3f}  ({res.seconds:.1f} s)",
-            file=sys.stderr,
-        )
-
-    dense = serving.perplexity(loaded, ids, rank=None, chunk=args.chunk)
-    show("dense", dense)
-    results = []
-    for form in args.forms:
-        for r in args.ranks:
-            res = serving.perplexity(loaded, ids, rank=r, form=form, chunk=args.chunk)
-            show(f"{form} r={r}", res)
-            results.append(res)
+        windows = protocol.heldout_windows(loaded.tokenizer, args.seq_len, max_windows=args.windows or None)
+        source = "held-out standard-library docstring modules (atp_viz.text.corpus.HELDOUT_MODULES)"
+    print(
+        f"{len(windows.ids)} windows of {args.seq_len} tokens from {source}; chunks of {args.chunk}",
+        file=sys.stderr,
+    )
+    t0 = time.perf_counter()
+    settings = [(r, f) for f in args.forms for r in args.ranks]
+    base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
+    rows = protocol.perplexity_grid(
+        loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, progress=stderr_progress(),
+        original=load_model(base) if base else None,
+    )  # fmt: skip
+    for row in protocol.grid_table(rows):
+        print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
     write_json(
         {
             "model": args.model,
+            "original_model": base,
             "text_source": source,
-            "n_tokens": tok.n_tokens,
+            "n_windows": len(windows.ids),
+            "seq_len": args.seq_len,
             "chunk": args.chunk,
-            "mode": "strictly causal: each chunk attends to the past chunks compressed to r principal "
-            "keys/values (basis from past tokens only) and to itself exactly",
-            "rows": serving.as_table(results, dense),
+            "rank_mode": args.rank_mode,
+            "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
+            "(whose past is compressed), dense included",
+            "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
+            "seconds": time.perf_counter() - t0,
+            "rows": rows,
         },
         args.json,
     )

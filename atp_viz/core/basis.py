@@ -104,6 +104,7 @@ def principal_basis(
     projected matrix; see :func:`_randomized_svd` for how it is kept cheap. Cost O(L d r) instead of
     O(L d min(L, d)). It is written out here rather than calling ``torch.svd_lowrank`` because that
     function takes no ``generator`` and so cannot be made reproducible without touching the global RNG.
+    Without a ``generator`` the test vectors come from a fixed seed: the same input gives the same basis.
     When ``rank + RANDOMIZED_OVERSAMPLE`` reaches ``min(L, d)`` nothing can be saved and the exact SVD is
     used.
 
@@ -217,7 +218,7 @@ def _sketch_svd(
         xs = flat[b, pick.sort().values]  # (s', d): the sampled tokens
         if m + RANDOMIZED_OVERSAMPLE < min(xs.shape):
             # The sample's top right singular vectors by the randomised finder on xs^T (d x s', small).
-            rand_gen = generator if xw.device.type == "cpu" else None
+            rand_gen = generator if xw.device.type == "cpu" else None  # None: a fixed seed on xw's device
             vr, _ = _randomized_svd(xs.mT.contiguous(), m, 2, rand_gen)  # (d, m)
         else:
             vr = torch.linalg.svd(xs, full_matrices=False).Vh[:m].mT  # (d, m)
@@ -257,6 +258,10 @@ def _randomized_svd(
     """
     L, d = xw.shape[-2], xw.shape[-1]
     p = randomized_width(L, d, m)
+    if generator is None or generator.device != xw.device:
+        # A fixed seed by default: the same input gives the same basis (and the same numbers) every time,
+        # whatever other code did with the global random state.
+        generator = torch.Generator(device=xw.device).manual_seed(_COMPLETION_SEED)
     omega = torch.randn(*xw.shape[:-2], d, p, generator=generator, dtype=xw.dtype, device=xw.device)
     Y = xw @ omega  # (..., L, p)
     for _ in range(niter):

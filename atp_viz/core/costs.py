@@ -78,6 +78,13 @@ def basis_macs(L: int, d: int, r: int, method: str, niter: int = 2) -> float:
     return float(L) * d * min(L, d)
 
 
+def moment_basis_macs(C: int, d_s: int, r: int, kv_width: int) -> float:
+    """A chunk of C tokens added to a past kept as running sums (:mod:`atp_viz.analysis.moments`):
+    ``C d_s (d_s + 2 kv_width + 1)`` for the sums, about ``4 d_s^3`` for the d_s x d_s
+    eigendecomposition (LAPACK's order, an estimate) and ``2 r d_s kv_width`` for K' and V'."""
+    return float(C) * d_s * (d_s + 2 * kv_width + 1) + 4.0 * d_s**3 + 2.0 * r * d_s * kv_width
+
+
 def basis_formula(L: int, d: int, r: int, method: str) -> str:
     """LaTeX of the basis count used, e.g. ``(2q+2)\\,L\\,d\\,p`` for the randomised finder."""
     path = _basis.basis_path(L, d, r, method)

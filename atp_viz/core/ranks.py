@@ -105,3 +105,33 @@ def parse_rank_list(text: str) -> list[Rank]:
 def describe(rank: Rank) -> str:
     """``r = 64`` or ``r = 0.5 L``: how a rank is printed everywhere."""
     return f"r = {rank:g} L" if isinstance(rank, float) else f"r = {rank}"
+
+
+# Rank of a compressed past (decoders read in chunks). Two definitions, stated wherever a rank is shown:
+# - "past": r is a share of the past only (round(f * n) of the n past tokens); the current chunk is
+#   attended exactly on top, so each query attends to more than f of the tokens before it;
+# - "effective": r is chosen so that, averaged over the chunk's queries, the attended share of the key
+#   set, (r + j) / (n + j) for the chunk's j-th query, equals f: the paper's r = f L, where every query
+#   attends to f of the keys. Where even r = 1 gives more (early chunks, f small), r = 1 and the share
+#   achieved is reported.
+RANK_MODES = ("past", "effective")
+RANK_MODE_LABELS = {"past": "share of the past", "effective": "share of keys (the paper's r = f L)"}
+
+
+def chunk_rank(rank: Rank, n_past: int, chunk_len: int, mode: str = "past") -> int:
+    """Principal keys for a past of ``n_past`` tokens read by a chunk of ``chunk_len`` queries."""
+    if mode not in RANK_MODES:
+        raise ValueError(f"rank mode must be one of {', '.join(RANK_MODES)}, got {mode!r}.")
+    if mode == "past" or isinstance(check_rank(rank), int):
+        return resolve_rank(rank, n_past)[0]
+    j = [i + 1 for i in range(chunk_len)]
+    a = sum(1.0 / (n_past + x) for x in j) / chunk_len  # mean of 1 / (n + j)
+    b = sum(x / (n_past + x) for x in j) / chunk_len  # mean of j / (n + j)
+    r = round((float(rank) - b) / a)
+    return max(1, min(n_past, r))
+
+
+def attended_share(r: int, n_past: int, chunk_len: int) -> list[float]:
+    """For each query j = 1..chunk_len of a chunk: the share of its keys it attends to, (r + j) / (n + j)
+    (r principal keys for the n past tokens, the chunk's first j tokens exactly)."""
+    return [(r + j) / (n_past + j) for j in range(1, chunk_len + 1)]

@@ -19,7 +19,7 @@ from atp_viz.forms.base import AttentionForm, PrincipalPast, compress
 __all__ = ["AttentionForm", "PrincipalPast", "compress", "get", "names", "register"]
 
 # Module names under atp_viz.forms, in the order the app lists them (the default first).
-_BUILTIN = ("exact", "linear")
+_BUILTIN = ("exact", "linear", "taylor2", "pksoftmax")
 _REGISTRY: dict[str, AttentionForm] = {}
 
 

@@ -35,10 +35,11 @@ class ExactForm(AttentionForm):
     cost_order = "L^2"
     sign_invariant = True
     positive = True
+    needs_basis_rows = True
     full_rank = "dense attention"
     map_kind = "tokens"
 
-    def _attend(self, q, k, v, U, km, c, causal, return_maps):
+    def _attend(self, q, k, v, U, km, c, causal, return_maps, *, params):
         Ut = U.mT.unsqueeze(1)  # (B, 1, r, L)
         Kr = U.unsqueeze(1) @ (Ut @ k)  # (B, Hkv, L, dh)  K_r = U U^T K
         Vr = U.unsqueeze(1) @ (Ut @ v)  # (B, Hkv, L, dh)  V_r = U U^T V
@@ -50,14 +51,14 @@ class ExactForm(AttentionForm):
             return out, {"tokens": probs}  # softmax over the reconstructed keys; principal = probs @ U_r
         return res
 
-    def _token_weights(self, q, Kr, U, allowed, c):
+    def _token_weights(self, q, Kr, U, allowed, c, *, params):
         zeros = torch.zeros_like(Kr)  # only the weights are wanted
         return att.dense_attention(q, Kr, zeros, scaling=c, mask=allowed, return_weights=True)[1]
 
-    def full_rank_reference(self, q, k, v, *, causal=False, scaling=None, key_mask=None):
+    def full_rank_reference(self, q, k, v, *, causal=False, scaling=None, key_mask=None, params=None):
         return att.dense_attention(q, k, v, causal=causal, scaling=scaling, key_mask=key_mask)
 
-    def _stream(self, q, k, v, past: PrincipalPast | None, c):
+    def _stream(self, q, k, v, past: PrincipalPast | None, c, *, params):
         keys, vals = k, v
         if past is not None:
             kr = torch.einsum("nr,hrd->hnd", past.u, past.kp)  # (Hkv, n, dh): K_r = U_r K'
@@ -70,6 +71,11 @@ class ExactForm(AttentionForm):
     def cache_floats(self, n: int, r: int, n_kv_heads: int, head_dim: int) -> int:
         # U_r as well, to rebuild K_r = U_r K' for the softmax.
         return super().cache_floats(n, r, n_kv_heads, head_dim) + n * min(r, n)
+
+    def past_macs(self, C: int, n: int, r: int, geom: _costs.Geometry) -> float:
+        # K_r = U_r K' and V_r = U_r V' (n r dh per kv head each), then softmax over all n past keys
+        H, Hkv, dh = geom.n_heads, geom.n_kv_heads, geom.head_dim
+        return 2.0 * Hkv * n * r * dh + 2.0 * H * C * n * dh
 
     def attention_cost(self, L: int, r: int, geom: _costs.Geometry) -> _costs.LayerCost:
         H, Hkv, dh = geom.n_heads, geom.n_kv_heads, geom.head_dim

@@ -57,59 +57,31 @@ class LinearForm(AttentionForm):
     full_rank = "first-order (1 + s) attention on the full keys"
     paper = True
 
-    def _attend(self, q, k, v, U, km, c, causal, return_maps):
-        B, H, L, dh = q.shape
-        Hkv = k.shape[1]
-        G = H // Hkv
-        if not causal and not return_maps:
-            return _noncausal(q, k, v, U, km, c, G)
-        Ut = U.mT.unsqueeze(1)  # (B, 1, r, L)
-        Kp = Ut @ k  # (B, Hkv, r, dh)  principal keys K'
-        Vp = Ut @ v  # (B, Hkv, r, dh)  principal values V'
-        qg = att.grouped(q, Hkv, G)  # (B, Hkv, G, L, dh)
-        phi = c * (qg @ Kp.unsqueeze(2).mT)  # (B, Hkv, G, L, r)  c q_i K'^T
-        if not causal:
-            s = U.sum(dim=1)  # (B, r)  U_r^T 1
-            s5 = s[:, None, None, None, :]  # (B, 1, 1, 1, r)
-            n = torch.full((B,), L, dtype=q.dtype, device=q.device) if km is None else km.sum(-1).to(q.dtype)
-            n5 = n[:, None, None, None, None]  # (B, 1, 1, 1, 1)
-            num = (s5 + phi) @ Vp.unsqueeze(2)  # (B, Hkv, G, L, dh)
-            den = n5 + phi @ s5.mT  # (B, Hkv, G, L, 1)
-            pmap = (s5 + phi) / den if return_maps else None  # (B, Hkv, G, L, r)
-        else:
-            W = U.unsqueeze(1) @ Vp  # (B, Hkv, L, dh)  row j = u_j^T V'
-            r = U.shape[-1]
-            vals = [W.unsqueeze(2), torch.ones(B, Hkv, 1, L, 1, dtype=q.dtype, device=q.device)]
-            if return_maps:
-                vals.append(U[:, None, None].expand(B, Hkv, 1, L, r))  # (B, Hkv, 1, L, r)
-            res = _causal_linear(phi, U[:, None, None], torch.cat(vals, dim=-1), CAUSAL_CHUNK)
-            n = (
-                torch.arange(1, L + 1, dtype=q.dtype, device=q.device).expand(B, L)
-                if km is None
-                else km.to(q.dtype).cumsum(-1)
-            )
-            n5 = n[:, None, None, :, None]  # (B, 1, 1, L, 1)
-            num = W.cumsum(dim=-2).unsqueeze(2) + res[..., :dh]  # (B, Hkv, G, L, dh)
-            den = n5 + res[..., dh : dh + 1]  # (B, Hkv, G, L, 1)
-            pmap = (U.cumsum(dim=1)[:, None, None] + res[..., dh + 1 :]) / den if return_maps else None
-        out = att.ungrouped(torch.where(n5 > 0, num / den, torch.zeros((), dtype=q.dtype)))  # (B, H, L, dh)
-        if return_maps:
-            pmap = torch.where(n5 > 0, pmap, torch.zeros((), dtype=q.dtype))
-            return out, {"principal": att.ungrouped(pmap)}  # (B, H, L, r); tokens = principal @ U_r^T
-        return out
+    def _attend(self, q, k, v, U, km, c, causal, return_maps, *, params):
+        G = q.shape[1] // k.shape[1]
+        out = _causal(q, k, v, U, km, c, G, maps=False)[0] if causal else _noncausal(q, k, v, U, km, c, G)
+        if not return_maps:
+            return out
+        # The map takes a pass of its own, so recording it never changes how the output is rounded: the
+        # app (which records maps) and the command line (which does not) show the same numbers.
+        pmap = _causal(q, k, v, U, km, c, G, maps=True)[1] if causal else _noncausal_map(q, k, U, km, c, G)
+        return out, {"principal": pmap}  # (B, H, L, r); tokens = principal @ U_r^T
 
-    def _token_weights(self, q, Kr, U, allowed, c):
+    def kernel(self, scores, params):
+        return 1.0 + scores  # negative once s < -1: not a positive kernel
+
+    def _token_weights(self, q, Kr, U, allowed, c, *, params):
         H, Hkv = q.shape[1], Kr.shape[1]
-        A = 1.0 + c * (att.grouped(q, Hkv, H // Hkv) @ Kr.unsqueeze(2).mT)  # (B, Hkv, G, T, L)
+        A = self.kernel(c * (att.grouped(q, Hkv, H // Hkv) @ Kr.unsqueeze(2).mT), params)  # (B, Hkv, G, T, L)
         if allowed is not None:
             A = A.masked_fill(~allowed, 0.0)
         den = A.sum(dim=-1, keepdim=True)
         return att.ungrouped(torch.where(den != 0, A / den, torch.zeros((), dtype=A.dtype)))
 
-    def full_rank_reference(self, q, k, v, *, causal=False, scaling=None, key_mask=None):
+    def full_rank_reference(self, q, k, v, *, causal=False, scaling=None, key_mask=None, params=None):
         return att.linearised_dense_attention(q, k, v, causal=causal, scaling=scaling, key_mask=key_mask)
 
-    def _stream(self, q, k, v, past: PrincipalPast | None, c):
+    def _stream(self, q, k, v, past: PrincipalPast | None, c, *, params):
         H, C, dh = q.shape
         Hkv, n_exact = k.shape[0], k.shape[1]
         qg = q.view(Hkv, H // Hkv, C, dh)  # (Hkv, G, C, dh): query heads grouped by their kv head
@@ -123,6 +95,11 @@ class LinearForm(AttentionForm):
             num = num + torch.einsum("hgcr,hrd->hgcd", phi, past.vp)
             den = den + past.n + (phi @ past.s)[..., None]
         return (num / den).reshape(H, C, dh)
+
+    def past_macs(self, C: int, n: int, r: int, geom: _costs.Geometry) -> float:
+        # c q K'^T, then phi V' and phi . s: r (2 dh + 1) per query head, plus s^T V' once
+        H, Hkv, dh = geom.n_heads, geom.n_kv_heads, geom.head_dim
+        return float(H) * C * r * (2 * dh + 1) + float(Hkv) * r * dh
 
     def attention_cost(self, L: int, r: int, geom: _costs.Geometry) -> _costs.LayerCost:
         """What the non-causal path computes: ``U^T K``, ``U^T V`` (``L r dh`` per key/value head each),
@@ -184,6 +161,53 @@ def _noncausal(q, k, v, U, km, c, G):
         n5 = n[:, None, None, None, None]  # (B, 1, 1, 1, 1)
         out = torch.where(n5 > 0, out, torch.zeros((), dtype=q.dtype))
     return att.ungrouped(out)  # (B, H, L, dh)
+
+
+def _noncausal_map(q, k, U, km, c, G):
+    """A' = (U_r^T 1 + c K' q_i^T) / denominator, ``[B, H, L, r]`` (non-causal)."""
+    B, H, L, dh = q.shape
+    Kp = U.mT.unsqueeze(1) @ k  # (B, Hkv, r, dh)  principal keys K'
+    phi = c * (att.grouped(q, H // G, G) @ Kp.unsqueeze(2).mT)  # (B, Hkv, G, L, r)  c q_i K'^T
+    s5 = U.sum(dim=1)[:, None, None, None, :]  # (B, 1, 1, 1, r)  U_r^T 1
+    n = torch.full((B,), L, dtype=q.dtype, device=q.device) if km is None else km.sum(-1).to(q.dtype)
+    n5 = n[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+    pmap = (s5 + phi) / (n5 + phi @ s5.mT)  # (B, Hkv, G, L, r)
+    return att.ungrouped(torch.where(n5 > 0, pmap, torch.zeros((), dtype=q.dtype)))
+
+
+def _causal(q, k, v, U, km, c, G, *, maps: bool):
+    """The causal path: (output ``[B, H, L, dh]``, the map A' ``[B, H, L, r]`` or None).
+
+    Prefix sums over j <= i, ``s_i = sum u_j``, ``P_i = sum u_j u_j^T``: numerator
+    ``s_i^T V' + c q_i K'^T P_i V'``, denominator ``n_i + c q_i K'^T s_i``; ``(q_i K'^T) P_i V'`` is a causal
+    linear attention (:func:`_causal_linear`) over the values ``[U_r V' | 1 (| U_r)]``.
+    """
+    B, H, L, dh = q.shape
+    Hkv = H // G
+    Ut = U.mT.unsqueeze(1)  # (B, 1, r, L)
+    Kp = Ut @ k  # (B, Hkv, r, dh)  principal keys K'
+    Vp = Ut @ v  # (B, Hkv, r, dh)  principal values V'
+    phi = c * (att.grouped(q, Hkv, G) @ Kp.unsqueeze(2).mT)  # (B, Hkv, G, L, r)  c q_i K'^T
+    W = U.unsqueeze(1) @ Vp  # (B, Hkv, L, dh)  row j = u_j^T V'
+    r = U.shape[-1]
+    vals = [W.unsqueeze(2), torch.ones(B, Hkv, 1, L, 1, dtype=q.dtype, device=q.device)]
+    if maps:
+        vals.append(U[:, None, None].expand(B, Hkv, 1, L, r))  # (B, Hkv, 1, L, r)
+    res = _causal_linear(phi, U[:, None, None], torch.cat(vals, dim=-1), CAUSAL_CHUNK)
+    n = (
+        torch.arange(1, L + 1, dtype=q.dtype, device=q.device).expand(B, L)
+        if km is None
+        else km.to(q.dtype).cumsum(-1)
+    )
+    n5 = n[:, None, None, :, None]  # (B, 1, 1, L, 1)
+    num = W.cumsum(dim=-2).unsqueeze(2) + res[..., :dh]  # (B, Hkv, G, L, dh)
+    den = n5 + res[..., dh : dh + 1]  # (B, Hkv, G, L, 1)
+    zero = torch.zeros((), dtype=q.dtype)
+    out = att.ungrouped(torch.where(n5 > 0, num / den, zero))  # (B, H, L, dh)
+    if not maps:
+        return out, None
+    pmap = (U.cumsum(dim=1)[:, None, None] + res[..., dh + 1 :]) / den
+    return out, att.ungrouped(torch.where(n5 > 0, pmap, zero))
 
 
 def _causal_linear(phi: torch.Tensor, u: torch.Tensor, values: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -188,11 +188,11 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
     ]
 
 
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _replace_hidden_arg(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+def replace_hidden_arg(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (new, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": new}
@@ -230,13 +230,13 @@ def activate(
         def hook(module, args, kwargs):
             if _STATE.get() is not state:
                 return None
-            x = _hidden_arg(args, kwargs)
+            x = hidden_arg(args, kwargs)
             state.x[layer] = x
             if state.capture:
                 state.record(layer, "x", x)
             if atp is not None and atp.applies_to(layer) and atp.lowrank_linear:
                 # Paper claim 3: the Q/K/V projections see U_r U_r^T X instead of X.
-                return _replace_hidden_arg(args, kwargs, atp.project_input(state, layer, x))
+                return replace_hidden_arg(args, kwargs, atp.project_input(state, layer, x))
             return None
 
         return hook
@@ -245,15 +245,15 @@ def activate(
         def hook(module, args, kwargs):
             if _STATE.get() is not state:
                 return None
-            x = _hidden_arg(args, kwargs)
-            return _replace_hidden_arg(args, kwargs, atp.project_input(state, layer, x, site="mlp"))
+            x = hidden_arg(args, kwargs)
+            return replace_hidden_arg(args, kwargs, atp.project_input(state, layer, x, site="mlp"))
 
         return hook
 
     def block_pre_hook(layer: int):
         def hook(module, args, kwargs):
             if _STATE.get() is state:
-                state.record(layer, "block_input", _hidden_arg(args, kwargs))
+                state.record(layer, "block_input", hidden_arg(args, kwargs))
 
         return hook
 

@@ -47,6 +47,9 @@ class ATPConfig:
     basis_source: BasisSource = "input"
     basis_method: Literal["exact", "randomized", "sketch"] = "exact"
     lowrank_linear: bool = False
+    # One rank per layer (e.g. :func:`atp_viz.analysis.spectra.allocate`'s shares under one budget),
+    # used instead of ``rank``; ``rank`` then only labels the budget.
+    layer_ranks: tuple[int | float, ...] | None = None
 
     def __post_init__(self) -> None:
         forms.get(self.form)  # ValueError naming the registered forms
@@ -61,12 +64,24 @@ class ATPConfig:
         if self.layers != "all":
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         _ranks.check_rank(self.rank)  # type / range check now, not in the middle of a forward
+        if self.layer_ranks is not None:
+            object.__setattr__(self, "layer_ranks", tuple(_ranks.check_rank(r) for r in self.layer_ranks))
+
+    def rank_of(self, layer: int) -> int | float:
+        """The rank of ``layer``: its own with per-layer ranks, else the one rank."""
+        if self.layer_ranks is None:
+            return self.rank
+        if not 0 <= layer < len(self.layer_ranks):
+            raise ValueError(f"layer_ranks has {len(self.layer_ranks)} entries; layer {layer} has none.")
+        return self.layer_ranks[layer]
 
     def label(self) -> str:
         r = f"r={self.rank:g}L" if isinstance(self.rank, float) else f"r={self.rank}"
         extra = "" if self.basis_source == "input" else ", basis from keys"
         extra += ", low-rank linear layers" if self.lowrank_linear else ""
         extra += "" if self.basis_method == "exact" else f", {self.basis_method} basis"
+        if self.layer_ranks is not None:
+            r = f"per-layer ranks (budget {r})"
         return f"ATP {self.form} {r}{extra}"
 
 
@@ -101,6 +116,7 @@ class ATPPlan:
     map_layers: frozenset[int] = frozenset()  # layers whose ATP attention map and basis are recorded
     notices: list[str] = field(default_factory=list)
     bases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    params: dict[int, dict[str, torch.Tensor]] | None = None  # the form's per-head parameters, per layer
     ranks: list[int] = field(default_factory=list)  # r per sequence of the batch
 
     def applies_to(self, layer: int) -> bool:
@@ -110,14 +126,14 @@ class ATPPlan:
     def lowrank_linear(self) -> bool:
         return self.config.lowrank_linear
 
-    def _basis(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def _basis(self, x: torch.Tensor, key_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Per-sequence bases of ``x`` ``[B, L, f]`` over real tokens, zero-padded to a common r."""
         B, L, _ = x.shape
         valid = key_mask if key_mask is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
         bases, ranks = [], []
         for b in range(B):
             n = int(valid[b].sum())
-            r, notice = _ranks.resolve_rank(self.config.rank, n)
+            r, notice = _ranks.resolve_rank(self.config.rank_of(layer), n)
             if notice and notice not in self.notices:
                 self.notices.append(notice)
             u = _basis.principal_basis(x[b], r, self.config.basis_method, valid=valid[b])  # (L, r)
@@ -132,7 +148,7 @@ class ATPPlan:
     def basis(self, state: backend.CallState, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
         key = (layer, site)
         if key not in self.bases:
-            self.bases[key] = self._basis(x, state.key_mask)
+            self.bases[key] = self._basis(x, state.key_mask, layer)
         return self.bases[key]
 
     def project_input(self, state: backend.CallState, layer: int, x: torch.Tensor, site: str = "attn"):
@@ -150,8 +166,9 @@ class ATPPlan:
         causal = bool(getattr(module, "is_causal", False))
         record = layer in self.map_layers
         res = forms.get(self.config.form).attend(
-            query, key, value, u, causal=causal, scaling=scaling, key_mask=state.key_mask, return_maps=record
-        )
+            query, key, value, u, causal=causal, scaling=scaling, key_mask=state.key_mask, return_maps=record,
+            params=(self.params or {}).get(layer),
+        )  # fmt: skip
         if record:
             out, maps = res
             for name, m in maps.items():  # "principal" [B, H, L, r] and/or "tokens" [B, H, L, L]
@@ -162,11 +179,13 @@ class ATPPlan:
         return out.transpose(1, 2).contiguous(), None  # (B, L, H, dh)
 
 
-def make_plan(config: ATPConfig | None, n_layers: int, *, map_layers=()) -> ATPPlan | None:
+def make_plan(config: ATPConfig | None, n_layers: int, *, map_layers=(), params=None) -> ATPPlan | None:
+    """The plan of one forward pass; ``params`` (layer -> name -> [H]) are the form's trained per-head
+    parameters (``LoadedModel.form_params``), the form's defaults where missing."""
     if config is None:
         return None
     if config.layers != "all":
         bad = [i for i in config.layers if not 0 <= i < n_layers]
         if bad:
             raise ValueError(f"Layers {bad} do not exist: this model has layers 0-{n_layers - 1}.")
-    return ATPPlan(config=config, n_layers=n_layers, map_layers=frozenset(map_layers))
+    return ATPPlan(config=config, n_layers=n_layers, map_layers=frozenset(map_layers), params=params)

@@ -4,7 +4,7 @@ the bundled and tiny models on offer, where converted weights and tuned runs are
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,12 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel in eval mode, attn_implementation="atp_viz"
     tokenizer: Any
     info: ModelInfo
+    # Trained per-head parameters of attention forms (a fine-tuned run's): form -> layer -> name -> [H].
+    # ATP runs of that form use them; empty for a model that was not tuned.
+    atp_params: dict = field(default_factory=dict)
+
+    def form_params(self, form: str) -> dict[int, dict[str, torch.Tensor]] | None:
+        return self.atp_params.get(form) or None
 
     @property
     def device(self) -> torch.device:

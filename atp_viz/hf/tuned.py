@@ -19,6 +19,35 @@ from atp_viz.hf import checkpoints
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir
 
 SETTINGS_FILE = "atp_tuning.json"
+PARAMS_FILE = "atp_params.safetensors"  # trained per-head parameters of the attention form, if any
+
+
+def save_params(folder: Path, params: dict[str, dict[int, dict]]) -> None:
+    """Write form -> layer -> name -> [H] tensors as ``form/layer/name`` entries of one safetensors file."""
+    from safetensors.torch import save_file
+
+    flat = {
+        f"{form}/{layer}/{name}": t.detach().float().cpu().contiguous()
+        for form, layers in params.items()
+        for layer, named in layers.items()
+        for name, t in named.items()
+    }
+    if flat:
+        save_file(flat, str(folder / PARAMS_FILE))
+
+
+def load_params(folder: Path) -> dict[str, dict[int, dict]]:
+    from safetensors.torch import load_file
+
+    path = folder / PARAMS_FILE
+    out: dict[str, dict[int, dict]] = {}
+    if path.is_file():
+        for key, t in load_file(str(path)).items():
+            form, layer, name = key.split("/")
+            out.setdefault(form, {}).setdefault(int(layer), {})[name] = t
+    return out
+
+
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "tuned"
 
 
@@ -30,6 +59,13 @@ def read_settings(folder: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+
+
+def base_model_of(key: str) -> str | None:
+    """The base model a ``tuned:<folder>`` key was fine-tuned from (None for any other key)."""
+    if not key.startswith(TUNED_PREFIX):
+        return None
+    return read_settings(key[len(TUNED_PREFIX) :])["base_model"]
 
 
 def tuned_label(meta: dict) -> str:
@@ -60,7 +96,7 @@ def load_tuned(
         label=tuned_label(meta),
         source=f"{loaded.info.source} + LoRA adapters from {folder}",
     )
-    return LoadedModel(model=model, tokenizer=loaded.tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=loaded.tokenizer, info=info, atp_params=load_params(folder))
 
 
 def find_runs(roots: Sequence[Path] | None = None) -> list[tuple[Path, dict]]:

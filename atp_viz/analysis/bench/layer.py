@@ -16,7 +16,9 @@ import torch
 
 from atp_viz import forms
 from atp_viz.analysis.bench.timing import (
+    MAX_REPEATS,
     MEMORY_METHOD,
+    TARGET_CI,
     TIMING_METHOD,
     parse_lengths,
     parse_ranks,
@@ -147,12 +149,14 @@ def run_layer_bench(
     eager_limit_gb: float = EAGER_LIMIT_GB,
     device: str = "cpu",
     measure_memory: bool = True,
+    max_repeats: int | None = MAX_REPEATS,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Time and measure one attention layer at each L: dense SDPA, dense eager and ATP (linear form).
 
     For each rank and basis method the ATP path is timed as a whole (basis + attention, the figure the
-    ratios use) and in its two parts (basis alone; attention alone on a precomputed basis).
+    ratios use) and in its two parts (basis alone; attention alone on a precomputed basis). Rows whose
+    figures contradict each other beyond their intervals are flagged (:func:`inconsistencies`), not hidden.
     """
     spec = parse_ranks(ranks)
     rows = []
@@ -160,13 +164,20 @@ def run_layer_bench(
     for i, L in enumerate(lengths):
         if progress:
             progress(i / len(lengths), f"layer bench: L = {L}")
-        rows.append(_layer_row(L, spec, repeats, warmup, methods, eager_limit_gb, device, measure_memory))
+        row = _layer_row(
+            L, spec, repeats, warmup, methods, eager_limit_gb, device, measure_memory, max_repeats
+        )
+        row["flags"] = inconsistencies(row)
+        rows.append(row)
     return {
         "geometry": dict(GEOMETRY),
         "causal": False,
         "dtype": "float32",
         "device": device,
         "repeats": repeats,
+        "max_repeats": max_repeats,
+        **({} if max_repeats else {"max_repeats_skipped": "no repeats beyond `repeats` (asked for)"}),
+        "target_ci": TARGET_CI,
         "warmup": warmup,
         "rank_spec": list(spec),
         "projections": PROJECTIONS,
@@ -265,9 +276,9 @@ def _atp_entry(L, r, toks, method, times, mem, sdpa, eager, eager_skip, no_mem) 
     return row
 
 
-def _layer_row(L, spec, repeats, warmup, methods, eager_limit_gb, device, measure_memory) -> dict[str, Any]:
+def _layer_row(L, spec, repeats, warmup, methods, eager_limit_gb, device, measure_memory, max_repeats):
     paths, combos, eager_skip, eager_bytes = _paths(L, spec, methods, eager_limit_gb, device)
-    times = time_paths(paths, repeats, warmup, device)
+    times = time_paths(paths, repeats, warmup, device, max_repeats=max_repeats)
     mem: dict[str, int | None] = {}
     if measure_memory:
         for name in ("dense_sdpa", "dense_eager", *(f"atp/{r}/{m}" for r, _, m in combos)):
@@ -280,6 +291,35 @@ def _layer_row(L, spec, repeats, warmup, methods, eager_limit_gb, device, measur
         for r, toks, method in combos
     ]
     return {"L": L, "dense_sdpa": sdpa, "dense_eager": eager, "atp": atp_rows}
+
+
+def _ci(t: dict) -> tuple[float, float]:
+    """A timing's median interval, or (median, median) when there were too few repeats for one."""
+    ci = t.get("median_ci_s")
+    return (ci[0], ci[1]) if ci else (t["median_s"], t["median_s"])
+
+
+def inconsistencies(row: dict[str, Any]) -> list[str]:
+    """What in one length's figures cannot be right, beyond the intervals: a part (basis alone, attention
+    alone) slower than the whole, or a larger rank cheaper than a smaller one with the same basis method.
+    Such rows are flagged in the JSON and the printed table, so they are rerun, not published."""
+    flags = []
+    for a in row["atp"]:
+        total_hi = _ci(a["total"])[1]
+        for part in ("basis", "attention"):
+            if _ci(a[part])[0] > total_hi:
+                flags.append(f"r={a['rank']} {a['basis_method']}: {part} alone slower than basis + attention")
+    by_method: dict[str, list[dict]] = {}
+    for a in row["atp"]:
+        by_method.setdefault(a["basis_method"], []).append(a)
+    for method, entries in by_method.items():
+        entries = sorted(entries, key=lambda a: a["rank"])
+        for small, large in zip(entries, entries[1:], strict=False):
+            if _ci(large["total"])[1] < _ci(small["total"])[0]:
+                flags.append(
+                    f"{method}: r={large['rank']} faster than r={small['rank']} beyond their intervals"
+                )
+    return flags
 
 
 def crossover(rows: list[dict], spec: Sequence[str], methods: Sequence[str]) -> list[dict[str, Any]]:

@@ -1,14 +1,17 @@
 """Options, timing and memory measurement shared by the layer and model benchmarks.
 
 Timings: ``time.perf_counter`` around one call (after ``torch.cuda.synchronize`` on CUDA), ``warmup``
-untimed calls per path, then ``repeats`` rounds in which every path runs once, so that the paths being
-compared share the machine's load; median and min are reported and ratios are taken between medians of
-the same run. Peak memory: see :data:`MEMORY_METHOD`.
+untimed calls per path, then rounds in which every path runs once, so that the paths being compared
+share the machine's load. After ``repeats`` rounds, a path whose median is not yet known to within
+``TARGET_CI`` (the 95% distribution-free interval of the median, :func:`median_ci`, narrower than
++-10% of it) runs again in further rounds, up to ``max_repeats``; the summary says whether it got
+there. Ratios are taken between medians of the same run. Peak memory: see :data:`MEMORY_METHOD`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -22,11 +25,15 @@ import torch
 
 from atp_viz.core import ranks as _ranks
 
+TARGET_CI = 0.10  # stop repeating a path once its median's 95% interval is within +-10% of it
+MAX_REPEATS = 30
 TIMING_METHOD = (
     "time.perf_counter around one call (torch.cuda.synchronize before and after on CUDA), "
-    "torch.inference_mode, float32; `warmup` untimed calls per path, then `repeats` interleaved rounds "
-    "(each path of one L once per round); median and min of the repeats; ratios = ratio of medians "
-    "from the same run."
+    "torch.inference_mode, float32; `warmup` untimed calls per path, then interleaved rounds (each "
+    "unfinished path of one L once per round): at least `repeats`, then more for every path whose "
+    "median's 95% interval (order statistics, distribution-free) is wider than +-10% of the median, up "
+    "to `max_repeats`; median, its interval and min of the repeats; ratios = ratio of medians from the "
+    "same run."
 )
 MEMORY_METHOD = (
     "CPU: torch.profiler.profile(profile_memory=True) around one extra, untimed call; peak of the "
@@ -123,27 +130,69 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def median_ci(times: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval of the median from order statistics: ``(x_(k), x_(n+1-k))`` with the
+    largest k such that P(Binomial(n, 1/2) < k) <= (1 - level) / 2. None when n is too small (n < 6 at
+    95%: even (min, max) covers less)."""
+    n = len(times)
+    xs = sorted(times)
+    tail, cdf, k = (1 - level) / 2, 0.0, 0
+    for j in range(n + 1):  # cdf = P(Binomial(n, 1/2) <= j - 1) before the update
+        if cdf + math.comb(n, j) / 2**n > tail:
+            k = j
+            break
+        cdf += math.comb(n, j) / 2**n
+    if k < 1:
+        return None
+    return xs[k - 1], xs[n - k]
+
+
 def summary(times: list[float]) -> dict[str, Any]:
-    return {"repeats_s": list(times), "median_s": statistics.median(times), "min_s": min(times)}
+    """Median, its 95% interval (and relative half-width), min and every repeat of one path."""
+    med = statistics.median(times)
+    ci = median_ci(times)
+    out: dict[str, Any] = {"repeats_s": list(times), "median_s": med, "min_s": min(times)}
+    out["median_ci_s"] = list(ci) if ci else None
+    out["median_ci_rel"] = (ci[1] - ci[0]) / 2 / med if ci and med > 0 else None
+    out["converged"] = out["median_ci_rel"] is not None and out["median_ci_rel"] <= TARGET_CI
+    if ci is None:
+        why = f"{len(times)} repeats are too few for a 95% interval of the median (at least 6)"
+        out["median_ci_s_skipped"] = out["median_ci_rel_skipped"] = why
+    return out
 
 
 def time_paths(
-    paths: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str
+    paths: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    device: str,
+    *,
+    max_repeats: int | None = None,
+    keep: Callable[[str, Any], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Warm every path up, then run ``repeats`` rounds with each path once per round (interleaved)."""
+    """Warm every path up, then interleaved rounds: every path once per round for ``repeats`` rounds, then
+    only the paths whose median is not yet within ``TARGET_CI`` (:func:`summary`), up to ``max_repeats``
+    (None: exactly ``repeats``). ``keep(name, output)`` sees each timed output after its clock stopped
+    (to score it), before it is freed."""
+    cap = repeats if max_repeats is None else max(max_repeats, repeats)
     with torch.inference_mode():
         for fn in paths.values():
             for _ in range(warmup):
                 fn()
         sync(device)
         times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(repeats):
-            for name, fn in paths.items():
+        for round_ in range(cap):
+            todo = [n for n in paths if round_ < repeats or not summary(times[n])["converged"]]
+            if not todo:
+                break
+            for name in todo:
                 sync(device)
                 t0 = time.perf_counter()
-                out = fn()
+                out = paths[name]()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+                if keep is not None:
+                    keep(name, out)
                 del out
     return times
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atp_viz import forms
+from atp_viz.core.ranks import RANK_MODES
 from atp_viz.hf.model_info import cache_dir
 
 
@@ -15,35 +16,47 @@ class TuneConfig:
     """One fine-tuning run. Defaults are the ones the README's table was measured with."""
 
     model: str = "minilm"
-    rank: float = 0.5  # share of L (encoders: of each text; decoders: of each chunk's past)
+    rank: float = 0.5  # share of L (encoders: of each text; decoders: see rank_mode)
     form: str = "exact"  # a name in atp_viz.forms
-    steps: int = 200
+    rank_mode: str = "past"  # decoders: "past" (share of the compressed past) or "effective" (core.ranks)
+    steps: int = 200  # stage 2: end-to-end LoRA with ATP in place
     lr: float = 1e-3  # AdamW on the adapters only; LoRA tolerates a high rate
+    transfer_steps: int = 0  # stage 1: layer-wise attention transfer (0: none)
+    transfer_lr: float = 1e-2  # stage 1: the form's per-head parameters and the Q/K adapters
+    hidden_weight: float = 1.0  # encoders, stage 2: weight of the every-layer hidden-state loss
+    kl_weight: float = 1.0  # decoders, stage 2: weight of KL(original dense || ATP) next to the token loss
     lora_r: int = 8  # adapter rank (not the ATP rank)
     lora_alpha: int = 16
     batch: int = 16  # encoder texts per step (decoders: one window per step)
     max_tokens: int = 128  # encoder: longest training / evaluation text
     seq_len: int = 512  # decoder: window length
     chunk: int = 128  # decoder: chunk size of the strictly causal mode
-    eval_texts: int = 128  # encoder: held-out texts evaluated
-    eval_windows: int = 8  # decoder: held-out windows evaluated
+    eval_texts: int = 0  # encoder: held-out texts evaluated (0: all, from every held-out module)
+    eval_windows: int = 0  # decoder: held-out windows evaluated (0: all; fewer are spread evenly)
     seed: int = 0
 
     def __post_init__(self) -> None:
         forms.get(self.form)  # ValueError naming the registered forms
         if not (isinstance(self.rank, float) and 0.0 < self.rank <= 1.0):
             raise ValueError(f"rank must be a share of L in (0, 1], e.g. 0.5 or 0.25; got {self.rank!r}")
-        if self.steps < 0 or self.batch < 1 or self.lora_r < 1:
-            raise ValueError("steps must be >= 0, batch and lora_r >= 1")
-        if self.eval_texts < 2 or self.eval_windows < 1:
-            raise ValueError("eval_texts must be >= 2 (nearest neighbours need two) and eval_windows >= 1")
+        if self.steps < 0 or self.transfer_steps < 0 or self.batch < 1 or self.lora_r < 1:
+            raise ValueError("steps and transfer_steps must be >= 0, batch and lora_r >= 1")
+        if self.hidden_weight < 0 or self.kl_weight < 0 or not self.transfer_lr > 0:
+            raise ValueError("hidden_weight and kl_weight must be >= 0 and transfer_lr > 0")
+        if self.eval_texts == 1 or self.eval_texts < 0 or self.eval_windows < 0:
+            raise ValueError(
+                "eval_texts must be 0 (all) or >= 2 (nearest neighbours need two), eval_windows >= 0"
+            )
+        if self.rank_mode not in RANK_MODES:
+            raise ValueError(f"rank_mode must be one of {', '.join(RANK_MODES)}, got {self.rank_mode!r}")
         if not self.lr > 0 or self.max_tokens < 8 or self.seq_len < 4:
             raise ValueError("lr must be > 0, max_tokens >= 8 and seq_len >= 4")
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
 
     def label(self) -> str:
-        return f"ATP-tuned r={self.rank:g}L ({self.form})"
+        mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
+        return f"ATP-tuned r={self.rank:g}L ({self.form}{mode})"
 
 
 @dataclass
@@ -55,7 +68,9 @@ class TuneResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     cancelled: bool = False
-    skipped: int = 0  # steps whose loss or gradient was not finite (no update)
+    skipped: int = 0  # stage 2 steps whose loss or gradient was not finite (no update)
+    transfer_losses: list[float] = field(default_factory=list)
+    transfer_skipped: int = 0
 
 
 class Cancelled(Exception):

@@ -10,13 +10,11 @@ import torch
 from atp_viz.text.corpus import docstrings
 
 
-def encoder_texts(
-    modules: Sequence[str], tokenizer, *, min_tokens: int = 24, max_tokens: int = 128
-) -> list[str]:
+def paragraph_texts(docs: Sequence[str], tokenizer, min_tokens: int = 24, max_tokens: int = 128) -> list[str]:
     """Docstrings with at least ``min_tokens`` tokens, each cut at a paragraph boundary to at most
     ``max_tokens`` tokens (so every text is whole paragraphs, not a cut mid-sentence)."""
     out = []
-    for doc in docstrings(modules):
+    for doc in docs:
         text = ""
         for para in doc.split("\n\n"):
             cand = f"{text}\n\n{para}" if text else para
@@ -26,6 +24,14 @@ def encoder_texts(
         if text and len(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]) >= min_tokens:
             out.append(text)
     return out
+
+
+def encoder_texts(
+    modules: Sequence[str], tokenizer, *, min_tokens: int = 24, max_tokens: int = 128
+) -> list[str]:
+    """Training texts: the modules' docstrings (near-duplicates of held-out ones left out) as
+    :func:`paragraph_texts`."""
+    return paragraph_texts(docstrings(modules), tokenizer, min_tokens, max_tokens)
 
 
 def token_windows(modules: Sequence[str], tokenizer, seq_len: int) -> list[torch.Tensor]:

@@ -1,184 +1,250 @@
-"""Held-out evaluation of a fine-tuning run, and the tables of finished runs.
+"""Held-out evaluation of a fine-tuning run (the evaluation protocol of :mod:`atp_viz.analysis.protocol`),
+and the tables of finished runs.
 
-Every setting is measured against the *original* dense model: dense (original), dense with the tuned
-weights, untuned ATP, tuned ATP. Encoders: cosine of the sentence embedding and nearest-neighbour
-agreement on held-out texts; decoders: next-token top-1 and perplexity in the strictly causal mode.
+Every setting is measured against the *original* dense model on the same held-out data: dense
+(original), dense with the tuned weights, untuned ATP, tuned ATP. Encoders: cosine of the sentence
+embedding to the original dense model's (mean with a 95% interval over texts) and nearest-neighbour
+agreement; decoders: next-token top-1 and perplexity in the strictly causal mode on the protocol's
+scored positions, each with its 95% interval and its paired difference to the original dense model.
+
+Settings computed on the unmodified base model (dense, untuned ATP) of a bundled or tiny model are
+cached on disk (``<cache>/eval``), keyed by everything they depend on, so a series of runs does not
+recompute them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from atp_viz import __version__
+from atp_viz.analysis import protocol
 from atp_viz.analysis.finetune.config import TuneConfig
-from atp_viz.analysis.finetune.data import encoder_texts, token_windows
-from atp_viz.analysis.finetune.objectives import decoder_nll, encoder_embeddings
+from atp_viz.analysis.finetune.objectives import encoder_embeddings
 from atp_viz.core.basis import NonFiniteError
+from atp_viz.core.progress import ProgressFn, within
 from atp_viz.hf.engine import ATPConfig
-from atp_viz.hf.model_info import LoadedModel
+from atp_viz.hf.model_info import BUNDLED, TINY, LoadedModel, cache_dir
 from atp_viz.hf.tuned import tuned_label
-from atp_viz.text.corpus import HELDOUT_MODULES
+
+SETTINGS = ("dense", "dense_tuned_weights", "atp_untuned", "atp_tuned")
+
+
+def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
+    """Where a base-model setting's scores are kept, or None when they must not be cached."""
+    if cfg.model not in {c.key for c in BUNDLED + TINY} or setting not in ("dense", "atp_untuned"):
+        return None
+    key = {
+        "model": cfg.model, "setting": setting, "rank": cfg.rank, "form": cfg.form,
+        "rank_mode": cfg.rank_mode, "seq_len": cfg.seq_len, "chunk": cfg.chunk, "max_tokens": cfg.max_tokens,
+        "items": n_items, "python": platform.python_version(), "torch": torch.__version__,
+        "atp_viz": __version__,
+    }  # fmt: skip
+    if setting == "dense":
+        key.update(rank=None, form=None, rank_mode=None)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "eval" / f"{cfg.model}-{setting}-{digest}.npz"
 
 
 @torch.inference_mode()
-def eval_encoder(
-    dense_model: LoadedModel,
-    models: dict[str, tuple[LoadedModel, ATPConfig | None]],
-    texts: Sequence[str],
-    max_tokens: int,
-    batch: int = 32,
-) -> dict[str, dict]:
-    """Per setting: mean / min cosine of its embedding to the dense model's, and nearest-neighbour
-    agreement (for each text, is its nearest other text the same as under the dense model).
+def embeddings(
+    loaded: LoadedModel, config: ATPConfig | None, texts: Sequence[str], max_tokens: int, batch=32
+):
+    """Normalised embeddings [N, d]; a text on which the setting breaks down (inf/NaN) gets zeros."""
 
-    A text on which a setting breaks down (the linear form can send a layer's input to inf/NaN) gets a
-    zero embedding: cosine 0 and no neighbour agreement, and ``n_broken`` counts such texts (the key
-    is present only when some broke down).
-    """
-
-    def embed_batch(loaded, config, part):
+    def part(chunk):
         try:
-            return encoder_embeddings(loaded, part, config, max_tokens)
+            return encoder_embeddings(loaded, chunk, config, max_tokens)
         except NonFiniteError:
-            if len(part) > 1:  # find which texts break down
-                return torch.cat([embed_batch(loaded, config, [t]) for t in part])
+            if len(chunk) > 1:  # find which texts break down
+                return torch.cat([part([t]) for t in chunk])
             return torch.zeros(1, loaded.info.d_model, device=loaded.device)
 
-    def embed(loaded, config):
-        parts = [embed_batch(loaded, config, texts[i : i + batch]) for i in range(0, len(texts), batch)]
-        e = torch.cat(parts).double().cpu()
-        return torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0)
-
-    ref = embed(dense_model, None)
-    ref_nn = _nearest(ref)
-    out = {}
-    for name, (loaded, config) in models.items():
-        e = ref if (loaded is dense_model and config is None) else embed(loaded, config)
-        cos = (e * ref).sum(-1)  # both normalised (or zero where the setting broke down)
-        row = {
-            "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()),
-            "nn_agreement": float((_nearest(e) == ref_nn).double().mean()),
-            "n_texts": len(texts),
-        }
-        broken = int((e.abs().sum(-1) == 0).sum())
-        if broken:
-            row["n_broken"] = broken
-        out[name] = row
-    return out
+    e = torch.cat([part(texts[i : i + batch]) for i in range(0, len(texts), batch)]).double().cpu()
+    return torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0).numpy()
 
 
-def _nearest(e: torch.Tensor) -> torch.Tensor:
+def _nearest(e: np.ndarray) -> np.ndarray:
     sim = e @ e.T
-    sim.fill_diagonal_(-math.inf)
+    np.fill_diagonal(sim, -math.inf)
     return sim.argmax(-1)
 
 
-@torch.inference_mode()
-def eval_decoder(
-    models: dict[str, tuple[LoadedModel, float | None, str]],
-    windows: Sequence[torch.Tensor],
-    chunk: int,
-) -> dict[str, dict]:
-    """Per setting (model, rank or None for dense, form): next-token top-1 accuracy and perplexity
-    over the windows' predictions from positions >= chunk, strictly causal.
-
-    A window on which a setting breaks down (inf/NaN in a layer's input, possible with the linear
-    form) is left out of that setting's figures and counted in ``n_broken`` (present only then).
-    """
-    out = {}
-    for name, (loaded, rank, form) in models.items():
-        nll_sum, hits, n, broken = 0.0, 0, 0, 0
-        for w in windows:
-            try:
-                nll, h, c = decoder_nll(loaded, w.to(loaded.device), rank, form, chunk)
-            except NonFiniteError:
-                broken += 1
-                continue
-            nll_sum += float(nll) * c
-            hits += h
-            n += c
-        row = {
-            "top1": hits / n if n else float("nan"),
-            "perplexity": math.exp(nll_sum / n) if n else float("nan"),
-            "n_tokens": n,
-        }
+def _encoder_rows(
+    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None
+) -> tuple[dict, str]:
+    texts, modules = protocol.heldout_texts(
+        reference.tokenizer, max_tokens=cfg.max_tokens, max_texts=cfg.eval_texts or None
+    )
+    atp = ATPConfig(rank=cfg.rank, form=cfg.form)
+    settings = {"dense": (reference, None), "dense_tuned_weights": (tuned, None),
+                "atp_untuned": (reference, atp), "atp_tuned": (tuned, atp)}  # fmt: skip
+    emb = {}
+    for i, (name, (loaded, config)) in enumerate(settings.items()):
+        if progress:
+            progress(i / len(settings), f"{name}: {len(texts)} held-out texts")
+        path = _cache_path(cfg, name, len(texts))
+        if path is not None and path.is_file():
+            emb[name] = np.load(path)["embeddings"]
+            continue
+        emb[name] = embeddings(loaded, config, texts, cfg.max_tokens)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, embeddings=emb[name])
+    cos = {name: (e * emb["dense"]).sum(-1) for name, e in emb.items()}
+    ref_nn = _nearest(emb["dense"])
+    rows = {}
+    for name, e in emb.items():
+        row = protocol.encoder_summary(
+            cos[name], modules, reference=cos["atp_untuned"] if name == "atp_tuned" else None
+        )
+        row["nn_agreement"] = float((_nearest(e) == ref_nn).mean())
+        broken = int((np.abs(e).sum(-1) == 0).sum())
         if broken:
             row["n_broken"] = broken
-        out[name] = row
-    return out
+        rows[name] = row
+    note = (
+        f"sentence embeddings of {len(texts)} held-out texts from {len(set(modules))} modules, cosine to "
+        "the original dense model's; 95% intervals by bootstrap over texts"
+    )
+    return rows, note
 
 
-def evaluate(reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig) -> dict:
+def _decoder_scores(
+    loaded, windows, cfg: TuneConfig, name: str, rank, progress: ProgressFn | None
+) -> protocol.DecoderScores:
+    path = _cache_path(cfg, name, len(windows.ids))
+    if path is not None and path.is_file():
+        z = np.load(path)
+        split = np.cumsum(z["sizes"])[:-1]
+        return protocol.DecoderScores(
+            hits=list(np.split(z["hits"], split)), nll=list(np.split(z["nll"], split)),
+            modules=list(np.split(z["modules"], split)), shares=[float(z["share"])], broken=int(z["broken"]),
+        )  # fmt: skip
+    s = protocol.score_decoder(
+        loaded, windows, rank=rank, form=cfg.form, chunk=cfg.chunk, rank_mode=cfg.rank_mode,
+        progress=progress,
+    )  # fmt: skip
+    if path is not None and s.hits:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path, hits=np.concatenate(s.hits), nll=np.concatenate(s.nll), modules=np.concatenate(s.modules),
+            sizes=np.array([h.size for h in s.hits]), share=s.shares[0], broken=s.broken,
+        )  # fmt: skip
+    return s
+
+
+def _decoder_rows(
+    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None
+) -> tuple[dict, str]:
+    windows = protocol.heldout_windows(reference.tokenizer, cfg.seq_len, max_windows=cfg.eval_windows or None)
+    settings = {"dense": (reference, None), "dense_tuned_weights": (tuned, None),
+                "atp_untuned": (reference, cfg.rank), "atp_tuned": (tuned, cfg.rank)}  # fmt: skip
+    scores = {
+        name: _decoder_scores(m, windows, cfg, name, r, within(progress, i / 4, (i + 1) / 4, f"{name}: "))
+        for i, (name, (m, r)) in enumerate(settings.items())
+    }
+    rows = {}
+    for name, s in scores.items():
+        rows[name] = protocol.decoder_summary(s, windows, None if name == "dense" else scores["dense"])
+        if name == "atp_tuned":  # against the tuned weights with dense attention too (domain adaptation)
+            extra = protocol.decoder_summary(s, windows, scores["dense_tuned_weights"])
+            rows[name]["top1_minus_dense_tuned_weights"] = extra.get("top1_minus_reference")
+            rows[name]["top1_minus_dense_tuned_weights_ci"] = extra.get("top1_minus_reference_ci")
+    n = rows["dense"].get("n_scored", 0)
+    note = (
+        f"next-token prediction at positions {cfg.chunk}..{cfg.seq_len - 2} of {len(windows.ids)} held-out "
+        f"windows of {cfg.seq_len} tokens ({n} predictions), rank mode '{cfg.rank_mode}'; 95% intervals by "
+        "bootstrap over windows, differences paired"
+    )
+    return rows, note
+
+
+def evaluate(
+    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None = None
+) -> dict:
     """Held-out metrics: dense (original), dense with the tuned weights, untuned ATP, tuned ATP."""
-    atp_cfg = ATPConfig(rank=cfg.rank, form=cfg.form)
-    data = heldout(reference, cfg)
     if reference.info.is_decoder:
-        windows = data
-        rows = eval_decoder(
-            {
-                "dense": (reference, None, "exact"),
-                "dense_tuned_weights": (tuned, None, "exact"),
-                "atp_untuned": (reference, cfg.rank, cfg.form),
-                "atp_tuned": (tuned, cfg.rank, cfg.form),
-            },
-            windows,
-            cfg.chunk,
-        )
-        note = f"next-token prediction at positions >= {cfg.chunk} of {len(windows)} windows of {cfg.seq_len}"
+        rows, note = _decoder_rows(reference, tuned, cfg, progress)
     else:
-        texts = data
-        rows = eval_encoder(
-            reference,
-            {
-                "dense": (reference, None),
-                "dense_tuned_weights": (tuned, None),
-                "atp_untuned": (reference, atp_cfg),
-                "atp_tuned": (tuned, atp_cfg),
-            },
-            texts,
-            cfg.max_tokens,
-        )
-        note = f"sentence embeddings of {len(texts)} held-out texts, compared with the original dense model"
-    return {"rank": cfg.rank, "form": cfg.form, "what": note, "rows": rows}
+        rows, note = _encoder_rows(reference, tuned, cfg, progress)
+    return {
+        "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "what": note, "rows": rows,
+        "protocol": "atp_viz.analysis.protocol (held-out modules: atp_viz.text.corpus.HELDOUT_MODULES)",
+    }  # fmt: skip
 
 
-def heldout(loaded: LoadedModel, cfg: TuneConfig) -> list:
-    """The held-out evaluation data: windows (decoders) or texts (encoders), first ones in order."""
+def heldout_available(loaded: LoadedModel, cfg: TuneConfig) -> int:
+    """How many held-out windows (decoders) or texts (encoders) the settings give (0: nothing to evaluate)."""
     if loaded.info.is_decoder:
-        return token_windows(HELDOUT_MODULES, loaded.tokenizer, cfg.seq_len)[: cfg.eval_windows]
-    return encoder_texts(HELDOUT_MODULES, loaded.tokenizer, max_tokens=cfg.max_tokens)[: cfg.eval_texts]
+        return len(protocol.heldout_windows(loaded.tokenizer, cfg.seq_len, max_windows=1).ids)
+    return len(protocol.heldout_texts(loaded.tokenizer, max_tokens=cfg.max_tokens, max_texts=2)[0])
 
 
 def metrics_table(meta: dict) -> list[dict]:
-    """The run's metrics as rows (one per setting) for display and export."""
+    """The run's metrics as rows (one per setting) for display and export; intervals as text."""
     m = meta["metrics"]
     rows = []
     for name, vals in m["rows"].items():
-        rows.append({"setting": name, "rank": m["rank"], "form": m["form"], **vals})
+        row = {"setting": name, "rank": m["rank"], "form": m["form"], "rank mode": m.get("rank_mode", "past")}
+        row.update(_with_intervals(vals))
+        rows.append(row)
     return rows
+
+
+def _with_intervals(vals: dict) -> dict:
+    """Figures that have an interval as ``value [lo, hi]``; runs made before the protocol have none."""
+    out = {}
+    for k, v in vals.items():
+        if k.endswith("_ci") or k == "scored_per_module":
+            continue
+        ci = vals.get(f"{k}_ci")
+        if ci is not None and isinstance(v, float):
+            scale = 100 if "minus" in k else 1
+            out[k + (" (pt)" if scale == 100 else "")] = protocol.interval(
+                v, tuple(ci), 1 if scale == 100 else 3, scale
+            )
+        else:
+            out[k] = v
+    return out
+
+
+def _headline(row: dict, key: str) -> str:
+    ci = row.get(f"{key}_ci")
+    return (
+        protocol.interval(row[key], tuple(ci))
+        if ci
+        else f"{row[key]:.3f} (no interval: made before the protocol)"
+    )
 
 
 def summary_rows(runs: Sequence[tuple[Path, dict]]) -> list[dict]:
     """One row per finished run: its setting and the held-out headline metric before and after tuning
-    (encoders: mean cosine to dense; decoders: next-token top-1, with dense's for reference)."""
+    (encoders: mean cosine to dense; decoders: next-token top-1), with intervals where the run has them.
+    A field a run does not record (runs made before it existed) is shown as unknown, never as 0."""
     rows = []
     for path, meta in runs:
         s, m = meta["settings"], meta["metrics"]["rows"]
         key = "cosine_mean" if "cosine_mean" in m["dense"] else "top1"
+        fig = {name: _headline(m[name], key) for name in SETTINGS}
+
         rows.append(
             {
                 "run": tuned_label(meta),
                 "steps": s["steps"],
-                "skipped steps": meta.get("skipped_steps", 0),
+                "skipped steps": meta.get("skipped_steps", "unknown"),
                 "metric": "cosine to dense" if key == "cosine_mean" else "next-token top-1",
-                "dense": m["dense"][key],
-                "untuned ATP": m["atp_untuned"][key],
-                "tuned ATP": m["atp_tuned"][key],
-                "tuned weights, dense attention": m["dense_tuned_weights"][key],
+                "dense": fig["dense"],
+                "untuned ATP": fig["atp_untuned"],
+                "tuned ATP": fig["atp_tuned"],
+                "tuned weights, dense attention": fig["dense_tuned_weights"],
                 "training minutes": meta["train_seconds"] / 60,
                 "folder": str(path),
             }

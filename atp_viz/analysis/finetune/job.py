@@ -30,7 +30,8 @@ class TuneJob:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.fraction, self.message = 0.0, "Starting..."
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # stage 2 (end-to-end tuning)
+        self.transfer_losses: list[float] = []  # stage 1 (layer-wise attention transfer)
         self.result: TuneResult | None = None
         self.error: str | None = None
         self.started = time.time()
@@ -66,9 +67,9 @@ class TuneJob:
         with self._lock:
             self.fraction, self.message = fraction, message
 
-    def _step(self, step: int, loss: float) -> None:
+    def _step(self, stage: str, step: int, loss: float) -> None:
         with self._lock:
-            self.losses.append(loss)
+            (self.transfer_losses if stage == "transfer" else self.losses).append(loss)
 
     def cancel(self) -> None:
         self._stop.set()
@@ -83,6 +84,7 @@ class TuneJob:
                 "fraction": self.fraction,
                 "message": self.message,
                 "losses": list(self.losses),
+                "transfer_losses": list(self.transfer_losses),
                 "result": self.result,
                 "error": self.error,
                 "elapsed": (self.finished or time.time()) - self.started,

@@ -34,35 +34,105 @@ def lora_targets(model) -> list[str]:
     return [t for t in families.family_of(model).lora_targets if t in names]
 
 
-def encoder_embeddings(loaded: LoadedModel, texts: Sequence[str], config: ATPConfig | None, max_tokens: int):
-    """Mean-pooled, normalised sentence embeddings [N, d] (with autograd if enabled)."""
+def encoder_embeddings(
+    loaded: LoadedModel, texts: Sequence[str], config: ATPConfig | None, max_tokens: int, *, params=None,
+    hidden: bool = False,
+):  # fmt: skip
+    """Mean-pooled, normalised sentence embeddings [N, d] (with autograd if enabled); with ``hidden``,
+    also every layer's hidden states and the attention mask (for distillation). ``params``: the form's
+    per-head parameters per layer (default: the model's trained ones)."""
     enc = loaded.tokenizer(
         list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
     )
     ids = enc["input_ids"].to(loaded.device)
     mask = enc["attention_mask"].to(loaded.device)
-    plan = make_plan(config, loaded.info.n_layers)
+    if params is None and config is not None:
+        params = loaded.form_params(config.form)
+    plan = make_plan(config, loaded.info.n_layers, params=params)
     with backend.activate(loaded.model, atp=plan, key_mask=mask):
-        out = loaded.model(input_ids=ids, attention_mask=mask)
-    return mean_pool(out.last_hidden_state, mask)
+        out = loaded.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+    emb = mean_pool(out.last_hidden_state, mask)
+    return (emb, out.hidden_states, mask) if hidden else emb
 
 
-def decoder_losses(loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int):
+def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor):
+    """Mean over layers of ||h_student - h_teacher||^2 / ||h_teacher||^2 on real tokens (each layer weighs
+    the same whatever its scale)."""
+    m = mask.unsqueeze(-1).to(student[0].dtype)
+    losses = [
+        ((s - t).square() * m).sum() / ((t.square() * m).sum() + 1e-12)
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+def encoder_distillation(
+    tuned: LoadedModel,
+    texts: Sequence[str],
+    atp: ATPConfig,
+    max_tokens: int,
+    *,
+    params,
+    hidden_weight,
+    teacher,
+):
+    """Stage 2 for encoders: 1 - cosine to the original dense model's embedding, plus ``hidden_weight``
+    times the hidden-state loss on every layer (the embedding alone plateaus). ``teacher`` is a context
+    manager under which the model is the original (adapters off)."""
+    with torch.no_grad(), teacher():
+        t_emb, t_hidden, mask = encoder_embeddings(tuned, texts, None, max_tokens, hidden=True)
+    emb, hidden, _ = encoder_embeddings(tuned, texts, atp, max_tokens, params=params, hidden=True)
+    loss = (1 - (emb * t_emb).sum(-1)).mean()
+    if hidden_weight:
+        loss = loss + hidden_weight * hidden_state_loss(hidden[1:], t_hidden[1:], mask)
+    return loss
+
+
+def decoder_losses(
+    loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
+    with_logits: bool = False,
+):  # fmt: skip
     """The decoder objective: per-position next-token losses ``[L - chunk - 1]`` of the predictions
     made at positions chunk .. L-2 (entry j: the logits at position chunk + j, which attend to the
-    compressed past, predict token chunk + j + 1), and the top-1 hits among them.
+    compressed past, predict token chunk + j + 1), and the top-1 hits among them (and those logits,
+    ``[L - chunk - 1, V]``, with ``with_logits``).
 
     Strictly causal (``serving.chunked_logits``); ``tests/test_finetune.py`` perturbs later tokens.
     """
-    logits = serving.chunked_logits(loaded, ids, rank=rank, form=form, chunk=chunk)  # (L, V)
+    logits = serving.chunked_logits(
+        loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode, params=params
+    )  # (L, V)
     target = ids[0, chunk + 1 :].to(logits.device)
     pred = logits[chunk:-1]  # logits at i predict token i + 1; i >= chunk has a compressed past
     losses = torch.nn.functional.cross_entropy(pred.float(), target, reduction="none")
     hits = int((pred.argmax(-1) == target).sum())
-    return losses, hits
+    return (losses, hits, pred) if with_logits else (losses, hits)
 
 
-def decoder_nll(loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int):
+def decoder_nll(
+    loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None
+):
     """(mean NLL, top-1 hits, count) over positions >= chunk (those whose past is compressed)."""
-    losses, hits = decoder_losses(loaded, ids, rank, form, chunk)
+    losses, hits = decoder_losses(loaded, ids, rank, form, chunk, rank_mode, params)
     return losses.mean(), hits, losses.numel()
+
+
+def decoder_distillation(
+    tuned: LoadedModel, ids: torch.Tensor, cfg, *, params, kl_weight: float, teacher
+) -> torch.Tensor:
+    """Stage 2 for decoders: the strictly causal next-token loss plus ``kl_weight`` times
+    KL(original dense || ATP) of the next-token distributions, on the same scored positions (leak-free:
+    the teacher is the original model's dense causal attention, which sees nothing after i either)."""
+    losses, _, pred = decoder_losses(tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True)
+    loss = losses.mean()
+    if kl_weight:
+        with torch.no_grad(), teacher():
+            t_logits = tuned.model(input_ids=ids, use_cache=False).logits[0, cfg.chunk : -1]
+        kl = torch.nn.functional.kl_div(
+            pred.float().log_softmax(-1),
+            t_logits.float().log_softmax(-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = loss + kl_weight * kl
+    return loss

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
 import random
 import time
@@ -27,26 +28,28 @@ from pathlib import Path
 
 import torch
 
+from atp_viz import forms
 from atp_viz.analysis.finetune.config import Cancelled, TuneConfig, TuneResult, default_out_dir
 from atp_viz.analysis.finetune.data import encoder_texts, token_windows, windows_of
-from atp_viz.analysis.finetune.evaluation import evaluate, heldout
+from atp_viz.analysis.finetune.evaluation import evaluate, heldout_available
 from atp_viz.analysis.finetune.objectives import (
-    decoder_nll,
-    encoder_embeddings,
+    decoder_distillation,
+    encoder_distillation,
     lora_target_regex,
     lora_targets,
 )
+from atp_viz.analysis.finetune.transfer import qk_parameters, transfer_loss
 from atp_viz.core.basis import NonFiniteError
-from atp_viz.core.progress import ProgressFn
+from atp_viz.core.progress import ProgressFn, within
 from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
 from atp_viz.hf.models import load_model
-from atp_viz.hf.tuned import SETTINGS_FILE
+from atp_viz.hf.tuned import SETTINGS_FILE, save_params
 from atp_viz.text.corpus import HELDOUT_MODULES, TRAIN_MODULES
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[[int, float], None]
+StepFn = Callable[[str, int, float], None]  # (stage, step, loss)
 
 
 def _training_data(cfg: TuneConfig, loaded: LoadedModel, texts: Sequence[str] | None) -> list:
@@ -92,20 +95,38 @@ def _with_adapters(cfg: TuneConfig, loaded: LoadedModel):
     return peft_model
 
 
-def _loss(cfg: TuneConfig, tuned: LoadedModel, peft_model, item, atp_cfg: ATPConfig) -> torch.Tensor:
-    """One step's loss: a window's strictly causal next-token loss, or a batch's 1 - cosine to the
-    dense embeddings of the same texts (adapters off). NaN when a layer's input broke down."""
-    try:
-        if tuned.info.is_decoder:
-            return decoder_nll(tuned, item.to(tuned.device), cfg.rank, cfg.form, cfg.chunk)[0]
-        with torch.no_grad(), peft_model.disable_adapter():
-            target = encoder_embeddings(tuned, item, None, cfg.max_tokens)
-        emb = encoder_embeddings(tuned, item, atp_cfg, cfg.max_tokens)
-        return (1 - (emb * target).sum(-1)).mean()
-    except NonFiniteError:
-        # The linear form's denominator crossed zero somewhere in the batch: a later layer got
-        # inf/NaN. Counted and reported (the run's JSON and the page show skipped steps).
-        return torch.tensor(float("nan"))
+def _form_parameters(cfg: TuneConfig, loaded: LoadedModel) -> dict[int, dict[str, torch.nn.Parameter]]:
+    """The form's per-head parameters, one set per layer, at their untrained values (trainable)."""
+    form = forms.get(cfg.form)
+    return {
+        layer: {
+            k: torch.nn.Parameter(v.to(loaded.device))
+            for k, v in form.init_params(loaded.info.n_heads).items()
+        }
+        for layer in range(loaded.info.n_layers)
+        if form.param_defaults
+    }
+
+
+def _item(tuned: LoadedModel, data, cfg: TuneConfig, rng: random.Random, order: list[int]):
+    """The next training item: a window (decoders, each once per pass in a shuffled order) or a batch
+    of texts drawn at random (encoders)."""
+    if tuned.info.is_decoder:
+        if not order:
+            order.extend(rng.sample(range(len(data)), len(data)))
+        return data[order.pop()]
+    return rng.sample(data, min(cfg.batch, len(data)))
+
+
+def _stage2_loss(cfg: TuneConfig, tuned: LoadedModel, item, params, teacher) -> torch.Tensor:
+    if tuned.info.is_decoder:
+        return decoder_distillation(
+            tuned, item.to(tuned.device), cfg, params=params, kl_weight=cfg.kl_weight, teacher=teacher
+        )
+    atp = ATPConfig(rank=cfg.rank, form=cfg.form)
+    return encoder_distillation(
+        tuned, item, atp, cfg.max_tokens, params=params, hidden_weight=cfg.hidden_weight, teacher=teacher
+    )
 
 
 def _update(loss: torch.Tensor, params, opt, sched, step: int) -> bool:
@@ -128,34 +149,71 @@ def _update(loss: torch.Tensor, params, opt, sched, step: int) -> bool:
     return True
 
 
-def _run_steps(cfg, tuned, peft_model, data, result: TuneResult, say, on_step, stop) -> None:
-    """The training loop: AdamW on the adapters, 10-step warm-up then linear decay to 10%."""
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+def _run_stage(
+    name: str, steps: int, lr: float, trainable, loss_fn, data, cfg, tuned, span, say, on_step, stop
+):
+    """One stage's loop: AdamW on ``trainable``, 10-step warm-up then linear decay to 10%. Returns the
+    losses (NaN where the loss broke down) and the number of skipped steps."""
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / max(cfg.steps, 1))
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / max(steps, 1))
     )
-    atp_cfg = ATPConfig(rank=cfg.rank, form=cfg.form)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-    for step in range(cfg.steps):
+    rng, order = random.Random(cfg.seed), []
+    losses, skipped = [], 0
+    for step in range(steps):
         if stop is not None and stop():
-            result.cancelled = True
-            raise Cancelled(f"Cancelled after {step} of {cfg.steps} steps; nothing was saved.")
-        if tuned.info.is_decoder:
-            if not order:
-                order = rng.sample(range(len(data)), len(data))
-            item = data[order.pop()]
-        else:
-            item = rng.sample(data, min(cfg.batch, len(data)))
-        loss = _loss(cfg, tuned, peft_model, item, atp_cfg)
-        ok = _update(loss, params, opt, sched, step)
+            raise Cancelled(f"Cancelled in {name} after {step} of {steps} steps; nothing was saved.")
+        try:
+            loss = loss_fn(_item(tuned, data, cfg, rng, order))
+        except NonFiniteError:
+            # The linear form's denominator crossed zero somewhere in the batch: a later layer got
+            # inf/NaN. Counted and reported (the run's JSON and the page show skipped steps).
+            loss = torch.tensor(float("nan"))
+        ok = _update(loss, trainable, opt, sched, step)
         value = float(loss.detach())  # NaN when the loss broke down; finite when only the gradient did
-        result.skipped += not ok
-        result.losses.append(value)
+        skipped += not ok
+        losses.append(value)
         if on_step:
             on_step(step, value)
-        say(0.05 + 0.75 * (step + 1) / max(cfg.steps, 1), f"step {step + 1} of {cfg.steps}: loss {value:.4f}")
+        say(
+            span[0] + (span[1] - span[0]) * (step + 1) / max(steps, 1),
+            f"{name} step {step + 1} of {steps}: loss {value:.4f}",
+        )
+    return losses, skipped
+
+
+def _fit(cfg: TuneConfig, loaded: LoadedModel, data, out: Path, say, on_step, stop) -> TuneResult:
+    """Both stages on adapters over ``loaded.model``, then save to ``out`` (adapters, the form's
+    per-head parameters). Returns the result without metrics."""
+    peft_model = _with_adapters(cfg, loaded)
+    tuned = LoadedModel(model=peft_model, tokenizer=loaded.tokenizer, info=loaded.info)
+    params = _form_parameters(cfg, tuned)
+    flat = [p for layer in params.values() for p in layer.values()]
+    teacher = peft_model.disable_adapter  # the original model: adapters off (and ATP off by default)
+    result = TuneResult(config=cfg, out_dir=out)
+    t0 = time.perf_counter()
+    split = 0.05 + 0.75 * cfg.transfer_steps / max(cfg.transfer_steps + cfg.steps, 1)
+    step_fn = (lambda stage: lambda s, v: on_step(stage, s, v)) if on_step else (lambda stage: None)
+    result.transfer_losses, result.transfer_skipped = _run_stage(
+        "transfer", cfg.transfer_steps, cfg.transfer_lr, qk_parameters(peft_model) + flat,
+        lambda item: transfer_loss(tuned, item, cfg, params, teacher), data, cfg, tuned,
+        (0.05, split), say, step_fn("transfer"), stop,
+    )  # fmt: skip
+    trainable = [p for p in peft_model.parameters() if p.requires_grad] + flat
+    result.losses, result.skipped = _run_stage(
+        "tuning", cfg.steps, cfg.lr, trainable,
+        lambda item: _stage2_loss(cfg, tuned, item, params, teacher), data, cfg, tuned,
+        (split, 0.8), say, step_fn("tuning"), stop,
+    )  # fmt: skip
+    result.train_seconds = time.perf_counter() - t0
+    say(0.8, f"Saving adapters to {out}...")
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out)
+    # peft also writes a model-card template ("More Information Needed" throughout); atp_tuning.json
+    # is this run's real description, so the template is not kept.
+    (out / "README.md").unlink(missing_ok=True)
+    save_params(out, {cfg.form: params} if params else {})
+    return result
 
 
 def train(
@@ -166,13 +224,18 @@ def train(
     on_step: StepFn | None = None,
     stop: Callable[[], bool] | None = None,
     texts: Sequence[str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> TuneResult:
-    """Fine-tune adapters on a fresh copy of ``cfg.model`` with ATP in place, save, reload, evaluate.
+    """Fine-tune a fresh copy of ``cfg.model`` with ATP in place, save, reload, evaluate.
 
-    The model is loaded anew (twice: one copy is trained, one stays dense as the reference), so a
-    model shared by the app is never touched. ``texts`` replaces the training split (the run's JSON
-    then says so); held-out evaluation always uses the held-out modules. ``stop()`` returning True
-    cancels: nothing is saved, :class:`Cancelled` is raised.
+    Stage 1 (``cfg.transfer_steps``, :mod:`.transfer`) trains the form's per-head parameters and the
+    Q/K adapters layer by layer against the dense attention outputs; stage 2 (``cfg.steps``) trains
+    every adapter (and the form's parameters) end to end (:mod:`.objectives`). The model is loaded anew
+    (once more for the evaluation), so a model shared by the app is never touched. ``texts`` replaces
+    the training split (the run's JSON then says so); held-out evaluation always uses the held-out
+    modules. ``stop()`` returning True cancels: nothing is saved, :class:`Cancelled` is raised.
+    ``on_step(stage, step, loss)``: stage is "transfer" or "tuning" (their losses differ in kind).
+    ``command``: the command line that started the run, kept in its JSON.
     """
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     if (out / SETTINGS_FILE).exists():
@@ -182,33 +245,24 @@ def train(
     loaded = load_model(cfg.model)
     say(0.02, "Preparing the training texts (standard-library docstrings, by module)...")
     data = _training_data(cfg, loaded, texts)
-    if not heldout(loaded, cfg):
+    if not heldout_available(loaded, cfg):
         raise ValueError("The held-out split gives nothing to evaluate with these settings; lower seq_len.")
     targets = lora_targets(loaded.model)
-    peft_model = _with_adapters(cfg, loaded)
-    tuned = LoadedModel(model=peft_model, tokenizer=loaded.tokenizer, info=loaded.info)
-    result = TuneResult(config=cfg, out_dir=out)
-    t0 = time.perf_counter()
-    _run_steps(cfg, tuned, peft_model, data, result, say, on_step, stop)
-    result.train_seconds = time.perf_counter() - t0
-
-    say(0.8, f"Saving adapters to {out}...")
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out)
-    # peft also writes a model-card template ("More Information Needed" throughout); atp_tuning.json
-    # is this run's real description, so the template is not kept.
-    (out / "README.md").unlink(missing_ok=True)
-    meta = _run_record(
-        cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=tuned.info.is_decoder
-    )
+    is_dec = loaded.info.is_decoder
+    result = _fit(cfg, loaded, data, out, say, on_step, stop)
+    meta = _run_record(cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=is_dec)
+    meta["command"] = list(command) if command else None
     _write_json(out / SETTINGS_FILE, meta)
 
     # Metrics on the model reloaded from disk, so loading the folder again reproduces them.
     say(0.82, "Evaluating dense, untuned ATP and tuned ATP on the held-out modules...")
     t1 = time.perf_counter()
-    del peft_model, tuned, loaded  # free the trained copy before loading two more
+    del loaded  # free the trained copy before loading two more
     gc.collect()
-    result.metrics = evaluate(load_model(cfg.model), load_model(f"{TUNED_PREFIX}{out}"), cfg)
+    result.metrics = evaluate(
+        load_model(cfg.model), load_model(f"{TUNED_PREFIX}{out}"), cfg,
+        progress=within(say, 0.82, 0.99, "Evaluating on the held-out split, "),
+    )  # fmt: skip
     result.eval_seconds = time.perf_counter() - t1
     meta["metrics"] = result.metrics
     meta["eval_seconds"] = result.eval_seconds
@@ -234,9 +288,14 @@ def _run_record(
         "split": split,
         "lora_targets": targets,
         "losses": result.losses,
-        "skipped_steps": result.skipped,
+        "skipped_steps": result.skipped + result.transfer_skipped,
+        "transfer_losses": result.transfer_losses,
+        "transfer_skipped_steps": result.transfer_skipped,
         "train_seconds": result.train_seconds,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        # others' work on a shared machine slows a run down: the load at its end says how busy it was
+        "load_average_at_end_of_training": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -140,7 +140,8 @@ class HeadMaps:
     blockwise: bool
 
 
-_DERIVED = ("x_principal", "k_principal", "v_principal", "maps")
+_DERIVED = ("x_principal", "k_principal", "v_principal", "maps", "denominators")
+POSITIVITY_FORMS = ("linear", "taylor2")  # the paper's 1 + s, and the positive second-order form
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,6 +230,21 @@ class TourData:
     def v_principal(self) -> np.ndarray:
         """V' = U_r^T V ``[r, dh]``."""
         return self._derived("v_principal", lambda: _ro((_t(self.basis).mT @ _t(self.v)).numpy()))  # (r, dh)
+
+    @property
+    def denominators(self) -> dict[str, np.ndarray]:
+        """Each query's normaliser ``[L]`` under the forms of :data:`POSITIVITY_FORMS` (untrained
+        parameters), this head, rank r: ``AttentionForm.denominators``. O(L^2) like the maps."""
+
+        def make() -> dict[str, np.ndarray]:
+            q, k = _t(self.q)[None, None].double(), _t(self.k)[None, None].double()
+            u = _t(self.basis)[None].double()
+            return {
+                name: _ro(forms.get(name).denominators(q, k, u, causal=self.causal)[0, 0].numpy())
+                for name in POSITIVITY_FORMS
+            }
+
+        return self._derived("denominators", make)
 
     @property
     def map_refusal(self) -> str | None:

@@ -25,6 +25,7 @@ from atp_viz.figures.tour.figures import (
     tokens_figure,
     x_figure,
 )
+from atp_viz.figures.tour.positivity import positivity_figure
 from atp_viz.figures.tour.toy import toy_figure
 
 
@@ -150,6 +151,26 @@ STEPS: tuple[Step, ...] = (
         _forms_formula(causal=False),
         attention_figure,
         causal_formula=_forms_formula(causal=True),
+        uses_maps=True,
+    ),
+    Step(
+        "positivity",
+        "Why 1 + s breaks, and how positivity fixes it",
+        "The softmax weighs token j by exp(s), always positive, and divides by their sum. The paper's linear "
+        "form replaces exp(s) by **1 + s** so that sums can be taken once over the r principal keys; but "
+        "1 + s is **negative** for every score below -1, and a pretrained model's scores reach far below "
+        "that. Then the sum under the fraction, the **normaliser**, can come close to zero or change sign: "
+        "the output is divided by almost nothing and flips (left, red). No fine-tuning repairs a formula "
+        "that divides by zero, and training makes it worse (the gradients overflow). The **second-order "
+        "form** keeps one more term, 1 + x + x^2/2 = ((1 + x)^2 + 1) / 2 with x = t s - m: never below 1/2, "
+        "so every normaliser is at least half the number of keys (left, blue). Positive is not yet faithful: "
+        "untrained, the parabola also weighs the *least* similar keys (very negative scores) heavily "
+        "(right), so each head learns a scale t and an expansion point m (x = t s - m) that keep x where "
+        "the curve follows exp; that is the first stage of fine-tuning. It still sums over principal keys "
+        "only, at a cost of L r^2 d_h instead of L r d_h.",
+        r"1 + s < 0 \text{ for } s < -1,\qquad 1 + x + \tfrac{1}{2}x^2 = \tfrac{1}{2}\big((1 + x)^2 + 1\big)"
+        r" \ge \tfrac{1}{2}",
+        positivity_figure,
         uses_maps=True,
     ),
     Step(

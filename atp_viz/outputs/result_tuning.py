@@ -1,0 +1,185 @@
+"""The README's tables about the attention forms: untuned forms with uniform and per-layer ranks, the
+two-stage fine-tuning runs, and the long-context prefill benchmark (measure -> JSON, JSON -> markdown,
+as in :mod:`atp_viz.outputs.result_tables`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from atp_viz import forms
+from atp_viz.analysis.protocol import interval
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS_DIR = ROOT / "docs" / "finetune-runs"
+FRACTIONS = (0.5, 0.25)
+
+
+def _md(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Untuned MiniLM, every form, uniform and per-layer ranks (held-out texts, protocol)
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_forms_minilm(out: Path) -> dict:
+    """Cosine to dense of every form at L/2 and L/4 on all held-out texts, with one rank for every
+    layer and with per-layer ranks from the training split's spectra under the same budget."""
+    from atp_viz.analysis import allocation, protocol
+    from atp_viz.analysis.finetune.evaluation import embeddings
+    from atp_viz.hf.engine import ATPConfig
+    from atp_viz.hf.models import load_model
+
+    loaded = load_model("minilm")
+    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=128)
+    dense = embeddings(loaded, None, texts, 128)
+    rows = []
+    for share in FRACTIONS:
+        layer_ranks = allocation.calibrated_layer_ranks(loaded, share)
+        for form in forms.names():
+            uniform = (embeddings(loaded, ATPConfig(rank=share, form=form), texts, 128) * dense).sum(-1)
+            cfg = ATPConfig(rank=share, form=form, layer_ranks=layer_ranks)
+            per_layer = (embeddings(loaded, cfg, texts, 128) * dense).sum(-1)
+            rows.append(
+                {
+                    "form": form,
+                    "rank": share,
+                    "layer_ranks": list(layer_ranks),
+                    "uniform": protocol.encoder_summary(uniform, modules),
+                    "per_layer": protocol.encoder_summary(per_layer, modules, reference=uniform),
+                }
+            )
+    return {"model": "minilm", "n_texts": len(texts), "calibration": "32 training-split texts", "rows": rows}
+
+
+def render_forms_minilm(data: list[dict]) -> str:
+    d = data[0]
+    rows = []
+    for r in d["rows"]:
+        u, p = r["uniform"], r["per_layer"]
+        rows.append(
+            [
+                forms.get(r["form"]).display_name,
+                f"L/{round(1 / r['rank'])}",
+                interval(u["cosine_mean"], u["cosine_mean_ci"]),
+                interval(p["cosine_mean"], p["cosine_mean_ci"]),
+                interval(p["cosine_minus_reference"], p["cosine_minus_reference_ci"]),
+                " ".join(f"{x:.2f}" for x in r["layer_ranks"]),
+            ]
+        )
+    head = ["form (untuned)", "budget", "one rank per layer", "per-layer ranks", "difference", "shares"]
+    return _md(head, rows) + (
+        f"\n\nMiniLM, sentence-embedding cosine to dense, mean and 95% interval over {d['n_texts']} held-out "
+        f"texts; per-layer ranks from {d['calibration']}' spectra (same mean share), difference paired."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-stage fine-tuning runs (each run's JSON, as written by training)
+# --------------------------------------------------------------------------------------------------
+
+
+def run_files(model: str) -> tuple[str, ...]:
+    """The committed two-stage runs of ``model``, relative to the repository root."""
+    return tuple(str(p.relative_to(ROOT)) for p in sorted(RUNS_DIR.glob(f"{model}-*-two-stage.json")))
+
+
+def _rank(s: dict) -> str:
+    mode = s.get("rank_mode", "past")
+    return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
+
+
+def _metric(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if key not in row:
+        return "unknown"
+    return interval(row[key], tuple(row[f"{key}_ci"]), digits, scale)
+
+
+def render_runs(data: list[dict]) -> str:
+    if not data:
+        return "No two-stage run committed yet."
+    decoder = "top1" in data[0]["metrics"]["rows"]["dense"]
+    key = "top1" if decoder else "cosine_mean"
+    rows = []
+    for run in sorted(data, key=lambda r: (r["settings"]["form"], -r["settings"]["rank"])):
+        s, m = run["settings"], run["metrics"]["rows"]
+        tuned = m["atp_tuned"]
+        row = [
+            forms.get(s["form"]).name,
+            _rank(s),
+            f"{s['transfer_steps']} + {s['steps']}",
+            _metric(m["atp_untuned"], key),
+            f"**{_metric(tuned, key)}**",
+        ]
+        if decoder:
+            row += [
+                _metric(tuned, "top1_minus_reference", 100, 1),
+                _metric(tuned, "perplexity_ratio_to_reference", 1, 3),
+                _metric(m["dense"], "perplexity", 1, 2),
+            ]
+        row += [
+            _metric(m["dense_tuned_weights"], key),
+            f"{(run['train_seconds'] + run.get('eval_seconds', 0)) / 60:.1f}",
+            run.get("skipped_steps", "unknown"),
+        ]
+        rows.append(row)
+    head = ["form", "rank", "steps (transfer + tuning)", "untuned ATP", "tuned ATP"]
+    if decoder:
+        head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity"]
+    head += ["tuned weights, dense attention", "minutes (train + eval)", "skipped steps"]
+    what = data[0]["metrics"]["what"]
+    return (
+        _md(head, rows) + f"\n\n{'Next-token top-1' if decoder else 'Cosine to the original dense'}: {what}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Long-context prefill (bench --prefill JSON files)
+# --------------------------------------------------------------------------------------------------
+
+
+def prefill_files() -> tuple[str, ...]:
+    return tuple(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs" / "results").glob("prefill-*.json")))
+
+
+def render_prefill(data: list[dict]) -> str:
+    rows = []
+    for d in data:
+        for r in d.get("runs", [d]):
+            rows.append(
+                [
+                    r["model"].replace(str(ROOT) + "/", ""),
+                    f"{r['form']}, r = {r['rank']}",
+                    r["tokens"],
+                    f"{r['dense_seconds']:.1f}",
+                    f"{r['atp_seconds']:.1f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['ceiling']:.2f}x",
+                    interval(r["dense_perplexity"], tuple(r["dense_perplexity_ci"]), 2),
+                    interval(r["atp_perplexity"], tuple(r["atp_perplexity_ci"]), 2),
+                    interval(r["top1_agreement"], tuple(r["top1_agreement_ci"])),
+                ]
+            )
+    head = [
+        "model",
+        "ATP",
+        "L",
+        "dense s",
+        "ATP s",
+        "speedup",
+        "ceiling",
+        "dense ppl",
+        "ATP ppl",
+        "top-1 agrees",
+    ]
+    return _md(head, rows) + (
+        "\n\nMedians of interleaved runs on one held-out window per length; chunks of "
+        f"{data[0].get('chunk', data[0].get('runs', [{}])[0].get('chunk'))} tokens, the past compressed to r "
+        "principal keys with the basis timed; perplexities on the same positions (those with a compressed "
+        "past), intervals by bootstrap over blocks of positions of that one window."
+        if data
+        else ""
+    )

@@ -1,0 +1,185 @@
+"""Every figure the README quotes comes from a file in ``docs/results/`` (or a run's JSON), and this
+module is the one place that turns those files into the README's tables.
+
+The README holds each table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
+``python -m atp_viz results --check`` renders every table from its files and fails when the README
+differs (``make test`` runs it), ``--write`` puts them in, ``--measure NAME`` reruns the measurement
+behind a table and rewrites its file (each says how long that takes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atp_viz.outputs import result_app as app_tables
+from atp_viz.outputs import result_tables as tables
+from atp_viz.outputs import result_tuning as tuning
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = ROOT / "docs" / "results"
+README = ROOT / "README.md"
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    files: tuple[str, ...]  # paths relative to the repository root
+    render: Callable[[list[dict]], str]  # the files' JSON -> markdown
+    command: str  # what regenerates the files
+    minutes: float  # about how long that takes on this project's 2-core machine
+    measure: Callable[[Path], dict] | None = None  # writes RESULTS_DIR/<name>.json
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path.relative_to(ROOT)} is missing: run the command that makes it.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path.relative_to(ROOT)} is not valid JSON: {err}") from None
+
+
+def rendered(result: Result) -> str:
+    """The markdown of one table, with the line saying where its numbers come from."""
+    data = [_read(ROOT / f) for f in result.files]
+    where = ", ".join(f"`{f}`" for f in result.files)
+    body = result.render(data).rstrip()
+    return (
+        f"{body}\n\nSource: {where}; regenerate with `{result.command}` (about {result.minutes:g} min on "
+        "this project's 2-core machine)."
+    )
+
+
+def _block(name: str) -> re.Pattern:
+    return re.compile(
+        rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(\n<!-- /results:{re.escape(name)} -->)", re.S
+    )
+
+
+def render_readme(text: str, results: tuple[Result, ...]) -> str:
+    """``text`` with every results block replaced by its table; ValueError for a block that is missing."""
+    for result in results:
+        pattern = _block(result.name)
+        if not pattern.search(text):
+            raise ValueError(
+                f"README has no block <!-- results:{result.name} --> ... <!-- /results:{result.name} -->"
+            )
+        table = rendered(result)
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + m.group(3), text)
+    return text
+
+
+def check(readme: Path = README, results: tuple[Result, ...] | None = None) -> list[str]:
+    """Problems between the README and the result files (empty: the README says what the files say)."""
+    results = RESULTS if results is None else results
+    text = readme.read_text()
+    try:
+        expected = render_readme(text, results)
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    for result in results:
+        have, want = _block(result.name).search(text), _block(result.name).search(expected)
+        if have.group(2) != want.group(2):
+            problems.append(f"README table '{result.name}' differs from what {', '.join(result.files)} say")
+    known = {m.group(1) for m in re.finditer(r"<!-- results:([\w-]+) -->", text)}
+    problems += [
+        f"README block '{n}' has no result of that name" for n in sorted(known - {r.name for r in results})
+    ]
+    return problems
+
+
+def write(readme: Path = README) -> None:
+    readme.write_text(render_readme(readme.read_text(), RESULTS))
+
+
+def measure(name: str) -> Path:
+    """Rerun the measurement behind ``name`` and write its JSON (with its command and duration)."""
+    result = next((r for r in RESULTS if r.name == name), None)
+    if result is None or result.measure is None:
+        names = ", ".join(r.name for r in RESULTS if r.measure)
+        raise ValueError(f"No measurement called {name!r}; these can be measured: {names}.")
+    t0 = time.perf_counter()
+    out = ROOT / result.files[0]
+    data: dict[str, Any] = result.measure(out)
+    data["command"] = result.command
+    data["seconds"] = time.perf_counter() - t0
+    data["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return out
+
+
+def _measured(name: str, render, minutes: float, measure) -> Result:
+    """A table measured by ``python -m atp_viz results --measure NAME`` into ``docs/results/NAME.json``."""
+    return Result(
+        name, (f"docs/results/{name}.json",), render, f"python -m atp_viz results --measure {name}", minutes,
+        measure,
+    )  # fmt: skip
+
+
+# The README's tables, in README order.
+RESULTS: tuple[Result, ...] = (
+    _measured("untuned-minilm", tables.render_untuned_minilm, 1, tables.measure_untuned_minilm),
+    _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
+    _measured("forms-minilm", tuning.render_forms_minilm, 10, tuning.measure_forms_minilm),
+    _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
+    _measured("perplexity-smollm2", tables.render_perplexity, 30, tables.measure_perplexity),
+    _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
+    Result(
+        "runs-minilm",
+        tuning.run_files("minilm"),
+        tuning.render_runs,
+        "python -m atp_viz finetune --model minilm ... (each run's command is in its JSON)",
+        10,
+    ),  # fmt: skip
+    Result(
+        "runs-smollm2",
+        tuning.run_files("smollm2"),
+        tuning.render_runs,
+        "python -m atp_viz finetune --model smollm2 ... (each run's command is in its JSON)",
+        45,
+    ),  # fmt: skip
+    Result(
+        "prefill-smollm2",
+        tuning.prefill_files(),
+        tuning.render_prefill,
+        "python -m atp_viz bench --prefill --model smollm2 --json docs/results/prefill-smollm2-FORM.json",
+        30,
+    ),  # fmt: skip
+    Result(
+        "bench-layer",
+        ("docs/bench-reference.json",),
+        tables.render_bench_layer,
+        "python -m atp_viz bench --json docs/bench-reference.json",
+        45,
+    ),  # fmt: skip
+    Result(
+        "bench-model",
+        ("docs/bench-reference.json",),
+        tables.render_bench_model,
+        "python -m atp_viz bench --json docs/bench-reference.json",
+        45,
+    ),  # fmt: skip
+    _measured("basis-energy", tables.render_basis_energy, 3, tables.measure_basis_energy),
+    Result(
+        "latency",
+        ("docs/results/latency.json",),
+        app_tables.render_latency,
+        "pytest tests/test_browser_load.py -k update_time && cp test-artifacts/latency.json docs/results/",
+        3,
+    ),  # fmt: skip
+    Result(
+        "loadtest",
+        ("docs/results/loadtest.json",),
+        app_tables.render_loadtest,
+        "make loadtest (copies test-artifacts/loadtest.json to docs/results/ when it passes)",
+        8,
+    ),  # fmt: skip
+)

@@ -1,0 +1,61 @@
+"""Every table of figures in the README is rendered from a file, and the check fails when they differ."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from atp_viz.cli import main
+from atp_viz.outputs import results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_says_what_the_result_files_say(capsys):
+    assert main(["results", "--check"]) == 0, capsys.readouterr().err
+    for result in results.RESULTS:
+        assert all((ROOT / f).is_file() for f in result.files), result.name
+        assert f"<!-- results:{result.name} -->" in results.README.read_text()
+
+
+def test_a_changed_figure_or_a_missing_table_is_caught(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(results.README, readme)
+    text = readme.read_text()
+    block = text.index("<!-- results:untuned-minilm -->")
+    digit = next(i for i in range(block, len(text)) if text[i].isdigit() and text[i - 1] == ".")
+    readme.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1 :])
+    assert any("untuned-minilm" in p for p in results.check(readme))
+    readme.write_text(
+        text.replace("<!-- results:bench-layer -->", "").replace("<!-- /results:bench-layer -->", "")
+    )
+    assert any("bench-layer" in p for p in results.check(readme))
+    readme.write_text(text + "\n<!-- results:nothing-here -->\n<!-- /results:nothing-here -->\n")
+    assert any("nothing-here" in p for p in results.check(readme))
+
+
+def test_a_missing_result_file_says_what_to_run(tmp_path, monkeypatch):
+    res = results.RESULTS[0]
+    ghost = results.Result(res.name, ("docs/results/not-there.json",), res.render, res.command, res.minutes)
+    with pytest.raises(ValueError, match="missing: run the command"):
+        results.rendered(ghost)
+
+
+def test_fields_a_run_lacks_are_unknown_not_zero():
+    """Runs made before skipped steps were counted have no such field: shown as unknown, never as 0."""
+    from atp_viz.analysis.finetune.evaluation import summary_rows
+
+    meta = {
+        "settings": {"model": "minilm", "rank": 0.5, "form": "exact", "steps": 200},
+        "metrics": {
+            "rows": {
+                n: {"cosine_mean": 0.9} for n in ("dense", "dense_tuned_weights", "atp_untuned", "atp_tuned")
+            }
+        },
+        "train_seconds": 60.0,
+    }
+    (row,) = summary_rows([(Path("run"), meta)])
+    assert row["skipped steps"] == "unknown"
+    assert "no interval" in row["tuned ATP"]
