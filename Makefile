@@ -8,7 +8,7 @@ PORT ?= 8501
 HF_HUB_OFFLINE ?= 1
 export HF_HUB_OFFLINE
 
-.PHONY: install browser-deps run test lint bench clean-cache
+.PHONY: install browser-deps run test lint bench results clean-cache
 
 install: $(STAMP)
 
@@ -43,13 +43,23 @@ browser-deps:
 
 test: install browser-deps
 	$(VENV)/bin/ruff check .
+	$(PY) -m atp_viz results --check
 	$(PY) -m pytest -q
+
+# A class at once: 12 browser sessions against one server in server mode, fresh and warm (a few
+# minutes; not part of `make test`). Writes test-artifacts/loadtest.json.
+loadtest: install browser-deps
+	$(PY) tests/loadtest.py && cp test-artifacts/loadtest.json docs/results/loadtest.json
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) -m atp_viz bench --json bench-results/bench.json
+
+# Rewrite the README's result tables from docs/results/ (after rerunning a measurement).
+results: install
+	$(PY) -m atp_viz results --write
 
 clean-cache:
 	rm -rf "$${ATP_VIZ_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/atp_viz}"

@@ -12,11 +12,18 @@ import streamlit as st
 from atp_app import navigation, runtime, sidebar, state, widgets  # noqa: F401 - imported once, here
 
 navigation.use_this_navigation()
+runtime.one_thread_per_call()
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 # A local icon: a Material icon as favicon would be fetched from a CDN, and the app must stay offline.
-st.set_page_config(page_title="ATP Explorer", page_icon="assets/icon.png", layout="wide")
+# A link in presenter mode (present=1) opens with the sidebar folded: the projector's width goes to the page.
+st.set_page_config(
+    page_title="ATP Explorer",
+    page_icon="assets/icon.png",
+    layout="wide",
+    initial_sidebar_state="collapsed" if state.get("present") == "1" else "auto",
+)
 
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
@@ -28,4 +35,10 @@ PAGES = [
     st.Page("pages/finetune.py", title="Fine-tuning", icon=":material/model_training:", url_path="finetune"),
 ]
 
-st.navigation(PAGES).run()
+page = st.navigation(PAGES)
+# The view (model, text, rank, form, layer, head, ...) goes into every page's link: a page switch drops
+# the query string, and the view lives in the session (atp_app.state).
+state.sync_url()
+if state.get("present") == "1":
+    widgets.presenter_css()
+page.run()

@@ -4,7 +4,10 @@ settings are per call, so sharing a model is safe)."""
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
+import torch
 
 from atp_app.widgets import progress
 from atp_viz.analysis import compare
@@ -14,6 +17,18 @@ from atp_viz.deploy.settings import Settings, SettingsError, load_settings
 from atp_viz.hf.model_info import LoadedModel
 from atp_viz.hf.models import load_model
 from atp_viz.text.inputs import Tokenized, tokenize
+
+
+def one_thread_per_call() -> None:
+    """Run torch with one intra-op thread in the app's process (``ATP_VIZ_TORCH_THREADS`` to change it).
+
+    Every browser session runs its script in its own thread, so sessions already use the cores side by
+    side; torch's default (a thread per core, spinning while it waits for the others) makes concurrent
+    calls, or any other busy process, stall each other. Measured on this project's 2-core machine with
+    another job running: one ATP forward of SmolLM2 at 256 tokens took 4 to 71 s with 2 threads, 1.3 s
+    with 1. Called by ``app.py`` (no import side effects); new threads inherit the setting.
+    """
+    torch.set_num_threads(max(1, int(os.environ.get("ATP_VIZ_TORCH_THREADS", "1"))))
 
 
 def current_settings() -> Settings:
@@ -47,10 +62,20 @@ def get_model(key: str) -> LoadedModel:
     return _load_model(key, current_settings())
 
 
+_loaded: set[str] = set()  # model keys this process has loaded (the cache below may have evicted some)
+
+
+def was_loaded(key: str) -> bool:
+    """Whether this server process has loaded ``key`` before (so a switch to it is quick)."""
+    return key in _loaded
+
+
 @st.cache_resource(show_spinner=False, max_entries=3)
 def _load_model(key: str, settings: Settings) -> LoadedModel:
     with progress(f"Loading {key}...") as bar:
-        return load_model(key, progress=bar, settings=settings, **settings.load_kwargs())
+        loaded = load_model(key, progress=bar, settings=settings, **settings.load_kwargs())
+    _loaded.add(key)
+    return loaded
 
 
 # Captures are frozen dataclasses of read-only arrays, so they are shared (cache_resource) rather

@@ -6,40 +6,41 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from atp_app import runtime, state
 from atp_app.runtime import current_settings, get_capture, get_model
-from atp_app.state import set_url
+from atp_app.state import OTHER
 from atp_viz.analysis.capture import Capture
 from atp_viz.core.units import format_bytes
 from atp_viz.deploy import urlstate
 from atp_viz.deploy.settings import Settings
-from atp_viz.hf import tuned
+from atp_viz.hf import checkpoints, tuned
 from atp_viz.hf.model_info import BUNDLED, DEFAULT_MODEL, TINY, TUNED_PREFIX, LoadedModel, ModelLoadError
 from atp_viz.text import inputs as texts
 from atp_viz.text.inputs import TextError
 
-OTHER = "__other__"
 DEFAULT_SAMPLE = "04_attention_explainer"
+UPLOAD = "_upload"  # (text, file name) of this session's upload
 
 
-def _model_from_url(options: list[str], default: str, settings: Settings) -> str:
-    """The sidebar's first model: ?model= when it is offered here, else the default (saying why)."""
-    raw = (st.query_params.get("model") or "").strip()
-    if not raw or raw in options:
-        return raw or default
+def _resolve_model(raw: str | None, options: list[str], default: str, settings: Settings) -> tuple[str, str]:
+    """The sidebar's model choice for the view's model, and the "Other" field's text: a model offered
+    here, "Other" with a hub id or folder, or the default, saying why (a link's unknown model)."""
+    if raw is None or raw in options:
+        return raw or default, ""
     if settings.server_mode:
         st.warning(
             f"The link asks for a model this server does not offer. {settings.model_refusal(raw)} "
             f"Showing {default} instead."
         )
-        return default
-    if urlstate.looks_like_model_id(raw):
-        st.session_state.other_model = raw  # a hub id or folder: the "Other" field loads (or explains) it
-        return OTHER
-    st.info(
-        f"The link's model '{raw}' is not a bundled model, a hub id (org/name) or a folder; "
-        f"showing {default} instead."
-    )
-    return default
+    elif urlstate.looks_like_model_id(raw):
+        return OTHER, raw  # a hub id or folder: the "Other" field loads (or explains) it
+    else:
+        st.info(
+            f"The link's model '{raw}' is not a bundled model, a hub id (org/name) or a folder; "
+            f"showing {default} instead."
+        )
+    state.put("model", default)
+    return default, ""
 
 
 @dataclass(frozen=True)
@@ -70,98 +71,137 @@ def _model_options(settings: Settings) -> tuple[list[str], dict[str, str]]:
 
 
 def _model_picker(settings: Settings) -> str | None:
-    """The model key picked in the sidebar (read from ?model= on a session's first run), or None."""
+    """The model key picked in the sidebar (the view's model: from the link on a session's first run)."""
     sb = st.sidebar
     if settings.server_mode:
         sb.caption(settings.describe())
     options, runs = _model_options(settings)
     default = DEFAULT_MODEL if DEFAULT_MODEL in options else options[0]
-    if "model_choice" not in st.session_state:
-        st.session_state.model_choice = _model_from_url(options, default, settings)
-    elif st.session_state.model_choice not in options:  # the settings changed under this session
-        st.session_state.model_choice = default
+    choice, other = _resolve_model(state.get("model"), options, default, settings)
+    if choice != OTHER:
+        state.put("model", choice)
     choice = sb.selectbox(
-        "Model", options, format_func=lambda k: runs.get(k) or _model_label(k), key="model_choice"
+        "Model",
+        options,
+        format_func=lambda k: runs.get(k) or _model_label(k),
+        **state.bind("model_choice", "model", choice),
     )
     if choice != OTHER:
-        set_url(model=choice)
         return choice
     key = sb.text_input(
         "Local folder or hub id",
-        key="other_model",
         placeholder="/path/to/model or org/name",
         help="safetensors or GGUF weights only; code from the model's repository is never run.",
+        **state.bind("other_model", "model", other, lambda t: t.strip() or OTHER),
     ).strip()
     if not key:
         sb.info("Enter a folder or hub id to load another model.")
-        set_url(model=None)
         return None
-    set_url(model=key)
     return key
 
 
 def _sample_picker() -> tuple[str, str]:
-    """(text, sample name) of the bundled sample picked (read from ?sample= on the first run)."""
+    """(text, sample name) of the bundled sample picked (the view's sample: from the link at first)."""
     samples = texts.samples()
     names = [s.name for s in samples]
-    if "sample" not in st.session_state:
-        default_sample = DEFAULT_SAMPLE if DEFAULT_SAMPLE in names else names[0]
-        qp = st.query_params.get("sample")
-        if qp is not None and qp not in names:
-            st.info(f"The link's sample '{qp}' is not one of the samples in data/; showing {default_sample}.")
-        st.session_state.sample = qp if qp in names else default_sample
+    default_sample = DEFAULT_SAMPLE if DEFAULT_SAMPLE in names else names[0]
+    name = state.get("sample")
+    if name is not None and name not in names:
+        st.info(f"The link's sample '{name}' is not one of the samples in data/; showing {default_sample}.")
+    name = name if name in names else default_sample
+    state.put("sample", name)
     name = st.sidebar.selectbox(
-        "Sample (data/)", names, key="sample", format_func=lambda n: n.replace("_", " ")
+        "Sample (data/)",
+        names,
+        format_func=lambda n: n.replace("_", " "),
+        **state.bind("sample", "sample", name),
     )
-    set_url(sample=name)
     return next(s for s in samples if s.name == name).read(), name
 
 
-def _typed_or_uploaded(source: str, settings: Settings) -> tuple[str, str] | None:
-    """(text, label) typed or uploaded, or None after saying why; never put in links."""
-    set_url(sample=None)
-    sb = st.sidebar
+def _forget_upload() -> None:
+    if st.session_state.get("upload") is None:  # the user removed the file (not a page switch)
+        st.session_state.pop(UPLOAD, None)
+
+
+def _uploaded(settings: Settings) -> tuple[str, str] | None:
+    """(text, file name) of the uploaded file, or of the one uploaded earlier in this session (Streamlit
+    forgets an uploader's file on a page that does not draw it; uploads stay out of links)."""
     limit = settings.max_upload_bytes
-    if source == "Type":
-        # No max_chars: the browser would cut a long paste silently; it is refused here instead.
-        text = sb.text_area("Your text", key="typed_text", height=180, placeholder="Type or paste text here")
-        if len(text.encode("utf-8")) > limit:
-            st.warning(
-                f"The typed text is {format_bytes(len(text.encode('utf-8')))}; this server takes at most "
-                f"{format_bytes(limit)}. Shorten it or pick a sample."
-            )
-            return None
-        return text, "type"
-    up = sb.file_uploader(
+    up = st.sidebar.file_uploader(
         f"A UTF-8 .txt file (at most {format_bytes(limit)})",
         type=["txt"],
         key="upload",
+        on_change=_forget_upload,
         # Streamlit's own limit (MiB, checked before the upload reaches us) just above ours.
         max_upload_size=max(1, -(-limit // 2**20)),
     )
-    if up is None:
-        sb.info("Choose a .txt file.")
+    if up is not None:
+        try:
+            text = texts.decode_upload(up.getvalue(), up.name, max_bytes=limit)
+        except TextError as err:
+            st.sidebar.error(str(err))
+            return None
+        st.session_state[UPLOAD] = (text, up.name)
+        return text, up.name
+    if UPLOAD in st.session_state:
+        text, name = st.session_state[UPLOAD]
+        st.sidebar.caption(f"Using {name}, uploaded earlier in this session; choose a file to replace it.")
+        return text, name
+    st.sidebar.info("Choose a .txt file.")
+    return None
+
+
+def _typed(settings: Settings) -> tuple[str, str] | None:
+    """(text, "type") typed in the sidebar (kept for the session, never put in links), or None."""
+    limit = settings.max_upload_bytes
+    # No max_chars: the browser would cut a long paste silently; it is refused here instead.
+    text = st.sidebar.text_area(
+        "Your text",
+        height=180,
+        placeholder="Type or paste text here",
+        key="typed_text",
+        persist_state="session",
+    )
+    if len(text.encode("utf-8")) > limit:
+        st.warning(
+            f"The typed text is {format_bytes(len(text.encode('utf-8')))}; this server takes at most "
+            f"{format_bytes(limit)}. Shorten it or pick a sample."
+        )
         return None
-    try:
-        return texts.decode_upload(up.getvalue(), up.name, max_bytes=limit), up.name
-    except TextError as err:
-        sb.error(str(err))
-        return None
+    return text, "type"
+
+
+def presenter_toggle() -> None:
+    """Presenter mode for every page (large type for a projector; in links as ``present=1``)."""
+    on = state.get("present") == "1"
+    st.sidebar.toggle(
+        "Presenter mode",
+        help="Large type on every page, for a projector; the link carries it (present=1).",
+        **state.bind("present_sidebar", "present", on, lambda v: "1" if v else None),
+    )
 
 
 def sidebar() -> Selection | None:
     """Model and text pickers; returns None (after showing why) when there is nothing valid to show.
 
-    The model and the sample are read from the URL (?model=, ?sample=) on a session's first run and
-    written back whenever they change. In server mode only the allowed models are offered.
+    The model and the sample are the view's (:mod:`atp_app.state`: from the link on a session's first
+    run, kept across pages, in every page's link). In server mode only the allowed models are offered.
     """
     settings = current_settings()
     st.sidebar.header("Model and text")
     model_key = _model_picker(settings)
     if model_key is None:
         return None
-    source = st.sidebar.radio("Text", ["Sample", "Type", "Upload"], horizontal=True, key="text_source")
-    picked = _sample_picker() if source == "Sample" else _typed_or_uploaded(source, settings)
+    source = st.sidebar.radio(
+        "Text", [state.SAMPLE, "Type", "Upload"], horizontal=True, key="text_source", persist_state="session"
+    )
+    state.sync_url()  # a typed or uploaded text takes the sample out of the link at once
+    if source == state.SAMPLE:
+        picked = _sample_picker()
+    else:
+        picked = _typed(settings) if source == "Type" else _uploaded(settings)
+    presenter_toggle()
     if picked is None:
         return None
     text, label = picked
@@ -199,6 +239,9 @@ def page_inputs() -> tuple[Selection, LoadedModel, Capture]:
     if result is None:
         st.stop()
     loaded, cap = result
+    info = cap.info
+    state.fit_view(cap.n_tokens, info.n_layers, info.n_heads, info.is_decoder)
+    state.sync_url()
     return sel, loaded, cap
 
 
@@ -212,3 +255,36 @@ def model_caption(loaded: LoadedModel) -> str:
         f"head size {i.head_dim}{rope}, {i.n_params / 1e6:.1f} M parameters, up to {i.max_tokens:,} tokens. "
         f"Weights: {i.source}."
     )
+
+
+DECODER = "smollm2"  # the bundled decoder a page that needs one offers
+
+
+def _load_time(key: str) -> str:
+    if runtime.was_loaded(key):
+        return "It was loaded on this server already: switching takes a moment."
+    if checkpoints.smollm2_converted():
+        return "Loading it takes about 3 s (plus about 1 s to read this text)."
+    return (
+        "Loading it takes about 21 s this first time (its GGUF file is converted once into a cache), "
+        "about 3 s afterwards."
+    )
+
+
+def offer_decoder(loaded: LoadedModel, what: str) -> None:
+    """For a page that needs a decoder, on an encoder: say so, and offer a one-click switch to the bundled
+    decoder (SmolLM2) with how long it takes to load (measured on this project's 2-core machine)."""
+    settings = current_settings()
+    st.info(f"{loaded.info.label} is an encoder; {what} needs a decoder (a causal language model).")
+    if settings.server_mode and DECODER not in settings.allowed_models:
+        st.caption("This server does not offer a decoder.")
+        return
+    st.button(
+        "Switch to SmolLM2 (decoder)",
+        key="switch_to_decoder",
+        type="primary",
+        icon=":material/swap_horiz:",
+        on_click=state.put,
+        args=("model", DECODER),
+    )
+    st.caption(f"SmolLM2-135M-Instruct: a Llama-style decoder, 30 layers. {_load_time(DECODER)}")

@@ -1,17 +1,72 @@
-"""The view in the URL: written back whenever it changes, read on a session's first run, so a copied
-link reproduces the view. Parsing and validation are :mod:`atp_viz.deploy.urlstate`'s."""
+"""One view state for the whole app: model, text choice, rank, form, layer, head, query token, the maps'
+colour scale and sink switch, and presenter mode. It persists across pages within a session and sits in
+the URL of every page, so a link to any page reproduces the view. Typed or uploaded text stays out of
+links (it is kept for the session only).
+
+Where it lives: ``st.session_state["_view"]``, a plain dict under a non-widget key: a page switch drops
+the URL's query parameters, pages draw different widgets for the same value (the explorer's and the
+tour's layer), and one URL value can stand for several widgets. It is read from the URL on a session's
+first run (:func:`view`), written into the URL on every run of every page (``app.py`` calls
+:func:`sync_url` before the page; a fragment calls it after its widgets), and given to each widget before
+the widget is declared, with an ``on_change`` callback that copies the new value back (:func:`bind`).
+Streamlit's ``persist_state="session"`` keeps a widget's value while the widget is not drawn; values
+kept for the session only (the text source, typed text, which views are open) use it alone. Parsing and
+checking values is :mod:`atp_viz.deploy.urlstate`'s.
+
+Why not Streamlit's ``bind="query-params"`` for the view: the URL's ``rank`` is served by three widgets
+(a unit and two sliders) on the explorer and by the tour's token slider; a bad value in a link must be
+named to the user, not dropped silently; values must be checked against the model and the text (layer,
+head, rank and token ranges) before any widget sees them; and a link names the whole view, defaults
+included, so it does not change meaning when a default does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from atp_viz import forms
+from atp_viz.analysis.token_view import default_query
+from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy import urlstate
+from atp_viz.figures import maps
+
+VIEW = "_view"
+URL_PARAMS = ("model", "sample", "rank", "form", "layer", "head", "query", "scale", "sinks", "present")
+RANK_UNITS = {"fraction": "fraction of L", "tokens": "tokens"}  # URL word -> the explorer's radio option
+SAMPLE = "Sample"  # the text source whose choice (a sample's name) goes into links
+OTHER = "__other__"  # the sidebar's "Other: a local folder or hub id" choice
+_MISSING = object()
+
+
+def view() -> dict[str, str]:
+    """This session's view (the URL's strings); read from the URL on the session's first run."""
+    ss = st.session_state
+    if VIEW not in ss:
+        qp = st.query_params
+        ss[VIEW] = {name: qp[name] for name in URL_PARAMS if name in qp}
+    return ss[VIEW]
+
+
+def get(name: str) -> str | None:
+    return view().get(name)
+
+
+def put(name: str, value: Any) -> None:
+    """Set one value of the view (None removes it); the URL follows at :func:`sync_url`."""
+    v = view()
+    if value is None:
+        v.pop(name, None)
+    else:
+        v[name] = str(value)
 
 
 def set_url(**params: str | int | None) -> None:
-    """Write the view into the URL's query string (None removes a parameter), so that a copied link
-    reproduces it; only changed values are sent to the browser."""
+    """Write values into the URL's query string (None removes a parameter); only changed values are
+    sent to the browser."""
     for name, value in params.items():
         if value is None:
             if name in st.query_params:
@@ -20,60 +75,86 @@ def set_url(**params: str | int | None) -> None:
             st.query_params[name] = str(value)
 
 
-RANK_UNITS = {"fraction": "fraction of L", "tokens": "tokens"}  # URL word -> the explorer's radio option
+def sync_url() -> None:
+    """The view into this page's URL: a page switch drops the query string, and a link must name the
+    view on every page. A typed or uploaded text leaves no sample in the link; no "Other" model without
+    its folder or hub id."""
+    v = view()
+    shown = {name: v.get(name) for name in URL_PARAMS}
+    if st.session_state.get("text_source", SAMPLE) != SAMPLE:
+        shown["sample"] = None
+    if shown["model"] == OTHER:
+        shown["model"] = None
+    if shown["present"] != "1":
+        shown["present"] = None
+    set_url(**shown)
 
 
-def explorer_state_from_url(n_tokens: int, n_layers: int, n_heads: int) -> None:
-    """Give the explorer's widgets their values before they are declared (they take no default).
+def _page_id() -> str:
+    """The page this run draws (its script's hash; Streamlit puts it in every widget's identity)."""
+    ctx = get_script_run_ctx()
+    return ctx.page_script_hash if ctx else ""
 
-    On the page's first run in a session: ?rank= (0.25 is a fraction of L, 64 a number of tokens),
-    ?form=, ?layer= and ?head= from the link; an unusable value is named in an st.info and the
-    default is used. On every run, values that no longer fit (a shorter text, a model with fewer
-    layers) are reset, saying so, instead of making a widget fail.
-    """
-    ss = st.session_state
-    problems: list[str] = []
-    if not ss.get("_explorer_url_read"):
-        ss["_explorer_url_read"] = True
-        qp = st.query_params
-        parsers = {
-            "rank": lambda raw: urlstate.parse_rank(raw, n_tokens),
-            "form": lambda raw: urlstate.parse_choice(raw, forms.names(), "form"),
-            "layer": lambda raw: urlstate.parse_index(raw, n_layers, "layer", "this model's layer list"),
-            "head": lambda raw: urlstate.parse_index(raw, n_heads, "head", "each layer's query head list"),
-        }
-        for name, parse in parsers.items():
-            if name not in qp:
-                continue
-            try:
-                value = parse(qp[name])
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            if name == "rank":
-                unit, r = value
-                ss["rank_unit"] = RANK_UNITS[unit]
-                ss["rank_frac" if unit == "fraction" else "rank_tokens"] = r
-            else:
-                ss[{"form": "form", "layer": "map_layer", "head": "map_head"}[name]] = value
-    ss.setdefault("rank_frac", 0.5)
-    # The token slider's range is 1..L, and Streamlit resets a slider whose range changed: on a new
-    # text, carry the rank over (when it still fits) by setting it again before the slider exists.
-    r = ss.get("rank_tokens")
-    fits = isinstance(r, int) and 1 <= r <= n_tokens
-    if r is not None and not fits:
-        problems.append(f"r = {r} tokens does not fit this text of {n_tokens} tokens.")
-    if not fits or ss.get("_rank_tokens_L") != n_tokens:
-        ss["rank_tokens"] = r if fits else max(1, n_tokens // 2)
-        ss["_rank_tokens_L"] = n_tokens
-    for key, n, what in (("map_layer", n_layers, "layer"), ("map_head", n_heads, "query head")):
-        if key in ss and ss[key] not in range(n):
-            problems.append(f"This model has no {what} {ss[key]} (it has {n}).")
-            ss[key] = 0
+
+def give(widget_key: str, value: Any) -> dict:
+    """Give widget ``widget_key`` the value ``value`` before it is declared; returns the widget's ``key``
+    and ``persist_state`` arguments. ``value`` must be one the widget accepts.
+
+    Streamlit's ``persist_state="session"`` keeps the widget's value while it is not drawn (presenter
+    mode, a run stopped early) and gives it back to the browser when the widget returns. The value is
+    written here on the first run of a page (Streamlit gives a widget on another page another identity,
+    whatever its key) and when it differs (the view changed elsewhere: a link, the tour, a unit switch),
+    not on every run: a write marks the value as set by the script and the browser moves the widget to
+    it, which would undo a second move the user made while the run ran."""
+    drawn_on = st.session_state.setdefault("_given_on", {})
+    page = _page_id()
+    if drawn_on.get(widget_key) != page or st.session_state.get(widget_key, _MISSING) != value:
+        st.session_state[widget_key] = value
+    drawn_on[widget_key] = page
+    return {"key": widget_key, "persist_state": "session"}
+
+
+def bind(widget_key: str, name: str, value: Any, save: Callable[[Any], Any] = lambda x: x) -> dict:
+    """:func:`give` widget ``widget_key`` the view's ``value`` and return the widget's ``key``,
+    ``persist_state`` and ``on_change`` arguments: the callback writes ``save(new value)`` into the
+    view's ``name`` before the rerun. Fit the view first (:func:`fit_view`), so that the value is one the
+    widget accepts."""
+
+    def _save() -> None:
+        put(name, save(st.session_state[widget_key]))
+
+    return {**give(widget_key, value), "on_change": _save}
+
+
+def fit_view(n_tokens: int, n_layers: int, n_heads: int, is_decoder: bool) -> None:
+    """Check the view against the current model and text; a value that does not fit (a link's typo, a
+    shorter text, a model with fewer layers or heads) is replaced by its default, saying why."""
+    shape = urlstate.ViewShape(
+        n_tokens=n_tokens,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        forms=forms.names(),
+        scales=tuple(maps.SCALES),
+        default_layer=n_layers // 2,
+        default_query=default_query(n_tokens, is_decoder),
+        default_form=forms.DEFAULT,
+        default_scale=maps.DEFAULT_SCALE,
+    )
+    fitted, problems = urlstate.fit_view(view(), shape)
+    view().update(fitted)
     if problems:
         st.info("Defaults used instead of: " + " ".join(problems))
 
 
-def rank_param(unit: str, rank: float | int) -> str:
-    """The explorer's rank as it goes in the URL (see :func:`atp_viz.urlstate.format_rank`)."""
-    return urlstate.format_rank("tokens" if unit == RANK_UNITS["tokens"] else "fraction", rank)
+def rank(n_tokens: int) -> tuple[str, float | int]:
+    """The view's rank as ``("fraction", f)`` or ``("tokens", r)`` (the view fits: :func:`fit_view`)."""
+    return urlstate.parse_rank(get("rank") or urlstate.DEFAULT_RANK, n_tokens)
+
+
+def rank_tokens(n_tokens: int) -> int:
+    """The view's rank in tokens for a text of ``n_tokens`` (a share of L resolved as ATP resolves it)."""
+    return resolve_rank(rank(n_tokens)[1], n_tokens)[0]
+
+
+def index(name: str) -> int:
+    return int(get(name) or 0)

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 
 import streamlit as st
 
+from atp_app import state
 from atp_viz.core.progress import ProgressFn
+from atp_viz.figures.tour.layout import presenter_layout
 from atp_viz.outputs import export
 
 
@@ -106,3 +108,35 @@ def table_downloads(rows: list[dict], name: str) -> None:
             st.download_button(
                 label, data, file_name=f"{stem}.{ext}", mime=mime, key=f"dl_{stem}_{ext}", on_click="ignore"
             )
+
+
+# Large type for a lecture hall; local CSS only (no web fonts: the app stays offline).
+PRESENTER_CSS = """
+<style>
+[data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.5rem;
+  line-height: 1.55; }
+[data-testid="stHeading"] h1 { font-size: 3.2rem; }
+[data-testid="stHeading"] h3 { font-size: 2.4rem; }
+.katex { font-size: 1.7em !important; }
+[data-testid="stCaptionContainer"] { font-size: 1.2rem; }
+[data-testid="stMetricValue"] { font-size: 3rem; }
+[data-testid="stWidgetLabel"] p { font-size: 1.25rem; }
+</style>
+"""
+
+
+def presenter_css() -> None:
+    """Presenter mode's large type on this page (see :func:`atp_app.state` ``present``)."""
+    st.markdown(PRESENTER_CSS, unsafe_allow_html=True)
+
+
+def presenting() -> bool:
+    return state.get("present") == "1"
+
+
+def chart(fig, key: str, **kwargs) -> None:
+    """``st.plotly_chart`` with presenter mode's large fonts when it is on (a new figure: a cached one
+    is never modified)."""
+    if presenting():
+        fig = presenter_layout(fig)
+    st.plotly_chart(fig, key=key, **kwargs)

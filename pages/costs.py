@@ -102,7 +102,7 @@ for name in forms.names():
 fig = plots.cost_scaling_figure(
     lengths, series, title=f"Counted multiply-adds per layer ({info.label})", y_title="multiply-adds"
 )
-st.plotly_chart(fig, key="cost_counted")
+widgets.chart(fig, key="cost_counted")
 widgets.figure_downloads(fig, "cost_counted_macs")
 
 st.subheader("Measured")
@@ -156,7 +156,7 @@ else:
     else:
         ms = {k: [None if v is None else v * 1e3 for v in vs] for k, vs in measured.items()}
         fig = plots.cost_scaling_figure(lengths_m, ms, title="Measured time per layer (median)", y_title="ms")
-        st.plotly_chart(fig, key="cost_measured")
+        widgets.chart(fig, key="cost_measured")
         widgets.figure_downloads(fig, "cost_measured_time")
         machine = data.get("machine", {})
         where = ", ".join(

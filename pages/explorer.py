@@ -5,22 +5,25 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from atp_app import navigation, runtime, widgets
+from atp_app import navigation, runtime, state, widgets
 from atp_app.sidebar import page_inputs
-from atp_app.state import explorer_state_from_url, rank_param, set_url
 from atp_viz import forms
-from atp_viz.analysis import compare
+from atp_viz.analysis import compare, token_view
 from atp_viz.core.basis import METHOD_LABELS, METHODS, NonFiniteError
+from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
+from atp_viz.figures import maps as maps_fig
 from atp_viz.figures import plots
+from atp_viz.figures import tokens as tokens_fig
 from atp_viz.hf import tuned
 from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig, parse_layers
 from atp_viz.hf.model_info import TUNED_PREFIX, ModelLoadError
 from atp_viz.outputs import export
+from atp_viz.text.inputs import readable_tokens
 
 navigation.use_this_navigation()
 st.title("Rank explorer: ATP vs dense")
-st.markdown(
+INTRO = (
     "**ATP** keeps the top-r principal directions of each layer's input X (L tokens) and attends over "
     "r *principal keys* K' = U_r^T K instead of L tokens. The forms: "
     + "; ".join(f"**{n}**, {forms.get(n).description}" for n in forms.names())
@@ -28,10 +31,31 @@ st.markdown(
     "measured **after fine-tuning** with ATP in place; a pretrained model run through any form "
     "untouched, as here, loses much more, and the linear form much more than the exact one."
 )
+if not widgets.presenting():  # presenter mode: the controls and numbers above the fold
+    st.markdown(INTRO)
+
+MAX_PILLS = 600  # up to this many tokens the query is clicked in the text; beyond, typed as a number
 
 sel, loaded, cap = page_inputs()
 info = cap.info
 L = cap.n_tokens
+READABLE = readable_tokens(cap.tokens)
+
+
+def _pill_labels(tokens: list[str]) -> list[str]:
+    """One label per token for st.pills, all different: the widget sends the clicked option as its label
+    and maps it back through a label -> option dict, so a repeated token ("the") would always select
+    the same one. Each repeat gets one more zero-width space: invisible, but unique."""
+    seen: dict[str, int] = {}
+    out = []
+    for t in tokens:
+        label = t.strip() or repr(t)
+        seen[label] = seen.get(label, -1) + 1
+        out.append(label + "\u200b" * seen[label])
+    return out
+
+
+PILL_LABELS = _pill_labels(READABLE)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -57,27 +81,53 @@ def _decode(ids) -> list[str]:
     return [loaded.tokenizer.decode([i]) for i in ids]
 
 
+def _rank_saver(unit: str):
+    """on_change of a rank slider: the view's rank in that slider's unit."""
+    return lambda value: urlstate.format_rank(unit, value)
+
+
+def _unit_changed() -> None:
+    """The rank's unit was switched: the same rank, said in the other unit."""
+    unit = "tokens" if st.session_state.rank_unit == state.RANK_UNITS["tokens"] else "fraction"
+    r = state.rank_tokens(L)
+    if unit == "fraction":
+        frac = min(max(round(r / L / urlstate.FRACTION_STEP) * urlstate.FRACTION_STEP, 0.05), 1.0)
+        state.put("rank", urlstate.format_rank("fraction", frac))
+    else:
+        state.put("rank", urlstate.format_rank("tokens", r))
+
+
+def _rank_widgets(column_rank, column_unit) -> float | int:
+    """The rank slider in the view's unit (fraction of L or tokens), given the view's rank."""
+    unit, value = state.rank(L)
+    column_unit.radio(
+        "Rank as",
+        list(state.RANK_UNITS.values()),
+        horizontal=True,
+        on_change=_unit_changed,
+        **state.give("rank_unit", state.RANK_UNITS[unit]),
+    )
+    if unit == "tokens":
+        bound = state.bind("rank_tokens", "rank", value, _rank_saver("tokens"))
+        return column_rank.slider("Rank r (principal keys)", 1, L, **bound)
+    bound = state.bind("rank_frac", "rank", value, _rank_saver("fraction"))
+    return column_rank.slider("Rank r / L", 0.05, 1.0, step=0.05, **bound)
+
+
 def _controls() -> ATPConfig | None:
     """Rank, form and basis widgets; the ATP setting they describe (None after an error message).
 
-    Rank, form, map layer and head come from the link (?rank=&form=&layer=&head=) and go back into it;
-    their defaults are set there (r = L/2 or 0.5, exact, layer 0, head 0), not in the widgets."""
-    explorer_state_from_url(L, info.n_layers, info.n_heads)
+    Rank and form are the view's (atp_app.state: from the link, kept across pages, in every link)."""
     c1, c2, c3 = st.columns([3, 2, 2])
-    unit = c2.radio("Rank as", ["fraction of L", "tokens"], horizontal=True, key="rank_unit")
-    if unit == "tokens":
-        rank = c1.slider("Rank r (principal keys)", 1, L, key="rank_tokens")
-    else:
-        rank = c1.slider("Rank r / L", 0.05, 1.0, step=0.05, key="rank_frac")
+    rank = _rank_widgets(c1, c2)
     paper = next((n for n in forms.names() if forms.get(n).paper), None)
     form = c3.radio(
         "Form",
         forms.names(),
         horizontal=True,
-        key="form",
         help=f"{paper} = the paper's form" if paper else None,
+        **state.bind("form", "form", state.get("form")),
     )
-    set_url(rank=rank_param(unit, rank), form=form)
     d1, d2, d3, d4 = st.columns([2, 2, 2, 2])
     layer_spec = d1.text_input("ATP on layers", "all", key="atp_layers", help="'all', '3', '0-5' or '1,3,7'")
     source = d2.radio(
@@ -157,7 +207,7 @@ def _metrics(
     fig = plots.layer_error_figure(
         cmp.layer_rel_error, title=f"Relative error of each layer's output ({cmp.errors_at})"
     )
-    st.plotly_chart(fig, key="explorer_layer_err")
+    widgets.chart(fig, key="explorer_layer_err")
     e1, e2 = st.columns(2)
     with e1:
         widgets.figure_downloads(fig, "explorer_layer_error")
@@ -201,57 +251,163 @@ def _decoder_outputs(cmp: compare.Comparison, config: ATPConfig) -> None:
     )
 
 
-def _map(
-    column, matrix, block, key: str, file: str, title: str, x_title: str, diverging: bool = False
-) -> None:
-    fig = plots.heatmap_figure(matrix, title=title, x_title=x_title, diverging=diverging, block=block)
-    column.plotly_chart(fig, key=key)
+def _map_labels(n: int, block: int, principal: bool = False) -> list[str]:
+    if principal:
+        step = max(1, block)
+        return [
+            f"key {a + 1}" if step == 1 else f"keys {a + 1}-{min(a + step, n)}" for a in range(0, n, step)
+        ]
+    return maps_fig.axis_labels(READABLE, block)
+
+
+def _map(column, matrix, name: str, title: str, *, principal: bool = False, sinks=()) -> None:
+    """One map, block-averaged above the deployment's display size, on the view's colour scale."""
+    small, block = compare.downsample(matrix, runtime.current_settings().map_display_size)
+    col_block = block if matrix.shape[1] > small.shape[1] else 1
+    hidden = sorted({j // col_block for j in sinks})
+    fig = maps_fig.attention_heatmap(
+        small,
+        title=title,
+        row_labels=_map_labels(matrix.shape[0], block),
+        col_labels=_map_labels(matrix.shape[1], col_block, principal),
+        scale=state.get("scale"),
+        signed=True if name == "map_diff" else None,
+        hidden_cols=hidden,
+        causal=info.is_decoder and not principal,
+        block=block,
+        x_title="principal key" if principal else "key token",
+    )
     with column:
-        widgets.figure_downloads(fig, f"{file}_L{st.session_state.map_layer}_H{st.session_state.map_head}")
+        widgets.chart(fig, key=name)
+        widgets.figure_downloads(fig, f"{name}_L{state.get('layer')}_H{state.get('head')}")
 
 
-def _attention_maps(
-    run: compare.Forward, cmp: compare.Comparison, applied: bool, refusal: str | None
-) -> None:
-    st.subheader("Attention maps")
+def _map_widgets() -> tuple[bool, bool]:
+    """Layer, head, colour scale, sink switch (the view's) and which views are open (this session's)."""
+    m1, m2, m3, m4 = st.columns([1, 1, 2, 2])
+    m1.selectbox(
+        "Layer", list(range(info.n_layers)), **state.bind("map_layer", "layer", state.index("layer"))
+    )
+    m2.selectbox(
+        "Query head", list(range(info.n_heads)), **state.bind("map_head", "head", state.index("head"))
+    )
+    m3.radio(
+        "Colour scale",
+        list(maps_fig.SCALES),
+        format_func=maps_fig.SCALES.get,
+        horizontal=True,
+        help="Attention weights span decades: the log scale (default) shows the top "
+        f"{maps_fig.LOG_DECADES:.0f}; 'rank within each row' shows where each query looks most, whatever "
+        "the size; linear shows raw sizes (one sink column can take the whole range).",
+        **state.bind("map_scale", "scale", state.get("scale")),
+    )
+    m4.checkbox(
+        "Leave out attention-sink columns",
+        help="Key tokens that take on average at least "
+        f"{token_view.SINK_SHARE:.0%} of every row's weight (and {token_view.SINK_FACTOR:.0f}x the uniform "
+        "share 1/L), e.g. a decoder's first token: left blank, so the colours go to the other keys.",
+        **state.bind("map_sinks", "sinks", state.get("sinks") == "hide", lambda v: "hide" if v else "show"),
+    )
+    t1, t2 = st.columns(2)
+    show_maps = t1.toggle("Attention maps", value=True, key="show_maps", persist_state="session")
+    show_tokens = t2.toggle(
+        "One query token (click a token)", value=True, key="show_tokens", persist_state="session"
+    )
+    return show_maps, show_tokens
+
+
+def _attention_maps(maps: compare.AttentionMaps, cmp: compare.Comparison) -> None:
+    sinks = token_view.sink_columns(maps.dense) if state.get("sinks") == "hide" else ()
+    a1, a2 = st.columns(2)
+    b1, b2 = st.columns(2)
+    _map(a1, maps.dense, "map_dense", "Dense attention (L x L)", sinks=sinks)
+    _map(
+        a2,
+        maps.principal,
+        "map_principal",
+        f"ATP weights on {cmp.rank} principal keys (L x r)",
+        principal=True,
+    )
+    _map(b1, maps.lifted, "map_lifted", "ATP lifted back to tokens (L x L)", sinks=sinks)
+    _map(b2, maps.difference, "map_diff", "ATP lifted minus dense", sinks=sinks)
+    if state.get("sinks") == "hide" and not sinks:
+        st.caption("No attention-sink column in this map.")
+    st.caption(
+        "Each form's map over principal keys A' (L x r) gives the output as A' V'; lifted to tokens it is "
+        "A' U_r^T. A form whose weights are a softmax over reconstructed keys (exact) shows that softmax A "
+        "as the lifted map, and A U_r over principal keys, since A V_r = (A U_r) V'. The linear form's "
+        "lifted rows sum to 1 but entries can be negative: 1 + s is not a positive kernel. Hover a cell "
+        "for its tokens and weight."
+        + (
+            " Decoder: the outline is the causal triangle; the lifted map has weight outside it, on tokens "
+            "after the query: the basis mixes later tokens into every reconstructed key. That is why only "
+            "the last token's outputs are reported here."
+            if info.is_decoder
+            else ""
+        )
+    )
+
+
+def _query_picker() -> int:
+    """The query token, clicked in the text (pills; a number field for very long texts)."""
+    query = state.index("query")
+    if L > MAX_PILLS:
+        bound = state.bind("query_number", "query", query)
+        return int(st.number_input(f"Query token (0 to {L - 1})", 0, L - 1, **bound))
+    picked = st.pills(
+        "Query token: click one in the text",
+        list(range(L)),
+        format_func=PILL_LABELS.__getitem__,
+        # Clicking the selected token again would clear it: the view keeps the last query instead.
+        **state.bind("query_pills", "query", query, lambda v: state.get("query") if v is None else v),
+    )
+    return query if picked is None else int(picked)
+
+
+def _token_views(maps: compare.AttentionMaps, config: ATPConfig) -> None:
+    """Where one query looks (dense and ATP), and what the principal keys it reads are made of."""
+    view = token_view.query_view(maps, _query_picker())
+    fig = tokens_fig.query_attention_figure(
+        view, READABLE, atp_label=f"ATP {config.form}", causal=info.is_decoder
+    )
+    widgets.chart(fig, key="token_attention")
+    widgets.figure_downloads(fig, "token_attention")
+    n_keys = st.columns([1, 3])[0].number_input(
+        "Principal keys to take apart", 1, min(6, view.weights.size), min(3, view.weights.size),
+        key="token_n_keys", persist_state="session",
+    )  # fmt: skip
+    fig = tokens_fig.principal_keys_figure(view, READABLE, n_keys=int(n_keys))
+    widgets.chart(fig, key="token_keys")
+    widgets.figure_downloads(fig, "token_principal_keys")
+    st.caption(
+        "Dense attention reads each key token directly; ATP reads r principal keys, each a mix of all tokens "
+        "with the loadings U_r[:, a]. A token gets weight under ATP when the heavy principal keys load on "
+        "it. A basis vector's sign is arbitrary, so each key is drawn with the sign that makes its weight "
+        "positive."
+    )
+
+
+def _attention_section(run: compare.Forward, cmp: compare.Comparison, config: ATPConfig, refusal) -> None:
+    st.subheader("Attention: maps, and one token at a time")
+    show_maps, show_tokens = _map_widgets()
+    layer, head = state.index("layer"), state.index("head")
     if refusal:
         st.info(refusal)
         return
-    layer, head = st.session_state.map_layer, st.session_state.map_head
-    if not applied:
+    if not (show_maps or show_tokens):
+        st.caption("Both views are closed: nothing is computed for them.")
+        return
+    if layer not in run.maps:
         st.info(f"ATP is not applied to layer {layer} with the current layer selection.")
         return
     dense_attn = cap.layers[layer].attn
     if dense_attn is None:
         dense_attn = runtime.get_capture(sel.model_key, sel.text, (layer,)).layers[layer].attn
     maps = compare.attention_maps(dense_attn, run, layer, head)
-    size = runtime.current_settings().map_display_size
-    a1, a2 = st.columns(2)
-    b1, b2 = st.columns(2)
-    for column, matrix, key, file, title, x_title in (
-        (a1, maps.dense, "map_dense", "attention_dense", "Dense attention (L x L)", "key token"),
-        (a2, maps.principal, "map_principal", "attention_atp_principal",
-         f"ATP weights on {cmp.rank} principal keys (L x r)", "principal key"),
-        (b1, maps.lifted, "map_lifted", "attention_atp_lifted", "ATP lifted back to tokens (L x L)",
-         "key token"),
-        (b2, maps.difference, "map_diff", "attention_difference", "ATP lifted minus dense", "key token"),
-    ):  # fmt: skip
-        _map(
-            column, *compare.downsample(matrix, size), key, file, title, x_title, diverging=key == "map_diff"
-        )
-    st.caption(
-        "Each form's map over principal keys A' (L x r) gives the output as A' V'; lifted to tokens it is "
-        "A' U_r^T. A form whose weights are a softmax over reconstructed keys (exact) shows that softmax A "
-        "as the lifted map, and A U_r over principal keys, since A V_r = (A U_r) V'. The linear form's "
-        "lifted rows sum to 1 but entries can be negative: 1 + s is not a positive kernel."
-        + (
-            " Decoder: the lifted map has weight above the diagonal, on tokens after the query: the "
-            "basis mixes later tokens into every reconstructed key. That is why only the last token's "
-            "outputs are reported here."
-            if info.is_decoder
-            else ""
-        )
-    )
+    if show_maps:
+        _attention_maps(maps, cmp)
+    if show_tokens:
+        _token_views(maps, config)
 
 
 def _sweep_section(config: ATPConfig, cmp: compare.Comparison) -> None:
@@ -272,7 +428,7 @@ def _sweep_section(config: ATPConfig, cmp: compare.Comparison) -> None:
         st.warning(str(err))
         return
     fig = plots.sweep_figure(sw, current=cmp.rank)
-    st.plotly_chart(fig, key="explorer_sweep")
+    widgets.chart(fig, key="explorer_sweep")
     w1, w2 = st.columns(2)
     with w1:
         widgets.figure_downloads(fig, "explorer_rank_sweep")
@@ -285,16 +441,17 @@ def explorer() -> None:
     config = _controls()
     if config is None:
         return
-    m1, m2 = st.columns(2)
-    map_layer = m1.selectbox("Map: layer", list(range(info.n_layers)), key="map_layer")
-    map_head = m2.selectbox("Map: query head", list(range(info.n_heads)), key="map_head")
-    set_url(layer=map_layer, head=map_head)
-    applied = config.layers == "all" or map_layer in config.layers
+    state.sync_url()  # a fragment's rerun does not run app.py: the link follows here
+    layer = state.index("layer")
+    applied = config.layers == "all" or layer in config.layers
     refusal = runtime.current_settings().map_refusal(L)  # L x L maps above the limit are not even computed
+    # Views that are closed compute nothing: the ATP run records a layer's maps only for an open view.
+    views_open = st.session_state.get("show_maps", True) or st.session_state.get("show_tokens", True)
+    record = [layer] if applied and not refusal and views_open else []
     tok = runtime.tokenized(sel.model_key, sel.text)
-    dense = runtime.dense_forward(sel.model_key, sel.text)
+    dense = runtime.dense_forward(sel.model_key, sel.text)  # once per (model, text), shared by all sessions
     try:
-        run = compare.forward(loaded, tok, config, map_layers=[map_layer] if applied and not refusal else [])
+        run = compare.forward(loaded, tok, config, map_layers=record)
     except NonFiniteError as err:
         st.error(f"{config.label()} breaks down on this text: {err}")
         return
@@ -304,7 +461,7 @@ def explorer() -> None:
     _metrics(cmp, config, dense, run)
     if info.is_decoder:
         _decoder_outputs(cmp, config)
-    _attention_maps(run, cmp, applied, refusal)
+    _attention_section(run, cmp, config, refusal)
     _sweep_section(config, cmp)
 
 

@@ -10,6 +10,7 @@ from atp_viz import forms
 from atp_viz.analysis.finetune import evaluation
 from atp_viz.analysis.finetune.config import TuneConfig
 from atp_viz.analysis.finetune.job import TuneJob
+from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES
 from atp_viz.deploy import jobs
 from atp_viz.figures import plots
 from atp_viz.hf import tuned
@@ -23,6 +24,9 @@ st.markdown(
     "**after fine-tuning with ATP in place**. Here, LoRA adapters (peft) on the attention and MLP "
     "projections are trained while every attention layer runs ATP at the chosen rank and form; the "
     "basis is recomputed from the activations at each step and held fixed for the gradient.\n\n"
+    "- **Two stages**: first (optional) *layer-wise attention transfer*: each layer's ATP output is "
+    "fitted to the dense layer's output on the same input (the form's per-head parameters and the query "
+    "/ key adapters only), as LoLCATs does for linear attention; then end-to-end LoRA.\n"
     "- **Encoder (MiniLM)**: distil toward the dense model's own sentence embeddings (loss 1 - cosine).\n"
     "- **Decoder (SmolLM2)**: next-token loss in the strictly causal chunked mode (each chunk sees the "
     "compressed past of earlier chunks only), so the model cannot learn to read the future through the "
@@ -52,10 +56,17 @@ for path, meta in runs:
         st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"runs_{path}")
         uid = hashlib.sha1(str(path).encode()).hexdigest()[:8]  # two roots may hold the same folder name
         widgets.table_downloads(rows, f"finetune_{uid}")
+        if meta.get("transfer_losses"):
+            fig = plots.loss_curve_figure(
+                meta["transfer_losses"],
+                title="Stage 1, layer-wise attention transfer (mean squared error over layers)",
+                y_title="ATP vs dense layer output",
+            )
+            st.plotly_chart(fig, key=f"transfer_loss_{path}")
         fig = plots.loss_curve_figure(
             meta["losses"],
-            title=f"Training loss ({meta['train_seconds'] / 60:.1f} min of training)",
-            y_title="1 - cosine" if "cosine" in str(rows) else "next-token loss (nats)",
+            title=f"Training loss ({meta['train_seconds'] / 60:.1f} min of training, both stages)",
+            y_title="tuning loss (see the run's settings)",
         )
         st.plotly_chart(fig, key=f"loss_{path}")
         widgets.figure_downloads(fig, f"finetune_loss_{uid}")
@@ -64,6 +75,17 @@ for path, meta in runs:
             f"“{tuned.tuned_label(meta)} · {path.name}” in the sidebar's model list and open the Rank "
             "explorer."
         )
+
+
+@st.fragment(run_every=5.0)
+def _watch_runs(known: tuple[str, ...]) -> None:
+    """A run finished by another session (or the command line) is listed without a reload: the page
+    reruns when the list of finished runs changes (checked every 5 s; a few small JSON files)."""
+    if tuple(str(path) for path, _ in tuned.find_runs()) != known:
+        st.rerun(scope="app")
+
+
+_watch_runs(tuple(str(path) for path, _ in runs))
 
 # ------------------------------------------------------------------------------------------------
 st.header("Start a run")
@@ -79,10 +101,21 @@ with st.form("tune_form"):
     model = c1.selectbox("Model", ["minilm", "smollm2", "tiny-bert", "tiny-llama"], key="tune_model")
     rank = c2.select_slider("Rank r / L", [0.125, 0.25, 0.5, 0.75], value=0.5, key="tune_rank")
     form = c3.radio("Form", forms.names(), horizontal=True, key="tune_form_choice")
-    d1, d2, d3 = st.columns(3)
-    steps = d1.number_input("Steps", 1, 5000, 200, key="tune_steps")
-    lr = d2.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
-    lora_r = d3.number_input("Adapter rank (LoRA)", 1, 64, 8, key="tune_lora_r")
+    d1, d2, d3, d4 = st.columns(4)
+    transfer_steps = d1.number_input(
+        "Stage 1 steps (transfer)", 0, 5000, 200, key="tune_transfer_steps",
+        help="Layer-wise attention transfer before end-to-end tuning; 0 skips it.",
+    )  # fmt: skip
+    steps = d2.number_input("Stage 2 steps (LoRA)", 0, 5000, 200, key="tune_steps")
+    lr = d3.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
+    lora_r = d4.number_input("Adapter rank (LoRA)", 1, 64, 8, key="tune_lora_r")
+    rank_mode = st.radio(
+        "Decoders: rank r / L means", list(RANK_MODES), horizontal=True, key="tune_rank_mode",
+        format_func=RANK_MODE_LABELS.get,
+        help="past: the rank of the compressed past (the current chunk is always attended exactly, so "
+        "more than r / L of the keys are attended); effective: the share of the attended key set "
+        "averaged over the scored positions, the paper's r = L/2 and L/4. Encoders ignore it.",
+    )  # fmt: skip
     st.caption(
         "Measured on the project's 2-core CPU, quiet, 2 threads: MiniLM 1.4 s per step (16 texts), SmolLM2 "
         "5.6 s per step (one 512-token window in 4 chunks); 2-4x that while other work runs. Evaluation "
@@ -93,7 +126,8 @@ if start:
     try:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
-            lora_r=int(lora_r), lora_alpha=2 * int(lora_r),
+            lora_r=int(lora_r), lora_alpha=2 * int(lora_r), transfer_steps=int(transfer_steps),
+            rank_mode=rank_mode,
         )  # fmt: skip
     except ValueError as err:
         st.error(str(err))
@@ -110,15 +144,26 @@ def live() -> None:
         return
     snap = job.snapshot()
     st.subheader(f"{job.cfg.model}, {job.cfg.label()}")
-    st.progress(min(snap["fraction"], 1.0), text=f"{snap['message']} ({snap['elapsed']:.0f} s)")
-    if snap["running"]:
+    if snap["running"]:  # a run refused by the heavy-job cap never started: no bar left behind
+        st.progress(min(snap["fraction"], 1.0), text=f"{snap['message']} ({snap['elapsed']:.0f} s)")
         if st.button("Cancel", key="tune_cancel", disabled=snap["cancelling"]):
             job.cancel()
         if snap["cancelling"]:
             st.caption("Cancelling at the end of this step...")
+    if snap["transfer_losses"]:
+        st.plotly_chart(
+            plots.loss_curve_figure(
+                snap["transfer_losses"], title="Stage 1, layer-wise transfer (live)", y_title="layer error"
+            ),
+            key="tune_live_transfer_loss",
+        )
     if snap["losses"]:
         st.plotly_chart(
-            plots.loss_curve_figure(snap["losses"], title="Training loss (live)", y_title="loss"),
+            plots.loss_curve_figure(
+                snap["losses"],
+                title="Stage 2, end-to-end tuning (live)",
+                y_title="loss",
+            ),
             key="tune_live_loss",
         )
     if snap["error"]:
@@ -127,12 +172,14 @@ def live() -> None:
         res = snap["result"]
         st.success(
             f"Done: {res.train_seconds / 60:.1f} min of training, {res.eval_seconds:.0f} s of evaluation. "
-            f"Saved to {res.out_dir}; it is listed above and in the sidebar's model list after a page reload."
+            f"Saved to {res.out_dir}; it is listed above and in the sidebar's model list."
         )
-        if res.skipped:
+        skipped, total = res.skipped + res.transfer_skipped, job.cfg.steps + job.cfg.transfer_steps
+        if skipped:
             st.warning(
-                f"{res.skipped} of {job.cfg.steps} steps were skipped: their loss or gradient was not finite "
-                "(the linear form's denominator came close to zero), so they changed nothing."
+                f"{skipped} of {total} steps were skipped ({res.transfer_skipped} in stage 1, {res.skipped} "
+                "in stage 2): their loss or gradient was not finite (the linear form's denominator came "
+                "close to zero), so they changed nothing."
             )
         st.dataframe(
             pd.DataFrame(evaluation.metrics_table({"metrics": res.metrics})),

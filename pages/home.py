@@ -11,6 +11,16 @@ from atp_viz.figures import plots
 from atp_viz.text.inputs import readable_tokens
 
 MAX_TOKENS_SHOWN = 600
+START_HERE = (
+    ("pages/spectra.py", "1. Low-rank spectra", ":material/insights:",
+     "See that each layer's input X is described by far fewer directions than it has tokens: the "
+     "observation ATP is built on."),
+    ("pages/explorer.py", "2. Rank explorer", ":material/tune:",
+     "Drag the rank r and compare ATP with dense attention: the error, the attention maps, and where one "
+     "token looks."),
+    ("pages/tour.py", "3. How ATP works (guided tour)", ":material/school:",
+     "The method step by step on this model and text, ready for a class (presenter mode in the sidebar)."),
+)  # fmt: skip
 navigation.use_this_navigation()
 
 st.title("ATP Explorer")
@@ -20,6 +30,12 @@ st.markdown(
     "tokens: **ATP**, *Attention on Top Principal keys* (Niu, Prakash, Avestimehr, arXiv 2403.02352). "
     "Pick a model and a text in the sidebar; the pages show the spectra behind the claim."
 )
+
+# A first-time path through the app: three pages, one sentence each.
+st.markdown("**Start here**")
+for column, (page, label, icon, sentence) in zip(st.columns(3), START_HERE, strict=True):
+    column.page_link(page, label=label, icon=icon)
+    column.caption(sentence)
 
 sel, loaded, cap = page_inputs()
 st.caption(model_caption(loaded))
@@ -39,7 +55,7 @@ c4.metric(
 )
 
 fig = plots.effective_rank_figure(eranks, r90, cap.n_tokens, cap.info.d_model)
-st.plotly_chart(fig, key="home_erank")
+widgets.chart(fig, key="home_erank")
 widgets.figure_downloads(fig, "home_effective_rank")
 
 
@@ -60,7 +76,7 @@ if prefixes.size > 1:
         title="Effective rank / L on prefixes of this text (lower = relatively lower-rank)",
         y_title="effective rank / L",
     )
-    st.plotly_chart(fig, key="home_erank_length")
+    widgets.chart(fig, key="home_erank_length")
     widgets.figure_downloads(fig, "home_effective_rank_by_length")
 st.latex(spectra.EFFECTIVE_RANK_FORMULA)
 st.caption(

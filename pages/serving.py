@@ -4,14 +4,13 @@ import pandas as pd
 import streamlit as st
 
 from atp_app import navigation, runtime, widgets
-from atp_app.sidebar import page_inputs
+from atp_app.sidebar import offer_decoder, page_inputs
 from atp_viz import forms
-from atp_viz.analysis import serving
+from atp_viz.analysis import protocol, serving
 from atp_viz.core.progress import within
-from atp_viz.core.ranks import resolve_rank
+from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
-from atp_viz.text import corpus
 from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
@@ -28,7 +27,7 @@ st.markdown(
 sel, loaded, cap = page_inputs()
 info = loaded.info
 if not info.is_decoder:
-    st.info(f"{info.label} is an encoder; serving applies to decoders. Pick SmolLM2 in the sidebar.")
+    offer_decoder(loaded, "serving (generation from a compressed KV cache, causal perplexity)")
     st.stop()
 
 
@@ -116,48 +115,66 @@ if st.button("Generate", key="serve_go", type="primary") or st.session_state.get
 st.subheader("Strictly causal perplexity")
 st.markdown(
     "Teacher-forced perplexity over a text would leak future tokens through a basis computed from the "
-    "whole text. Here the text is processed in chunks: each chunk attends to the **past chunks compressed "
+    "whole text. Here each window is read in chunks: each chunk attends to the **past chunks compressed "
     "to r principal keys/values (basis from past tokens only)** and to itself exactly and causally, so "
-    "the prediction at position i sees tokens <= i only (a test perturbs later tokens to check)."
+    "the prediction at position i sees tokens <= i only (a test perturbs later tokens to check). Scored: "
+    "the predictions from positions whose past is compressed (chunk 1 onwards), the same positions for "
+    "dense and every setting; 95% intervals by bootstrap over windows, differences to dense paired."
 )
 src = st.radio(
     "Text",
-    ["Python standard-library docstrings (real text this project did not write)", "The sidebar text"],
+    [
+        "Held-out standard-library docstring modules (real text this project did not write)",
+        "The sidebar text",
+    ],
     key="ppl_src",
 )
-p1, p2, p3 = st.columns(3)
-n_tokens = p1.number_input(
-    "Tokens", 64, min(8192, info.max_tokens), min(2048, info.max_tokens), 64, key="ppl_tokens"
+p1, p2, p3, p4 = st.columns(4)
+n_windows = p1.number_input(
+    "Windows (held-out text)", 1, 200, 8, key="ppl_windows", disabled=not src.startswith("Held")
 )
-chunk = p2.number_input("Chunk size", 8, 2048, 256, 8, key="ppl_chunk")
-form_names = p3.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
+seq_len = p2.number_input(
+    "Tokens per window", 64, min(4096, info.max_tokens), min(512, info.max_tokens), 64, key="ppl_seq"
+)
+chunk = p3.number_input("Chunk size", 8, 2048, 128, 8, key="ppl_chunk")
+rank_mode = p4.radio(
+    "Rank",
+    RANK_MODES,
+    key="ppl_rank_mode",
+    format_func=RANK_MODE_LABELS.get,
+    help="For a share of L: 'past' keeps that share of the compressed past (the current chunk is attended "
+    "exactly on top); 'effective' makes the attended share of the key set equal it on average (the paper's "
+    "r = L/2). Ints are numbers of principal keys either way.",
+)
+form_names = st.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
 ranks = st.multiselect(
-    "Ranks r (principal keys for the past)",
-    [8, 16, 32, 64, 128, 256, 512],
+    "Ranks r (ints: principal keys for the past; fractions: a share of L)",
+    [8, 16, 32, 64, 128, 256, 0.25, 0.5],
     [16, 32, 64, 128],
     key="ppl_ranks",
 )
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _perplexity(model_key: str, text: str, n_tokens: int, chunk: int, ranks: tuple, form_names: tuple):
+def _perplexity(
+    model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str
+):
     m = runtime.get_model(model_key)
-    tok = tokenize(m.tokenizer, text, n_tokens)
-    runs = [(None, forms.DEFAULT)] + [(r, f) for f in form_names for r in ranks]
-    out = []
+    if text is None:
+        windows = protocol.heldout_windows(m.tokenizer, seq_len, max_windows=n_windows)
+    else:
+        windows = protocol.text_windows(m.tokenizer, text, seq_len, label="sidebar text")
     with runtime.heavy_job("perplexity grid"), widgets.progress("Perplexity...") as bar:
-        for j, (r, f) in enumerate(runs):
-            label = "dense" if r is None else f"{f} r={r}"
-            sub = within(bar, j / len(runs), (j + 1) / len(runs), f"{label}: ")
-            out.append(serving.perplexity(m, tok.input_ids, rank=r, form=f, chunk=chunk, progress=sub))
-    return tok, out
+        rows = protocol.perplexity_grid(m, windows, settings, chunk=chunk, rank_mode=mode, progress=bar)
+    return len(windows.ids), rows
 
 
 if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
-    text = corpus.perplexity_text()[0] if src.startswith("Python") else sel.text
+    settings = tuple((r, f) for f in form_names for r in sorted(ranks, key=float))
+    text = None if src.startswith("Held") else sel.text
     try:
-        tok, res = _perplexity(
-            sel.model_key, text, int(n_tokens), int(chunk), tuple(sorted(ranks)), tuple(form_names)
+        n_win, rows = _perplexity(
+            sel.model_key, text, int(n_windows), int(seq_len), int(chunk), settings, rank_mode
         )
     except (ValueError, TextError) as err:
         st.error(str(err))
@@ -165,31 +182,27 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
     except BusyError as err:
         st.warning(str(err))
         st.stop()
-    if tok.n_tokens < n_tokens:
-        st.info(f"The text has only {tok.n_tokens} tokens; all of them were used.")
-    dense, rest = res[0], res[1:]
-    table = serving.as_table(rest, dense)
-    shown = pd.DataFrame(table)
-    shown["rank"] = shown["rank"].astype(str)  # "dense" next to ints: one type for Arrow
-    st.dataframe(shown, hide_index=True, key="ppl_table")
+    st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}.")
+    table = protocol.grid_table(rows)
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="ppl_table")
     widgets.table_downloads(table, "perplexity_table")
-    by_form_r = {f: [x.rank for x in rest if x.form == f] for f in form_names}
-    fig = plots.rank_grid_figure(
-        by_form_r,
-        {f: [x.perplexity for x in rest if x.form == f] for f in form_names},
-        dense.perplexity,
-        title=f"Perplexity over {tok.n_tokens} tokens, chunks of {chunk}",
-        y_title="perplexity",
-        log_y=True,
-    )
-    st.plotly_chart(fig, key="ppl_fig")
-    widgets.figure_downloads(fig, "perplexity_vs_rank")
-    fig = plots.rank_grid_figure(
-        by_form_r,
-        {f: [x.top1 for x in rest if x.form == f] for f in form_names},
-        dense.top1,
-        title="Next-token top-1 accuracy",
-        y_title="top-1 accuracy",
-    )
-    st.plotly_chart(fig, key="ppl_top1")
-    widgets.figure_downloads(fig, "top1_vs_rank")
+    dense, rest = rows[0], rows[1:]
+    # x: the mean attended share of the key set, comparable across ints and shares of L and both rank modes
+    by_form_r = {
+        f: [x["attended_share"] for x in rest if x["form"] == f and x.get("n_scored")] for f in form_names
+    }
+    for key, metric, y_title, log_y in (
+        ("ppl_fig", "perplexity", "perplexity", True),
+        ("ppl_top1", "top1", "top-1 accuracy", False),
+    ):
+        fig = plots.rank_grid_figure(
+            by_form_r,
+            {f: [x[metric] for x in rest if x["form"] == f and x.get("n_scored")] for f in form_names},
+            dense[metric],
+            title=f"{y_title} over {dense['n_scored']} scored predictions, chunks of {chunk}",
+            y_title=y_title,
+            log_y=log_y,
+        )
+        fig.update_xaxes(title_text="mean attended share of the key set", type="linear", range=[0, 1.02])
+        st.plotly_chart(fig, key=key)
+        widgets.figure_downloads(fig, f"{metric}_vs_rank")

@@ -86,15 +86,15 @@ labels = [f"layer {i}" for i in chosen]
 
 what = "the residual stream (block input)" if use_resid else "the attention input X"
 fig = plots.spectra_figure(sps, labels, log=log, title=f"Singular values of {what}, per layer")
-st.plotly_chart(fig, key="spectra_sv")
+widgets.chart(fig, key="spectra_sv")
 widgets.figure_downloads(fig, "spectra_singular_values")
 fig = plots.energy_figure(sps, labels, spectra.THRESHOLDS)
-st.plotly_chart(fig, key="spectra_energy")
+widgets.chart(fig, key="spectra_energy")
 widgets.figure_downloads(fig, "spectra_cumulative_energy")
 n_rows = sps[0].n_rows
 table = spectra.ranks_table(sps)
 fig = plots.ranks_heatmap(table, labels, spectra.THRESHOLDS, n_rows)
-st.plotly_chart(fig, key="spectra_ranks")
+widgets.chart(fig, key="spectra_ranks")
 widgets.figure_downloads(fig, "spectra_ranks_needed")
 widgets.table_downloads(export.spectra_rows(sps, labels), "spectra_ranks_table")
 st.download_button(
@@ -136,7 +136,7 @@ fig = plots.spectra_figure(
     log=log,
     title=f"Singular values of the keys K, layer {layer} ({head_note})",
 )
-st.plotly_chart(fig, key="spectra_keys")
+widgets.chart(fig, key="spectra_keys")
 widgets.figure_downloads(fig, "spectra_keys")
 if info.has_rope:
     st.caption("Keys are shown after the rotary position embedding, as attention sees them.")
@@ -145,7 +145,7 @@ fig = plots.token_norms_figure(
     texts.readable_tokens(cap.tokens),
     title=f"Row norm per token of {what}, layer {layer}",
 )
-st.plotly_chart(fig, key="spectra_norms")
+widgets.chart(fig, key="spectra_norms")
 widgets.figure_downloads(fig, "spectra_token_norms")
 
 st.subheader("Are longer sequences relatively lower-rank?")
@@ -186,6 +186,6 @@ if st.button("Run across all samples", key="run_length_study") or st.session_sta
     series = [study.mean_fraction] + [study.fractions[i] for i in chosen]
     names = ["mean over layers"] + labels
     fig = plots.fraction_vs_length_figure(study.lengths, np.array(series), names, info.d_model, threshold)
-    st.plotly_chart(fig, key="spectra_length")
+    widgets.chart(fig, key="spectra_length")
     widgets.figure_downloads(fig, "spectra_fraction_vs_length")
     st.markdown(lengths.describe_length_trend(study, info.d_model))

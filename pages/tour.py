@@ -2,43 +2,25 @@
 
 import streamlit as st
 
-from atp_app import navigation, runtime, widgets
+from atp_app import navigation, runtime, state, widgets
 from atp_app.sidebar import model_caption, page_inputs
+from atp_viz.deploy import urlstate
 from atp_viz.figures.tour import data as tour_data
 from atp_viz.figures.tour.layout import presenter_layout
 from atp_viz.figures.tour.steps import STEPS
 
-# Large type for a lecture hall; local CSS only (no web fonts: the app stays offline).
-PRESENTER_CSS = """
-<style>
-[data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.5rem;
-  line-height: 1.55; }
-[data-testid="stHeading"] h1 { font-size: 3.2rem; }
-[data-testid="stHeading"] h3 { font-size: 2.4rem; }
-.katex { font-size: 1.7em !important; }
-[data-testid="stCaptionContainer"] { font-size: 1.2rem; }
-</style>
-"""
-STEP_KEYS = ("tour_layer", "tour_head", "tour_rank", "tour_rank_L")
-
 navigation.use_this_navigation()
 
-# Widgets that are not drawn in a run lose their state (Streamlit cleans it up); presenter mode hides
-# the layer/head/rank controls, so their values are re-saved here to survive it (the documented idiom).
-for _key in STEP_KEYS:
-    if _key in st.session_state:
-        st.session_state[_key] = st.session_state[_key]
-
 st.title("How ATP works")
+# Presenter mode is the view's (every page has it; a link carries it as present=1): this toggle and the
+# sidebar's are the same setting.
 presenter = st.toggle(
     "Presenter mode",
-    key="tour_presenter",
     help="Large fonts for a projector; the layer, head and rank controls are hidden (their values are "
     "kept). Page Down / Page Up (a presentation clicker) move between steps.",
+    **state.bind("tour_presenter", "present", state.get("present") == "1", lambda v: "1" if v else None),
 )
-if presenter:
-    st.markdown(PRESENTER_CSS, unsafe_allow_html=True)
-else:
+if not presenter:
     st.markdown(
         "A walk through *Attention on Top Principal keys* (Niu, Prakash, Avestimehr, arXiv 2403.02352) on "
         "the model and text picked in the sidebar, from the tokens to what it costs. Every figure is "
@@ -49,40 +31,33 @@ sel, loaded, cap = page_inputs()
 info = cap.info
 L = cap.n_tokens
 steps = STEPS
-
-# Keep the controls valid when the model or text changes (fewer layers or heads, another length).
-if st.session_state.get("tour_layer", 0) >= info.n_layers:
-    st.session_state.tour_layer = info.n_layers // 2
-if st.session_state.get("tour_head", 0) >= info.n_heads:
-    st.session_state.tour_head = 0
-if st.session_state.get("tour_rank_L") != L:
-    st.session_state.tour_rank = tour_data.default_rank(L)  # a new text starts at r = L/2
-    st.session_state.tour_rank_L = L
-st.session_state.setdefault("tour_layer", info.n_layers // 2)
 st.session_state.setdefault("tour_step", 0)
 
+# Layer, head and rank are the view's (the explorer's too: atp_app.state), so they survive presenter mode
+# (which hides the controls), page switches and links.
 if not presenter:
     st.caption(model_caption(loaded))
     c1, c2, c3 = st.columns([1, 1, 2])
-    c1.selectbox("Layer", list(range(info.n_layers)), key="tour_layer")
+    c1.selectbox(
+        "Layer", list(range(info.n_layers)), **state.bind("tour_layer", "layer", state.index("layer"))
+    )
     c2.selectbox(
         "Query head",
         list(range(info.n_heads)),
-        key="tour_head",
         help="Steps 6 and 7 (principal keys, attention) use this head; with grouped-query attention, its "
         "key/value head.",
+        **state.bind("tour_head", "head", state.index("head")),
     )
     c3.slider(
         "Rank r (principal keys)",
         1,
         max(L, 2),
-        key="tour_rank",
         disabled=L < 2,
-        help="How many principal directions ATP keeps; starts at L/2.",
+        help="How many principal directions ATP keeps; the explorer's rank, in tokens.",
+        **state.bind("tour_rank", "rank", state.rank_tokens(L), lambda r: urlstate.format_rank("tokens", r)),
     )
-layer = st.session_state.tour_layer
-head = st.session_state.get("tour_head", 0)
-rank = min(st.session_state.tour_rank, L)
+layer, head = state.index("layer"), state.index("head")
+rank = state.rank_tokens(L)
 
 
 def _go(delta: int) -> None:
@@ -105,6 +80,7 @@ n2.selectbox(
     "Step",
     list(range(len(steps))),
     key="tour_step",
+    persist_state="session",  # the step survives a visit to another page
     format_func=lambda i: f"{i + 1}. {steps[i].title}",
     label_visibility="collapsed",
 )
@@ -153,6 +129,6 @@ else:
         fig = step.build(data)
     if presenter:
         fig = presenter_layout(fig)
-    st.plotly_chart(fig, key="tour_fig")
+    st.plotly_chart(fig, key="tour_fig")  # presenter_layout above, for the download too
     # In presenter mode the download has the large fonts too: ready for a slide.
     widgets.figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,11 @@ def test_explorer_minilm_slider_changes_metrics():
     at = _app("pages/explorer.py").run()
     assert not at.exception, at.exception
     first = _metric(at, "Sentence-embedding cosine to dense")
-    assert len(_charts(at)) == 5  # layer errors + 4 attention maps
+    # layer errors, 4 attention maps, one query token's attention and its principal keys
+    assert [c.key for c in _charts(at)] == [
+        "explorer_layer_err", "map_dense", "map_principal", "map_lifted", "map_diff",
+        "token_attention", "token_keys",
+    ]  # fmt: skip
     at.slider(key="rank_frac").set_value(0.2).run()
     assert not at.exception, at.exception
     assert _metric(at, "Sentence-embedding cosine to dense") != first
@@ -92,7 +97,47 @@ def test_explorer_minilm_slider_changes_metrics():
     assert not at.exception, at.exception
     at.button(key="run_sweep").click().run()
     assert not at.exception, at.exception
-    assert len(_charts(at)) == 6
+    assert len(_charts(at)) == 8
+
+
+def test_explorer_closed_views_compute_nothing(monkeypatch):
+    """Attention maps and the per-token view are behind toggles; closed, no map is recorded or drawn."""
+    from atp_viz.analysis import compare
+
+    recorded = []
+    real = compare.forward
+
+    def spy(loaded, tok, config=None, *, map_layers=()):
+        if config is not None:
+            recorded.append(tuple(map_layers))
+        return real(loaded, tok, config, map_layers=map_layers)
+
+    monkeypatch.setattr(compare, "forward", spy)
+    at = _app("pages/explorer.py").run()
+    assert recorded[-1] == (3,)  # MiniLM: the middle layer's maps, for the open views
+    at.toggle(key="show_maps").set_value(False).run()
+    assert [c.key for c in _charts(at)][-2:] == ["token_attention", "token_keys"]
+    at.toggle(key="show_tokens").set_value(False).run()
+    assert not at.exception, at.exception
+    assert recorded[-1] == () and [c.key for c in _charts(at)] == ["explorer_layer_err"]
+    assert any("nothing is computed" in c.value for c in at.caption)
+
+
+def _title(at: AppTest, key: str) -> str:
+    chart = next(c for c in _charts(at) if c.key == key)
+    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
+
+
+def test_explorer_token_view_follows_the_clicked_token():
+    at = _app("pages/explorer.py").run()
+    assert "#84" in _title(at, "token_attention")  # MiniLM: the middle token of the default sample
+    at.pills(key="query_pills").set_value(5).run()
+    assert not at.exception, at.exception
+    assert at.query_params["query"] == "5"
+    assert "#5:" in _title(at, "token_attention") and "#5 " in _title(at, "token_keys")
+    at.radio(key="map_scale").set_value("rank").run()
+    assert "rank of the weight within its row" in _title(at, "map_dense")
+    assert at.query_params["scale"] == "rank"
 
 
 def test_explorer_bad_layer_spec_shows_error():
@@ -123,14 +168,20 @@ def test_serving_page_encoder_message_and_decoder_generation():
     at.button(key="serve_go").click().run()
     assert not at.exception, at.exception
     assert any(m.label == "KV cache, ATP" for m in at.metric)
-    at.number_input(key="ppl_tokens").set_value(96).run()
+    at.number_input(key="ppl_windows").set_value(2).run()
+    at.number_input(key="ppl_seq").set_value(128).run()
     at.number_input(key="ppl_chunk").set_value(32).run()
     at.multiselect(key="ppl_ranks").set_value([8]).run()
     at.button(key="ppl_go").click().run()
     assert not at.exception, at.exception
     assert len(_charts(at)) == 2 and len(at.dataframe) == 1
-    ranks = list(at.dataframe[0].value["rank"])  # one type for Arrow: "dense" next to "8", not 8
+    table = at.dataframe[0].value
+    ranks = list(table["rank"])  # one type for Arrow: "dense" next to "8", not 8
     assert ranks[0] == "dense" and all(isinstance(r, str) for r in ranks), ranks
+    # every figure with its interval; the scored positions are the same for dense and ATP
+    assert all("[" in v for v in table["top-1 [95% CI]"])
+    scored = table["scored predictions"]
+    assert len(set(scored)) == 1 and scored.iloc[0] == 2 * (128 - 32 - 1)
 
 
 def test_cost_page_counts_follow_inputs():

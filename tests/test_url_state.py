@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from atp_viz import forms
+from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy import urlstate
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -110,10 +111,12 @@ def test_rank_in_tokens_from_link():
 def test_changing_widgets_writes_the_url():
     at = _explorer(model="tiny-bert", sample=SHORT)
     assert not at.exception, at.exception
-    # The first run already writes the whole view, defaults included, so the link is complete.
+    # The first run already writes the whole view, defaults included, so the link is complete (the map's
+    # layer starts at the middle one: tiny-bert has 2).
     assert at.query_params["model"] == "tiny-bert" and at.query_params["sample"] == SHORT
     assert at.query_params["rank"] == "0.50" and at.query_params["form"] == "exact"
-    assert at.query_params["layer"] == "0" and at.query_params["head"] == "0"
+    assert at.query_params["layer"] == "1" and at.query_params["head"] == "0"
+    assert at.query_params["scale"] == "log" and at.query_params["sinks"] == "show"
     at.slider(key="rank_frac").set_value(0.75).run()
     assert at.query_params["rank"] == "0.75"
     at.radio(key="form").set_value("linear").run()
@@ -140,9 +143,9 @@ def test_invalid_link_values_fall_back_with_a_message():
         assert part in info, info
     assert at.slider(key="rank_frac").value == 0.5
     assert at.radio(key="form").value == "exact"
-    assert at.selectbox(key="map_layer").value == 0 and at.selectbox(key="map_head").value == 0
+    assert at.selectbox(key="map_layer").value == 1 and at.selectbox(key="map_head").value == 0
     # ... and the URL is corrected to what is shown.
-    assert at.query_params["rank"] == "0.50" and at.query_params["layer"] == "0"
+    assert at.query_params["rank"] == "0.50" and at.query_params["layer"] == "1"
 
 
 def test_rank_above_text_length_falls_back():
@@ -177,3 +180,108 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
     assert not at.exception, at.exception
     assert at.selectbox(key="map_head").value == 0
     assert at.query_params["head"] == "0" and at.query_params["model"] == "tiny-bert"
+
+
+# ---- one view across pages --------------------------------------------------------------------------
+
+VIEW_KEYS = ("model", "sample", "rank", "form", "layer", "head", "query", "scale", "sinks")
+SHAPE = urlstate.ViewShape(
+    n_tokens=20,
+    n_layers=6,
+    n_heads=4,
+    forms=("exact", "linear"),
+    scales=("log", "linear"),
+    default_layer=3,
+    default_query=10,
+    default_form="exact",
+    default_scale="log",
+)
+
+
+def test_fit_view_fills_defaults_and_names_bad_values():
+    view, problems = urlstate.fit_view({"model": "m", "rank": "0.33", "query": "25", "scale": "cubic"}, SHAPE)
+    assert view == {
+        "model": "m",
+        "rank": "0.50",
+        "form": "exact",
+        "layer": "3",
+        "head": "0",
+        "query": "10",
+        "scale": "log",
+        "sinks": "show",
+    }
+    text = " ".join(problems)
+    assert "rank=0.33" in text and "query=25 does not exist" in text and "scale='cubic'" in text
+    good = {"rank": "7", "form": "linear", "layer": "5", "head": "3", "query": "19", "scale": "linear"}
+    view, problems = urlstate.fit_view({**good, "sinks": "hide"}, SHAPE)
+    assert view == {**good, "sinks": "hide"} and not problems
+    view, _ = urlstate.fit_view({"rank": "0.3"}, SHAPE)
+    assert view["rank"] == "0.30"  # written as the slider shows it
+
+
+def _clear_url(at: AppTest) -> None:
+    """What the browser does on a page switch: the query string is dropped."""
+    for k in list(at.query_params):
+        del at.query_params[k]
+
+
+def test_view_persists_across_pages_and_sits_in_every_link():
+    at = _explorer(model="tiny-llama", sample=SHORT, rank="0.25", form="linear", layer="1", head="3")
+    assert not at.exception, at.exception
+    expected = {k: at.query_params[k] for k in VIEW_KEYS}
+    assert expected["rank"] == "0.25" and expected["head"] == "3"
+    # The fine-tuning page draws no sidebar: Streamlit forgets those widgets, the view does not. (Its
+    # link is written by app.py, which AppTest does not run after its first run, see
+    # atp_app.navigation: the browser test checks that link.)
+    for page in ("pages/home.py", "pages/finetune.py", "pages/spectra.py", "pages/tour.py"):
+        _clear_url(at)
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        if page != "pages/finetune.py":
+            assert {k: at.query_params.get(k) for k in VIEW_KEYS} == expected, page
+    L = int(at.slider(key="tour_rank").max)
+    assert at.selectbox(key="tour_layer").value == 1 and at.selectbox(key="tour_head").value == 3
+    assert at.slider(key="tour_rank").value == resolve_rank(0.25, L)[0]
+    at.selectbox(key="tour_head").set_value(2).run()  # the tour moves the same view
+    _clear_url(at)
+    at.switch_page("pages/explorer.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == "tiny-llama"
+    assert at.radio(key="form").value == "linear" and at.selectbox(key="map_head").value == 2
+    assert at.slider(key="rank_frac").value == 0.25 and at.query_params["head"] == "2"
+    _clear_url(at)
+    at.switch_page("pages/tour.py").run()
+    at.slider(key="tour_rank").set_value(5).run()  # the tour's rank is in tokens
+    _clear_url(at)
+    at.switch_page("pages/explorer.py").run()
+    assert at.radio(key="rank_unit").value == "tokens" and at.slider(key="rank_tokens").value == 5
+    assert at.query_params["rank"] == "5"
+
+
+def test_typed_text_stays_out_of_links_and_survives_a_page_switch():
+    at = _explorer(model="tiny-bert", sample=SHORT)
+    at.radio(key="text_source").set_value("Type").run()
+    at.text_area(key="typed_text").input("A short typed text about principal keys and values.").run()
+    assert not at.exception, at.exception
+    assert "sample" not in at.query_params and at.query_params["model"] == "tiny-bert"
+    _clear_url(at)
+    at.switch_page("pages/finetune.py").run()
+    _clear_url(at)
+    at.switch_page("pages/home.py").run()
+    assert not at.exception, at.exception
+    assert at.radio(key="text_source").value == "Type"
+    assert at.text_area(key="typed_text").value.startswith("A short typed text")
+    assert "sample" not in at.query_params
+    at.radio(key="text_source").set_value("Sample").run()
+    assert at.query_params["sample"] == SHORT  # the sample chosen before comes back
+
+
+def test_switching_the_rank_unit_keeps_the_rank():
+    at = _explorer(model="tiny-bert", sample=SHORT, rank="0.30")
+    at.radio(key="rank_unit").set_value("tokens").run()
+    assert not at.exception, at.exception
+    L = int(at.slider(key="rank_tokens").max)
+    assert at.slider(key="rank_tokens").value == resolve_rank(0.3, L)[0]
+    assert at.query_params["rank"] == str(resolve_rank(0.3, L)[0])
+    at.radio(key="rank_unit").set_value("fraction of L").run()
+    assert at.slider(key="rank_frac").value == pytest.approx(0.3)

@@ -1,6 +1,7 @@
 """The view in the URL: parsing and formatting the query parameters a shared link carries.
 
-``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&layer=3&head=5``. Every parser
+``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&layer=3&head=5&query=84&scale=log
+&sinks=show`` (and ``present=1`` for presenter mode). Every parser
 raises :class:`ValueError` with a sentence for the user when a value cannot be used (the app then
 shows it and falls back to the default); the pages only read and write ``st.query_params``.
 """
@@ -8,7 +9,8 @@ shows it and falls back to the default); the pages only read and write ``st.quer
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from atp_viz.core import ranks
 
@@ -66,3 +68,61 @@ def looks_like_model_id(raw: str) -> bool:
     """A hub id ("org/name") or a local path: what the sidebar's "Other" model field takes."""
     raw = raw.strip()
     return bool(_HUB_ID.match(raw)) or raw.startswith(("/", "./", "../", "~"))
+
+
+# ---- the whole view --------------------------------------------------------------------------------
+
+DEFAULT_RANK = "0.50"
+SINKS = ("show", "hide")  # the maps' attention-sink columns: drawn, or left out
+
+
+@dataclass(frozen=True)
+class ViewShape:
+    """What a view's values must fit: the text's tokens, the model's layers and query heads, the
+    registered forms and the maps' colour scales, with the defaults used where a value does not fit."""
+
+    n_tokens: int
+    n_layers: int
+    n_heads: int
+    forms: Sequence[str]
+    scales: Sequence[str]
+    default_layer: int
+    default_query: int
+    default_form: str
+    default_scale: str
+
+
+def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str], list[str]]:
+    """``view`` (the URL's strings: rank, form, layer, head, query, scale, sinks, and others passed
+    through) with every value that does not fit ``shape`` replaced by its default, with a sentence per
+    replaced value saying why, and missing values filled in, so that a link names the whole view."""
+    parsers = {
+        "rank": (lambda raw: format_rank(*parse_rank(raw, shape.n_tokens)), DEFAULT_RANK),
+        "form": (lambda raw: parse_choice(raw, shape.forms, "form"), shape.default_form),
+        "layer": (
+            lambda raw: str(parse_index(raw, shape.n_layers, "layer", "this model's layer list")),
+            str(shape.default_layer),
+        ),
+        "head": (
+            lambda raw: str(parse_index(raw, shape.n_heads, "head", "each layer's query head list")),
+            "0",
+        ),
+        "query": (
+            lambda raw: str(parse_index(raw, shape.n_tokens, "query", "this text's token list")),
+            str(shape.default_query),
+        ),
+        "scale": (lambda raw: parse_choice(raw, shape.scales, "scale"), shape.default_scale),
+        "sinks": (lambda raw: parse_choice(raw, SINKS, "sinks"), SINKS[0]),
+    }
+    out, problems = dict(view), []
+    for name, (parse, default) in parsers.items():
+        raw = out.get(name)
+        if raw is None:
+            out[name] = default
+            continue
+        try:
+            out[name] = parse(raw)
+        except ValueError as err:
+            problems.append(str(err))
+            out[name] = default
+    return out, problems

@@ -62,7 +62,7 @@ def spectra_figure(
     fig = _base(fig, title, "component i", "s_i / s_1")
     if log:
         fig.update_yaxes(type="log")
-    return fig
+    return fit_log_axes(fig)
 
 
 def energy_figure(
@@ -78,7 +78,7 @@ def energy_figure(
     fig = _base(fig, title, "components kept (k)", "energy E(k)")
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
     fig.update_xaxes(type="log")
-    return fig
+    return fit_log_axes(fig)
 
 
 def ranks_heatmap(
@@ -177,7 +177,7 @@ def fraction_vs_length_figure(
     fig = _base(fig, title, "sequence length L (tokens)", y_title, height=460)
     fig.update_xaxes(type="log")
     fig.update_yaxes(tickformat=".0%", rangemode="tozero")
-    return fig
+    return fit_log_axes(fig)
 
 
 def token_norms_figure(norms: np.ndarray, tokens: Sequence[str], *, title: str) -> go.Figure:
@@ -193,7 +193,7 @@ def token_norms_figure(norms: np.ndarray, tokens: Sequence[str], *, title: str) 
     )
     fig = _base(fig, title, "token position", "row norm of X", height=320)
     fig.update_yaxes(type="log")
-    return fig
+    return fit_log_axes(fig)
 
 
 def heatmap_figure(
@@ -240,11 +240,53 @@ def log_vline(fig: go.Figure, x: float, *, color: str, dash: str | None = None, 
     fig.add_vline(x=math.log10(x), line=dict(color=color, dash=dash, width=1), annotation_text=label or None)
 
 
+def log_hline(fig: go.Figure, y: float, *, color: str, dash: str | None = None, label: str = "") -> None:
+    """A horizontal line at data value ``y`` on a log y axis (see :func:`log_vline`)."""
+    fig.add_hline(y=math.log10(y), line=dict(color=color, dash=dash, width=1), annotation_text=label or None)
+
+
 def log_range(values: Sequence[float], pad: float = 0.05) -> list[float]:
     """An explicit log-axis range (log10 units) spanning ``values`` with a small margin."""
     lo, hi = math.log10(min(values)), math.log10(max(values))
     span = max(hi - lo, 1e-3)
     return [lo - pad * span, hi + pad * span]
+
+
+def _positive(values) -> list[float]:
+    if values is None or isinstance(values, str):
+        return []
+    arr = np.asarray(values, dtype=object).ravel()
+    out = []
+    for v in arr:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f) and f > 0:
+            out.append(f)
+    return out
+
+
+def fit_log_axes(fig: go.Figure) -> go.Figure:
+    """Give every log axis of ``fig`` without a range an explicit one spanning its traces' positive values.
+
+    Plotly's autorange also counts shapes, and on a log axis it reads a shape's coordinate as log10 of the
+    value, so one ``add_hline(y=10)`` would stretch a log axis to 10^10 and squeeze the data into a sliver.
+    An explicit range built from the data (and shapes drawn with :func:`log_vline` / :func:`log_hline`)
+    cannot. Returns ``fig``."""
+    values: dict[str, list[float]] = {}
+    for trace in fig.data:
+        if trace.type not in ("scatter", "scattergl", "bar"):
+            continue
+        for letter in ("x", "y"):
+            ref = getattr(trace, f"{letter}axis", None) or letter  # "x", "x2", ...
+            name = f"{letter}axis{ref[1:]}"
+            values.setdefault(name, []).extend(_positive(getattr(trace, letter)))
+    for name, vals in values.items():
+        axis = fig.layout[name]
+        if axis is not None and axis.type == "log" and axis.range is None and vals:
+            axis.range = log_range(vals)
+    return fig
 
 
 def sweep_figure(sweep, *, current: int | None = None) -> go.Figure:
@@ -288,12 +330,15 @@ def rank_grid_figure(
         fig.add_trace(
             go.Scatter(x=list(ranks), y=list(values_by_form[form]), name=f"ATP {form}", mode="lines+markers")
         )
-    fig.add_hline(y=dense_value, line=dict(dash="dash", color="black"), annotation_text="dense")
     fig = _base(fig, title, "rank r (principal keys for the past)", y_title, height=380)
     fig.update_xaxes(type="log")
-    if log_y:
-        fig.update_yaxes(type="log")
-    return fig
+    if log_y:  # a shape on a log axis is placed at log10 of its value: see log_hline
+        log_hline(fig, dense_value, color="black", dash="dash", label="dense")
+        shown = [v for vs in values_by_form.values() for v in vs] + [dense_value]
+        fig.update_yaxes(type="log", range=log_range(_positive(shown)))
+    else:
+        fig.add_hline(y=dense_value, line=dict(dash="dash", color="black"), annotation_text="dense")
+    return fit_log_axes(fig)
 
 
 def cost_scaling_figure(
@@ -306,7 +351,7 @@ def cost_scaling_figure(
     fig = _base(fig, title, "sequence length L", y_title, height=420)
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    return fig
+    return fit_log_axes(fig)
 
 
 def loss_curve_figure(losses: Sequence[float], *, title: str, y_title: str, window: int = 10) -> go.Figure:

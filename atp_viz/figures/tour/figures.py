@@ -159,7 +159,7 @@ def spectrum_figure(data: TourData) -> go.Figure:
     )
     fig.update_yaxes(title_text="singular value σᵢ (log scale)", type="log", secondary_y=False)
     fig.update_yaxes(title_text="cumulative energy E(k)", range=[0, 1.02], tickformat=".0%", secondary_y=True)
-    return fig
+    return plots.fit_log_axes(fig)
 
 
 def principal_tokens_figure(data: TourData) -> go.Figure:
@@ -381,4 +381,4 @@ def cost_figure(data: TourData) -> go.Figure:
         title=text,
         **TITLE_AT_TOP,
     )
-    return fig
+    return plots.fit_log_axes(fig)

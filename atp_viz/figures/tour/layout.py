@@ -129,28 +129,96 @@ def panels_figure(
     return fig
 
 
+PRESENTER_WIDTH = 820  # px: the main column of a 1280 x 720 projector with the sidebar open
+PRESENTER_COLS = 3  # heatmap panels per row in presenter mode
+PANEL_PX = 250  # height of one row of panels in presenter mode
+
+
+def _wrap_html(text: str, chars: int) -> str:
+    """Plotly text (lines joined by <br>, small type in <sup>) wrapped to ``chars`` characters a line."""
+    out = []
+    for line in text.split("<br>"):
+        sup = line.startswith("<sup>") and line.endswith("</sup>")
+        body = line[5:-6] if sup else line
+        for piece in wrap(body, int(chars * 1.5) if sup else chars) or [""]:  # <sup>: smaller type
+            out.append(f"<sup>{piece}</sup>" if sup else piece)
+    return "<br>".join(out)
+
+
+def _panels(fig: go.Figure) -> list[tuple[str, str, str | None]]:
+    """(x axis, y axis, colour axis) of each heatmap panel, in order."""
+    return [
+        ("xaxis" + (t.xaxis or "x")[1:], "yaxis" + (t.yaxis or "y")[1:], t.coloraxis)
+        for t in fig.data
+        if t.type == "heatmap"
+    ]
+
+
+def _reflow_panels(fig: go.Figure, font: float, tick: float) -> None:
+    """Heatmap panels side by side (:func:`panels_figure`) reflowed for a projector: rows of at most
+    :data:`PRESENTER_COLS`, each colour bar lying under its panel (a bar standing between two panels
+    collides with the next panel's title and tick labels at large type), subplot titles wrapped to
+    their panel's width. Other figures are left as they are."""
+    panels = _panels(fig)
+    titles = list(fig.layout.annotations)[: len(panels)]
+    if len(panels) < 2 or any(not a.text for a in titles) or any(c is None for *_, c in panels):
+        return
+    n = len(panels)
+    cols = min(PRESENTER_COLS, n)
+    rows = -(-n // cols)
+    gap_x = 0.1
+    width = (1 - gap_x * (cols - 1)) / cols
+    chars = max(8, int(width * PRESENTER_WIDTH / (0.55 * font)))
+    title_lines = max(_wrap_html(a.text, chars).count("<br>") + 1 for a in titles)
+    title_px = title_lines * font * 1.3 + 10
+    below_px = 4 * tick + 1.3 * font + 75  # tick labels, axis title, the colour bar and its labels
+    row_px = title_px + PANEL_PX + below_px
+    plot_px = rows * row_px - title_px  # the first row's titles sit in the top margin
+    last_of_axis = {c: i for i, (*_, c) in enumerate(panels)}
+    for i, ((xa, ya, coloraxis), title) in enumerate(zip(panels, titles, strict=True)):
+        r, c = divmod(i, cols)
+        top = 1 - r * row_px / plot_px
+        bottom = top - PANEL_PX / plot_px
+        x0 = c * (width + gap_x)
+        fig.layout[xa].domain = [x0, x0 + width]
+        fig.layout[ya].domain = [max(bottom, 0.0), top]
+        title.update(text=_wrap_html(title.text, chars), x=x0 + width / 2, y=top, yanchor="bottom")
+        if last_of_axis[coloraxis] == i:
+            bar = dict(orientation="h", x=x0 + width / 2, xanchor="center", len=width, thickness=10, nticks=5)
+            bar.update(y=bottom - (2 * tick + 1.3 * font + 15) / plot_px, yanchor="top", title_side="top")
+            fig.layout[coloraxis].colorbar.update(bar)
+    top = int(fig.layout.margin.t + title_px)  # the first row's subplot titles hang into the top margin
+    fig.update_layout(height=int(top + plot_px + 40), margin_t=top, margin_b=40)
+
+
 def presenter_layout(fig: go.Figure, scale: float = 1.6) -> go.Figure:
     """Large fonts for a lecture hall: titles, subplot titles, axis titles and legends scaled by ``scale``,
-    tick labels less (they would collide between panels), a taller figure with room for the title.
+    tick labels less (they would collide between panels), titles wrapped to a projector's width
+    (:data:`PRESENTER_WIDTH`), heatmap panels in rows with their colour bars under them
+    (:func:`_reflow_panels`), a taller figure with room for the title.
 
     Returns a new figure (the given one is left as it is, so a cached figure is never modified)."""
     fig = go.Figure(fig)
     base = 14 * scale
     tick = 14 * (1 + (scale - 1) / 3)
-    top = fig.layout.margin.t
+    title = fig.layout.title.text
+    if title:  # plotly does not wrap titles: a long one ran off the projector's edge
+        fig.layout.title.text = _wrap_html(title, int(PRESENTER_WIDTH / (0.55 * base * 1.3)))
+    lines = fig.layout.title.text.count("<br>") + 1 if title else 0
     fig.update_layout(
         font=dict(size=base),
         title_font=dict(size=base * 1.3),
         title_pad_t=14 * scale,
         height=int((fig.layout.height or 450) * 1.25),
         legend=dict(font=dict(size=base * 0.9)),
-        margin_t=int((top if top is not None else 80) * scale),
+        margin_t=int(30 + lines * base * 1.3 * 1.25 + (base * 1.4 if _panels(fig) else 0)),
     )
     fig.update_xaxes(tickfont_size=tick, title_font_size=base)
     fig.update_yaxes(tickfont_size=tick, title_font_size=base)
     fig.update_coloraxes(colorbar_tickfont_size=tick, colorbar_title_font_size=tick)
     fig.update_traces(colorbar_tickfont_size=tick, selector=dict(type="heatmap"))
     fig.update_annotations(font_size=base * 1.05)  # subplot titles and labels are annotations
+    _reflow_panels(fig, base * 1.05, tick)
     return fig
 
 
