@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from atp_viz import forms
 from atp_viz.analysis.bench import layer, timing
 from atp_viz.cli import bench
 from atp_viz.core.basis import METHODS
@@ -173,8 +174,8 @@ def test_model_part_and_crossover(result):
     for t in _timing_runs:
         assert len(t["repeats_s"]) == 1 and t["median_s"] > 0
     assert {(r["form"], r["basis_method"]) for r in model["atp"].values()} == {
-        (f, m) for f in ("linear", "exact") for m in METHODS
-    }
+        (f, m) for f in forms.names() for m in METHODS
+    }  # every registered form, with every basis method
     cross = result["layer"]["crossover"]
     assert {(c["rank_spec"], c["basis_method"]) for c in cross} == {
         (r, m) for r in ("8", "16") for m in METHODS

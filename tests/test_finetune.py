@@ -290,4 +290,5 @@ def test_overflowing_gradients_are_counted_not_silently_zeroed(tmp_path, monkeyp
     rows = res.metrics["rows"]
     # nothing was learned, and the JSON says why
     assert rows["atp_tuned"]["top1"] == rows["atp_untuned"]["top1"]
-    assert rows["atp_tuned"]["perplexity"] == rows["atp_untuned"]["perplexity"]
+    # the tuned model is reloaded from its folder: the same weights, summed in another order
+    assert rows["atp_tuned"]["perplexity"] == pytest.approx(rows["atp_untuned"]["perplexity"], rel=1e-6)

@@ -99,6 +99,21 @@ def test_weights_are_the_reference_of_the_fast_paths(name, causal):
         torch.testing.assert_close(rows, W[:, :, 3:8], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("reassociated", [True, False])
+@pytest.mark.parametrize(("n", "r"), [(1, 1), (7, 2), (11, 5), (23, 11)])
+def test_both_linear_associations_equal_the_explicit_weights(monkeypatch, reassociated, n, r):
+    """The non-causal linear form is evaluated as q (K'^T V') or (q K'^T) V', whichever is cheaper; both
+    equal the explicit L x L weights (1 + s) / sum (1 + s) applied to V_r, at several L and r."""
+    from atp_viz.forms import linear
+
+    monkeypatch.setattr(linear, "reassociate", lambda r_, dh_: reassociated)
+    f = forms.get("linear")
+    x, q, k, v = _inputs(seed=5, L=n)
+    U = principal_basis(x, r)
+    W = f.token_weights(q, k, v, U, causal=False)
+    torch.testing.assert_close(f.attend(q, k, v, U, causal=False), _apply(W, _vr(U, v)), atol=1e-9, rtol=1e-9)
+
+
 def test_the_linear_form_is_not_positive_at_pretrained_scales():
     """What `positive = False` means: with scores in the tens, 1 + s has negative weights."""
     x, q, k, v = _inputs(seed=3, scale=8.0)
