@@ -100,3 +100,4 @@ def test_paired_interval_is_tighter_than_unpaired_and_covers_the_truth():
 def test_interval_formatting():
     assert protocol.interval(0.4821, (0.471, 0.4932)) == "0.482 [0.471, 0.493]"
     assert protocol.interval(-0.012, (-0.018, -0.006), 1, scale=100) == "-1.2 [-1.8, -0.6]"
+    assert protocol.interval(186085779.65, (1.48e8, 2.38e8), 2) == "1.86e+08 [1.48e+08, 2.38e+08]"

@@ -142,6 +142,8 @@ def bootstrap(
 def interval(value: float, ci: tuple[float, float], digits: int = 3, scale: float = 1.0) -> str:
     """``0.482 [0.471, 0.493]``: a figure with its 95% interval, as every table prints it."""
     v, lo, hi = (x * scale for x in (value, *ci))
+    if max(abs(v), abs(lo), abs(hi)) >= 1e5:  # a perplexity that broke down: 1.86e+08, not 186085779.65
+        return f"{v:.3g} [{lo:.3g}, {hi:.3g}]"
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 

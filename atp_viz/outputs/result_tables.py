@@ -80,7 +80,7 @@ def render_untuned_smollm2(data: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 PPL_WINDOWS, PPL_SEQ, PPL_CHUNK = 24, 512, 128
-PPL_RANKS = (16, 32, 64, 128)
+PPL_RANKS = (32, 128)
 
 
 def measure_perplexity(out: Path) -> dict:

@@ -4,6 +4,7 @@ as in :mod:`atp_viz.outputs.result_tables`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from atp_viz import forms
@@ -98,6 +99,16 @@ def _metric(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return interval(row[key], tuple(row[f"{key}_ci"]), digits, scale)
 
 
+def _shipped(run: dict) -> bool:
+    """Whether ``data/tuned/`` holds this run's adapters (its atp_tuning.json has the same settings and
+    training time)."""
+    for meta in (ROOT / "data" / "tuned").glob("*/atp_tuning.json"):
+        other = json.loads(meta.read_text())
+        if other.get("settings") == run["settings"] and other.get("train_seconds") == run["train_seconds"]:
+            return True
+    return False
+
+
 def render_runs(data: list[dict]) -> str:
     if not data:
         return "No two-stage run committed yet."
@@ -120,16 +131,20 @@ def render_runs(data: list[dict]) -> str:
                 _metric(tuned, "perplexity_ratio_to_reference", 1, 3),
                 _metric(m["dense"], "perplexity", 1, 2),
             ]
+        load = run.get("load_average_at_end_of_training")
         row += [
             _metric(m["dense_tuned_weights"], key),
             f"{(run['train_seconds'] + run.get('eval_seconds', 0)) / 60:.1f}",
+            f"{run.get('torch_threads', '?')}, {load[0]:.1f}" if load else "unknown",
             run.get("skipped_steps", "unknown"),
+            "yes" if _shipped(run) else "no",
         ]
         rows.append(row)
     head = ["form", "rank", "steps (transfer + tuning)", "untuned ATP", "tuned ATP"]
     if decoder:
         head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity"]
-    head += ["tuned weights, dense attention", "minutes (train + eval)", "skipped steps"]
+    head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
+             "skipped steps", "adapters in data/tuned"]  # fmt: skip
     what = data[0]["metrics"]["what"]
     return (
         _md(head, rows) + f"\n\n{'Next-token top-1' if decoder else 'Cosine to the original dense'}: {what}."

@@ -58,7 +58,7 @@ def rendered(result: Result) -> str:
 
 def _block(name: str) -> re.Pattern:
     return re.compile(
-        rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(\n<!-- /results:{re.escape(name)} -->)", re.S
+        rf"(<!-- results:{re.escape(name)} -->\n)(.*?)\n?(<!-- /results:{re.escape(name)} -->)", re.S
     )
 
 
@@ -71,7 +71,7 @@ def render_readme(text: str, results: tuple[Result, ...]) -> str:
                 f"README has no block <!-- results:{result.name} --> ... <!-- /results:{result.name} -->"
             )
         table = rendered(result)
-        text = pattern.sub(lambda m, table=table: m.group(1) + table + m.group(3), text)
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(3), text)
     return text
 
 
@@ -128,9 +128,9 @@ def _measured(name: str, render, minutes: float, measure) -> Result:
 RESULTS: tuple[Result, ...] = (
     _measured("untuned-minilm", tables.render_untuned_minilm, 1, tables.measure_untuned_minilm),
     _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
-    _measured("forms-minilm", tuning.render_forms_minilm, 10, tuning.measure_forms_minilm),
+    _measured("forms-minilm", tuning.render_forms_minilm, 12, tuning.measure_forms_minilm),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
-    _measured("perplexity-smollm2", tables.render_perplexity, 30, tables.measure_perplexity),
+    _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
     Result(
         "runs-minilm",
