@@ -282,6 +282,22 @@ def test_prefill_with_an_exact_full_rank_past_is_dense_and_reports_every_key(tmp
     assert low["ceiling"] > r["ceiling"]
 
 
+def test_prefill_times_dense_sdpa_not_eager(monkeypatch):
+    """The dense side of bench --prefill is the model with torch SDPA (what dense_how says): a bare model
+    call runs the backend's eager attention, which holds every L x L probability."""
+    from atp_viz.analysis.bench import prefill
+    from atp_viz.hf import backend
+    from atp_viz.hf.models import load_model
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("dense prefill ran eager attention")
+
+    monkeypatch.setattr(backend, "eager_attention", no_eager)
+    loaded = load_model("tiny-llama")
+    r = prefill.run_prefill(loaded, 64, form="linear", rank=4, chunk=16, repeats=1, max_repeats=1)
+    assert "SDPA" in r["dense_how"] and r["dense_seconds"] > 0
+
+
 def test_prefill_counts_the_projections_and_head_and_refuses_bad_settings():
     from atp_viz.analysis.bench import prefill
     from atp_viz.hf.models import load_model

@@ -28,6 +28,7 @@ from atp_viz.analysis.bench import timing
 from atp_viz.core import costs as _costs
 from atp_viz.core import ranks as _ranks
 from atp_viz.core.progress import ProgressFn
+from atp_viz.hf import backend
 from atp_viz.hf.model_info import LoadedModel
 
 DEFAULT_CHUNK = 256
@@ -166,7 +167,11 @@ def run_prefill(
     ids = window.ids[0].to(loaded.device)
 
     def dense(x=ids):
-        return loaded.model(input_ids=x, use_cache=False).logits
+        # Inside an (empty) backend block the dense layers run torch SDPA; a bare call runs transformers'
+        # eager attention (the backend's bit-for-bit default), which holds every L x L probability and
+        # made dense look twice as slow as its multiply-adds say.
+        with backend.activate(loaded.model):
+            return loaded.model(input_ids=x, use_cache=False).logits
 
     def atp(x=ids):
         return serving.chunked_logits(
