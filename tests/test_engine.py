@@ -271,3 +271,37 @@ def test_recording_maps_never_changes_the_numbers(load, key):
         assert mapped.maps and not plain.maps
         for a, b in zip(plain.layer_outputs, mapped.layer_outputs, strict=True):
             assert np.array_equal(a, b), form
+
+
+def test_dense_sdpa_pass_uses_the_causal_kernel_only_for_a_pure_causal_mask(load, monkeypatch):
+    """A decoder's dense pass hands a mask that is exactly the causal triangle to SDPA as is_causal (the
+    tensor mask made torch's CPU kernel compute the whole square); its logits equal the eager reference.
+    A padded batch keeps its mask."""
+    loaded = load("tiny-llama")
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask") is None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(5, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = loaded.model(input_ids=ids).logits  # no backend block: the eager reference
+        assert not calls
+        with backend.activate(loaded.model):
+            fused = loaded.model(input_ids=ids).logits
+        assert calls and all(c == (True, True) for c in calls)
+        torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+        calls.clear()
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, :5] = 0  # left padding: not a pure causal triangle
+        with backend.activate(loaded.model, key_mask=mask.bool()):
+            loaded.model(input_ids=ids.repeat(2, 1), attention_mask=mask)
+        assert calls and all(c == (False, False) for c in calls)
+    m = torch.zeros(1, 1, 4, 4)
+    m[..., torch.ones(4, 4, dtype=torch.bool).triu(1)] = torch.finfo(torch.float32).min
+    assert backend.only_causal(m)
+    m[..., 3, 0] = torch.finfo(torch.float32).min  # one more blocked key in the last row
+    assert not backend.only_causal(m)

@@ -298,7 +298,8 @@ def test_deployment_limits_are_used(captures):
     assert refused.map_refusal == Settings(max_map_tokens=L - 1).map_refusal(L)
     assert "Attention maps are not drawn" in refused.map_refusal
     assert _attention_step().refusal(refused) == refused.map_refusal
-    assert {s.key for s in steps.STEPS if s.refusal(refused)} == {"attention", "positivity"}  # the L x L steps
+    steps_refused = {s.key for s in steps.STEPS if s.refusal(refused)}
+    assert steps_refused == {"attention", "positivity"}  # the steps that draw L x L maps
     with pytest.raises(ValueError, match="Attention maps are not drawn"):
         _ = refused.maps
     fig = tfig.attention_figure(refused)

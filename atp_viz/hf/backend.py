@@ -100,6 +100,16 @@ def eager_attention(
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, dh)
 
 
+def only_causal(mask: torch.Tensor) -> bool:
+    """Whether an additive mask ``[B, 1, L, L]`` allows exactly the causal triangle in every row (no
+    padding, no window): 0 on and below the diagonal, a blocking value above it."""
+    Lq, Lk = mask.shape[-2:]
+    if Lq != Lk or Lq < 2:
+        return False
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril()
+    return bool(((mask == 0) == allowed).all())
+
+
 def sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -113,9 +123,14 @@ def sdpa_attention(
     holds the L x L probabilities (30 layers of SmolLM2 at 8k tokens would need 70 GB)."""
     key, value = _repeat_kv(query, key, value)
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
+    # A mask that is exactly the causal triangle goes to the kernel as is_causal: with the mask as a
+    # tensor, torch's CPU kernel computes the whole L x L square (measured: as slow as no mask at all),
+    # twice the work of causal attention, and dense would look slower than it is next to ATP.
+    causal = mask is not None and only_causal(mask)
     out = nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
-    )
+        query, key, value, attn_mask=None if causal else mask, is_causal=causal,
+        dropout_p=dropout if module.training else 0.0, scale=scaling,
+    )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None  # (B, Lq, H, dh)
 
 

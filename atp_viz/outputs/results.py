@@ -48,7 +48,7 @@ def _read(path: Path) -> dict:
 def rendered(result: Result) -> str:
     """The markdown of one table, with the line saying where its numbers come from."""
     data = [_read(ROOT / f) for f in result.files]
-    where = ", ".join(f"`{f}`" for f in result.files)
+    where = ", ".join(f"`{f}`" for f in result.files) or "no file yet"
     body = result.render(data).rstrip()
     return (
         f"{body}\n\nSource: {where}; regenerate with `{result.command}` (about {result.minutes:g} min on "
@@ -137,7 +137,7 @@ RESULTS: tuple[Result, ...] = (
         tuning.run_files("minilm"),
         tuning.render_runs,
         "python -m atp_viz finetune --model minilm ... (each run's command is in its JSON)",
-        10,
+        15,
     ),  # fmt: skip
     Result(
         "runs-smollm2",
