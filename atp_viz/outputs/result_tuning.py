@@ -198,3 +198,56 @@ def render_prefill(data: list[dict]) -> str:
         if data
         else ""
     )
+
+
+CEILING_SETTINGS = (
+    ("linear", "moments"),
+    ("pksoftmax", "moments"),
+    ("exact", "recompute"),
+    ("taylor2", "recompute"),
+)
+CEILING_LENGTHS = (2048, 4096, 8192)  # SmolLM2 reads at most 8192 tokens
+
+
+def measure_prefill_ceilings(out: Path) -> dict:
+    """Counted (not timed) multiply-add ratio dense / ATP of a SmolLM2 prefill, per form and length, at
+    r = 128 principal keys from the keys, chunks of 256: what each form could gain at best."""
+    from atp_viz.analysis.bench import prefill
+    from atp_viz.hf.models import load_model
+
+    loaded = load_model("smollm2")
+    rows = []
+    for form, update in CEILING_SETTINGS:
+        for L in CEILING_LENGTHS:
+            macs = prefill.counted_macs(
+                loaded, L, rank=128, form=form, chunk=256, basis_from="keys", method="randomized",
+                basis_update=update,
+            )  # fmt: skip
+            rows.append({"form": form, "basis_update": update, "tokens": L, **macs,
+                         "ceiling": macs["dense_total"] / macs["atp_total"]})  # fmt: skip
+    return {"model": "smollm2", "rank": 128, "chunk": 256, "rows": rows}
+
+
+def render_prefill_ceilings(data: list[dict]) -> str:
+    (d,) = data
+    lengths = sorted({r["tokens"] for r in d["rows"]})
+    by = {(r["form"], r["basis_update"], r["tokens"]): r for r in d["rows"]}
+    settings = list(dict.fromkeys((r["form"], r["basis_update"]) for r in d["rows"]))
+    rows = []
+    for form, update in settings:
+        share = by[form, update, lengths[-1]]
+        rows.append(
+            [f"{form} ({update})"]
+            + [f"{by[form, update, L]['ceiling']:.2f}x" for L in lengths]
+            + [f"{share['linear_layers'] / share['atp_total']:.0%}"]
+        )
+    head = [
+        "form (basis update)",
+        *[f"L = {L}" for L in lengths],
+        f"projections + MLP + head, share of ATP at {lengths[-1]}",
+    ]
+    return _md(head, rows) + (
+        f"\n\nCounted multiply-adds of a {d['model']} prefill, dense (causal) / ATP (chunks of {d['chunk']}, "
+        f"past compressed to r = {d['rank']} principal keys of the keys, basis included): the most a run "
+        "can gain."
+    )

@@ -153,6 +153,7 @@ RESULTS: tuple[Result, ...] = (
         "python -m atp_viz bench --prefill --model smollm2 --json docs/results/prefill-smollm2-FORM.json",
         30,
     ),  # fmt: skip
+    _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     Result(
         "bench-layer",
         ("docs/bench-reference.json",),
