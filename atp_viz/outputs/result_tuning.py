@@ -167,7 +167,8 @@ def render_prefill(data: list[dict]) -> str:
             rows.append(
                 [
                     r["model"].replace(str(ROOT) + "/", ""),
-                    f"{r['form']}, r = {r['rank']}",
+                    f"{r['form']}, r = {r['rank']}, basis from {r.get('basis_from', '?')} "
+                    f"({r.get('basis_update', 'recompute')})",
                     r["tokens"],
                     f"{r['dense_seconds']:.1f}",
                     f"{r['atp_seconds']:.1f}",

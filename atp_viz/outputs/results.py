@@ -150,8 +150,10 @@ RESULTS: tuple[Result, ...] = (
         "prefill-smollm2",
         tuning.prefill_files(),
         tuning.render_prefill,
-        "python -m atp_viz bench --prefill --model smollm2 --json docs/results/prefill-smollm2-FORM.json",
-        30,
+        "python -m atp_viz bench --prefill --model smollm2 --tokens 2048,4096 --form FORM --rank 128 "
+        "--basis-from keys --basis-update moments|recompute --threads 1 "
+        "--json docs/results/prefill-smollm2-FORM.json",
+        10,
     ),  # fmt: skip
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     Result(
