@@ -166,7 +166,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         runs.append(prefill.nan_to_none(run))
     print(prefill.report(runs))
     out = runs[0] if len(runs) == 1 else {"runs": runs, "crossover_tokens": prefill.crossover(runs)}
-    _write(args, {"schema": "atp_viz.bench.prefill/1", **out})
+    _write(args, {"schema": "atp_viz.bench.prefill/1", "argv": getattr(args, "argv", None), **out})
     return 0
 
 
