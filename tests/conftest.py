@@ -29,3 +29,16 @@ def load():
 
 
 SENTENCE = "Attention on top principal keys keeps the few directions that carry most of the energy."
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Debian Chromium per browser-test module (Playwright's own download does not work
+    offline)."""
+    from browser_kit import CHROMIUM, FLAGS
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()

@@ -25,7 +25,6 @@ from browser_kit import (
     ARTIFACTS,
     CHROMIUM,
     FIG_SIGNATURE,
-    FLAGS,
     OUTSIDE,
     PROJECTOR,
     TIMEOUT,
@@ -93,16 +92,6 @@ def server():
         return
     with streamlit_server(ARTIFACTS / "streamlit.log") as (url, _):
         yield url, t0
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

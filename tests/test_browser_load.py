@@ -24,7 +24,6 @@ import pytest
 from browser_kit import (
     ARTIFACTS,
     CHROMIUM,
-    FLAGS,
     OUTSIDE,
     ROOT,
     TIMEOUT,
@@ -66,16 +65,6 @@ def cache(tmp_path_factory):
 def fresh_server(cache):
     with streamlit_server(ARTIFACTS / "streamlit_fresh.log", {"ATP_VIZ_CACHE": str(cache)}) as (url, proc):
         yield url, proc
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 def _page(browser):
