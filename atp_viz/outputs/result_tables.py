@@ -248,8 +248,9 @@ def render_bench_layer(data: list[dict]) -> str:
     text = _md(head, rows) + (
         f"\n\nMedians with the half-width of their 95% interval; {layer['repeats']} to "
         f"{layer.get('max_repeats') or layer['repeats']} interleaved repeats per path. Machine: "
-        f"{m['cpu_model']}, {m['torch_threads']} threads, load average at start "
-        f"{m.get('load_average_at_start')}."
+        f"{m['cpu_model']}, {m['torch_threads']} torch thread(s), load average (1 / 5 / 15 min) at start "
+        f"{' / '.join(f'{x:.1f}' for x in m.get('load_average_at_start') or []) or 'unknown'}. "
+        "No row was flagged as inconsistent." * (not flags)
     )
     if flags:
         text += "\n\nFlagged as inconsistent (rerun before quoting): " + "; ".join(flags) + "."

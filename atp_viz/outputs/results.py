@@ -160,15 +160,15 @@ RESULTS: tuple[Result, ...] = (
         "bench-layer",
         ("docs/bench-reference.json",),
         tables.render_bench_layer,
-        "python -m atp_viz bench --json docs/bench-reference.json",
-        45,
+        "python -m atp_viz bench --threads 1 --max-repeats 15 --json docs/bench-reference.json",
+        15,
     ),  # fmt: skip
     Result(
         "bench-model",
         ("docs/bench-reference.json",),
         tables.render_bench_model,
-        "python -m atp_viz bench --json docs/bench-reference.json",
-        45,
+        "python -m atp_viz bench --threads 1 --max-repeats 15 --json docs/bench-reference.json",
+        15,
     ),  # fmt: skip
     _measured("basis-energy", tables.render_basis_energy, 3, tables.measure_basis_energy),
     Result(
