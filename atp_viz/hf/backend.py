@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,6 +111,23 @@ def only_causal(mask: torch.Tensor) -> bool:
     return bool(((mask == 0) == allowed).all())
 
 
+# The last mask checked by _is_causal and the answer. transformers builds one mask per forward and hands
+# the same tensor to every layer, so the O(L^2) check runs once per forward, not once per layer (30
+# layers of SmolLM2 at 8192 tokens: 0.26 s each, measured). A weak reference, so no mask is kept alive
+# and a new tensor can never be mistaken for the one checked; one tuple, replaced whole (thread-safe).
+_last_check: tuple[Any, int, bool] | None = None
+
+
+def _is_causal(attention_mask: torch.Tensor, n_keys: int) -> bool:
+    global _last_check
+    last = _last_check
+    if last is not None and last[0]() is attention_mask and last[1] == n_keys:
+        return last[2]
+    answer = only_causal(attention_mask[:, :, :, :n_keys])
+    _last_check = (weakref.ref(attention_mask), n_keys, answer)
+    return answer
+
+
 def sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -126,7 +144,7 @@ def sdpa_attention(
     # A mask that is exactly the causal triangle goes to the kernel as is_causal: with the mask as a
     # tensor, torch's CPU kernel computes the whole L x L square (measured: as slow as no mask at all),
     # twice the work of causal attention, and dense would look slower than it is next to ATP.
-    causal = mask is not None and only_causal(mask)
+    causal = mask is not None and _is_causal(attention_mask, key.shape[-2])
     out = nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=None if causal else mask, is_causal=causal,
         dropout_p=dropout if module.training else 0.0, scale=scaling,
