@@ -14,6 +14,7 @@ from atp_viz.analysis import compare
 from atp_viz.analysis.capture import Capture, capture
 from atp_viz.deploy import jobs
 from atp_viz.deploy.settings import Settings, SettingsError, load_settings
+from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import LoadedModel
 from atp_viz.hf.models import load_model
 from atp_viz.text.inputs import Tokenized, tokenize
@@ -97,3 +98,13 @@ def dense_forward(model_key: str, text: str) -> compare.Forward:
     """The dense run of a text, computed once per (model, text) and shared by every page and session
     while only the rank or the form changes."""
     return compare.forward(get_model(model_key), tokenized(model_key, text))
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def atp_forward(model_key: str, text: str, config: ATPConfig, map_layers: tuple[int, ...]) -> compare.Forward:
+    """The ATP run of a text at one setting, recording ``map_layers``' maps: shared, so clicking a query
+    token, changing the colour scale or reopening a page does not run the model again. An error (a form
+    that breaks down) is raised every time, never cached."""
+    return compare.forward(
+        get_model(model_key), tokenized(model_key, text), config, map_layers=list(map_layers)
+    )

@@ -447,11 +447,10 @@ def explorer() -> None:
     refusal = runtime.current_settings().map_refusal(L)  # L x L maps above the limit are not even computed
     # Views that are closed compute nothing: the ATP run records a layer's maps only for an open view.
     views_open = st.session_state.get("show_maps", True) or st.session_state.get("show_tokens", True)
-    record = [layer] if applied and not refusal and views_open else []
-    tok = runtime.tokenized(sel.model_key, sel.text)
+    record = (layer,) if applied and not refusal and views_open else ()
     dense = runtime.dense_forward(sel.model_key, sel.text)  # once per (model, text), shared by all sessions
     try:
-        run = compare.forward(loaded, tok, config, map_layers=record)
+        run = runtime.atp_forward(sel.model_key, sel.text, config, record)  # once per setting
     except NonFiniteError as err:
         st.error(f"{config.label()} breaks down on this text: {err}")
         return

@@ -113,6 +113,9 @@ def test_explorer_closed_views_compute_nothing(monkeypatch):
         return real(loaded, tok, config, map_layers=map_layers)
 
     monkeypatch.setattr(compare, "forward", spy)
+    from atp_app import runtime
+
+    runtime.atp_forward.clear()  # the ATP runs are shared across sessions: earlier tests' are cached
     at = _app("pages/explorer.py").run()
     assert recorded[-1] == (3,)  # MiniLM: the middle layer's maps, for the open views
     at.toggle(key="show_maps").set_value(False).run()
@@ -209,3 +212,25 @@ def test_cost_page_shows_measured_reference_curves():
     # The reference benchmark in docs/ (or a local `make bench`) gives the measured chart.
     assert len(_charts(at)) == 2
     assert any("Source:" in c.value for c in at.caption)
+
+
+def test_changing_only_the_view_does_not_run_the_model_again(monkeypatch):
+    """The ATP run of a setting is shared: a new colour scale redraws the maps from it."""
+    from atp_app import runtime
+    from atp_viz.analysis import compare
+
+    calls = []
+    real = compare.forward
+
+    def spy(loaded, tok, config=None, *, map_layers=()):
+        calls.append(config)
+        return real(loaded, tok, config, map_layers=map_layers)
+
+    monkeypatch.setattr(compare, "forward", spy)
+    runtime.atp_forward.clear()
+    at = _app("pages/explorer.py").run()
+    n = len(calls)
+    assert n >= 1
+    at.radio(key="map_scale").set_value(at.radio(key="map_scale").options[-1]).run()
+    assert not at.exception, at.exception
+    assert len(calls) == n
