@@ -32,8 +32,10 @@ def _resolve_model(raw: str | None, options: list[str], default: str, settings: 
             f"The link asks for a model this server does not offer. {settings.model_refusal(raw)} "
             f"Showing {default} instead."
         )
-    elif urlstate.looks_like_model_id(raw):
-        return OTHER, raw  # a hub id or folder: the "Other" field loads (or explains) it
+    elif urlstate.looks_like_model_id(raw) or raw == st.session_state.get("other_model", "").strip():
+        # a hub id or folder, or what the user typed in the "Other" field (hub ids such as "gpt2" have no
+        # slash): the field keeps it and loads it, or explains why it cannot
+        return OTHER, raw
     else:
         st.info(
             f"The link's model '{raw}' is not a bundled model, a hub id (org/name) or a folder; "

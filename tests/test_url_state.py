@@ -285,3 +285,18 @@ def test_switching_the_rank_unit_keeps_the_rank():
     assert at.query_params["rank"] == str(resolve_rank(0.3, L)[0])
     at.radio(key="rank_unit").set_value("fraction of L").run()
     assert at.slider(key="rank_frac").value == pytest.approx(0.3)
+
+
+def test_a_typed_hub_id_without_a_slash_stays_in_the_other_field():
+    """ "gpt2" is a hub id with no organisation: typed in the "Other" field it is kept (and its load
+    explained, offline), not replaced by the default model with a note about a link."""
+    from atp_app.state import OTHER
+
+    at = _explorer(model="tiny-bert")
+    at.selectbox(key="model_choice").set_value(OTHER).run()
+    at.text_input(key="other_model").input("gpt2").run()
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == OTHER
+    assert at.text_input(key="other_model").value == "gpt2"
+    assert "The link's model" not in _infos(at)
