@@ -186,7 +186,8 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
     table = protocol.grid_table(rows)
     st.dataframe(pd.DataFrame(table), hide_index=True, key="ppl_table")
     widgets.table_downloads(table, "perplexity_table")
-    dense, rest = rows[0], rows[1:]
+    # sorted by the x of the figures below, so each form's line runs left to right (ints and shares of L mix)
+    dense, rest = rows[0], sorted(rows[1:], key=lambda x: x.get("attended_share") or 0.0)
     # x: the mean attended share of the key set, comparable across ints and shares of L and both rank modes
     by_form_r = {
         f: [x["attended_share"] for x in rest if x["form"] == f and x.get("n_scored")] for f in form_names
