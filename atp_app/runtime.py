@@ -100,7 +100,9 @@ def dense_forward(model_key: str, text: str) -> compare.Forward:
     return compare.forward(get_model(model_key), tokenized(model_key, text))
 
 
-@st.cache_resource(show_spinner=False, max_entries=16)
+# Each entry holds every layer's output (SmolLM2 at 2k tokens: about 140 MB): few entries, and they
+# expire, so a class trying many settings does not fill the server's memory.
+@st.cache_resource(show_spinner=False, max_entries=8, ttl=900)
 def atp_forward(model_key: str, text: str, config: ATPConfig, map_layers: tuple[int, ...]) -> compare.Forward:
     """The ATP run of a text at one setting, recording ``map_layers``' maps: shared, so clicking a query
     token, changing the colour scale or reopening a page does not run the model again. An error (a form
