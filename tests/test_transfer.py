@@ -120,3 +120,22 @@ def test_both_stages_run_for_every_form(tmp_path, form):
     assert len(finite) == 4 - meta["skipped_steps"]
     has_params = bool(forms.get(form).param_defaults)
     assert (tmp_path / form / tuned.PARAMS_FILE).exists() == has_params
+
+
+@pytest.mark.parametrize("form", ["exact", "taylor2"])
+def test_teacher_passes_run_the_fused_dense_kernel(monkeypatch, form):
+    """The original model's passes in both stages (stage 1's targets, stage 2's KL teacher) go through
+    torch SDPA, as the student's dense neighbours do; a bare model call would run the slow eager path.
+    Eager attention is never needed to train (no attention maps are kept)."""
+    from atp_viz.analysis.finetune import objectives
+    from atp_viz.hf import backend
+
+    cfg = TuneConfig(model="tiny-llama", rank=0.5, form=form, seq_len=48, chunk=16)
+    tm, params, teacher = _tuned(cfg)
+    ids = _item(tm, cfg)
+    calls = []
+    real = backend.eager_attention
+    monkeypatch.setattr(backend, "eager_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    transfer.transfer_loss(tm, ids, cfg, params, teacher)
+    objectives.decoder_distillation(tm, ids, cfg, params=params, kl_weight=1.0, teacher=teacher)
+    assert not calls

@@ -88,6 +88,13 @@ def encoder_distillation(
     return loss
 
 
+def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own causal attention over ``ids`` through torch SDPA (inside an empty backend block;
+    a bare call would run the slower eager attention), logits ``[1, L, V]``."""
+    with backend.activate(model):
+        return model(input_ids=ids, use_cache=False).logits
+
+
 def decoder_losses(
     loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
     with_logits: bool = False,
@@ -127,7 +134,7 @@ def decoder_distillation(
     loss = losses.mean()
     if kl_weight:
         with torch.no_grad(), teacher():
-            t_logits = tuned.model(input_ids=ids, use_cache=False).logits[0, cfg.chunk : -1]
+            t_logits = dense_logits(tuned.model, ids)[0, cfg.chunk : -1]
         kl = torch.nn.functional.kl_div(
             pred.float().log_softmax(-1),
             t_logits.float().log_softmax(-1),

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 
 from atp_viz.analysis import serving
-from atp_viz.analysis.finetune.objectives import encoder_embeddings
+from atp_viz.analysis.finetune.objectives import dense_logits, encoder_embeddings
 from atp_viz.hf import backend, families
 from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import LoadedModel
@@ -114,7 +114,7 @@ def transfer_loss(tuned: LoadedModel, item, cfg, params, teacher) -> torch.Tenso
     student: dict[int, list] = {}
     if tuned.info.is_decoder:
         ids = item.to(tuned.device)
-        xs, target = _teacher(model, lambda: model(input_ids=ids, use_cache=False), teacher)
+        xs, target = _teacher(model, lambda: dense_logits(model, ids), teacher)
         with _hooks(model, xs, student):
             serving.chunked_logits(
                 tuned,
