@@ -251,31 +251,18 @@ def _decoder_outputs(cmp: compare.Comparison, config: ATPConfig) -> None:
     )
 
 
-def _map_labels(n: int, block: int, principal: bool = False) -> list[str]:
-    if principal:
-        step = max(1, block)
-        return [
-            f"key {a + 1}" if step == 1 else f"keys {a + 1}-{min(a + step, n)}" for a in range(0, n, step)
-        ]
-    return maps_fig.axis_labels(READABLE, block)
-
-
 def _map(column, matrix, name: str, title: str, *, principal: bool = False, sinks=()) -> None:
     """One map, block-averaged above the deployment's display size, on the view's colour scale."""
-    small, block = compare.downsample(matrix, runtime.current_settings().map_display_size)
-    col_block = block if matrix.shape[1] > small.shape[1] else 1
-    hidden = sorted({j // col_block for j in sinks})
-    fig = maps_fig.attention_heatmap(
-        small,
+    fig = maps_fig.token_map(
+        matrix,
+        READABLE,
         title=title,
-        row_labels=_map_labels(matrix.shape[0], block),
-        col_labels=_map_labels(matrix.shape[1], col_block, principal),
+        max_size=runtime.current_settings().map_display_size,
+        principal=principal,
+        sinks=sinks,
         scale=state.get("scale"),
         signed=True if name == "map_diff" else None,
-        hidden_cols=hidden,
-        causal=info.is_decoder and not principal,
-        block=block,
-        x_title="principal key" if principal else "key token",
+        causal=info.is_decoder,
     )
     with column:
         widgets.chart(fig, key=name)

@@ -18,10 +18,7 @@ def test_spectra_and_energy_figures_carry_the_spectra():
     assert len(fig.layout.shapes) == len(spectra.THRESHOLDS)
 
 
-def test_heatmap_block_and_sweep_lines():
-    m = np.arange(16.0).reshape(4, 4)
-    fig = plots.heatmap_figure(m, title="t", x_title="x", diverging=True, block=3)
-    assert "blocks of 3" in fig.layout.title.text and fig.data[0].zmid == 0.0
+def test_sweep_lines():
     errors = {"exact": np.array([0.3, 0.2, 0.0]), "linear": np.array([0.9, 0.8, 0.7])}
     sw = compare.Sweep(np.array([1, 2, 4]), errors, "m", 4)
     fig = plots.sweep_figure(sw, current=2)

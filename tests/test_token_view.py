@@ -171,6 +171,28 @@ def test_heatmap_names_tokens_on_hover_and_outlines_the_causal_triangle():
     assert maps.axis_labels(["a"] * 10, block=4) == ["#0-3", "#4-7", "#8-9"]
 
 
+def test_sinks_leave_a_block_before_it_is_averaged_not_the_whole_block():
+    """On a long text the map is averaged in blocks; a sink column is taken out before, so the block
+    that holds it shows its other tokens (blanking after averaging hid a whole block per sink), and the
+    title names the sink token. Drawn token by token, the sink's own column is blank."""
+    L, size = 60, 20  # blocks of 3 tokens
+    m = np.tril(np.full((L, L), 0.01))
+    m[:, 0] = 0.7
+    m[:, 1] = np.tril(np.full((L, L), 0.02))[:, 1]
+    tokens = [f"t{i}" for i in range(L)]
+    fig = maps.token_map(m, tokens, title="t", max_size=size, sinks=[0], scale="linear")
+    raw = np.asarray(fig.data[0].z, dtype=float)
+    assert raw.shape == (20, 20) and list(fig.data[0].x)[0] == "#0-2"
+    # block (rows 3-5, keys 0-2): the mean of keys 1 and 2 only, the sink left out
+    assert raw[1, 0] == pytest.approx((0.02 + 0.01) / 2, rel=1e-6)
+    assert "left out: t0 #0" in fig.layout.title.text
+    whole = maps.token_map(m[:8, :8], tokens[:8], title="t", sinks=[0], scale="linear")
+    z = np.asarray(whole.data[0].z, dtype=float)
+    assert np.isnan(z[:, 0]).all() and np.isfinite(z[:, 1][1:]).all()
+    principal = maps.token_map(m[:8, :4], tokens[:8], title="t", principal=True, sinks=[0])
+    assert list(principal.data[0].x) == ["key 1", "key 2", "key 3", "key 4"]  # sinks are key tokens
+
+
 # ---- the default map shows structure on both bundled models ----------------------------------------
 
 

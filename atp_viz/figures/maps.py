@@ -10,12 +10,14 @@ tests check that on both bundled models.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
 
+from atp_viz.analysis.compare import downsample
 from atp_viz.figures import plots
 
 SCALES = {
@@ -137,6 +139,59 @@ def axis_labels(tokens: Sequence[str], block: int = 1) -> list[str]:
     return [f"#{a}-{min(a + block, n) - 1}" for a in range(0, n, block)]
 
 
+def principal_labels(n: int, block: int = 1) -> list[str]:
+    """Column labels of a map over ``n`` principal keys: ``"key a"``, or ``"keys a-b"`` per block."""
+    step = max(1, block)
+    return [f"key {a + 1}" if step == 1 else f"keys {a + 1}-{min(a + step, n)}" for a in range(0, n, step)]
+
+
+def token_map(
+    m: np.ndarray,
+    tokens: Sequence[str],
+    *,
+    title: str,
+    max_size: int = 256,
+    principal: bool = False,
+    sinks: Sequence[int] = (),
+    scale: str = DEFAULT_SCALE,
+    signed: bool | None = None,
+    causal: bool = False,
+    height: int = 440,
+) -> go.Figure:
+    """An attention map over ``tokens`` (rows: queries; columns: key tokens, or principal keys with
+    ``principal``) as :func:`attention_heatmap` draws it, block-averaged above ``max_size`` a side.
+
+    ``sinks`` are key-token columns of the full map to leave out. They are removed *before* the blocks
+    are averaged, so a block that holds a sink shows the average of its other tokens (blanking the
+    block afterwards would hide every token that shares a block with the sink on a long text); a
+    sink's own column is blank when the map is drawn token by token. The title names them."""
+    m = np.array(m, dtype=np.float64)
+    sinks = sorted({int(j) for j in sinks if 0 <= int(j) < m.shape[1]}) if not principal else []
+    if sinks:
+        m[:, sinks] = np.nan
+    with warnings.catch_warnings():  # a block made only of sink columns averages to NaN: blank, as meant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        small, block = downsample(m, max_size)
+    col_block = block if m.shape[1] > small.shape[1] else 1
+    rows = axis_labels(tokens, block)
+    cols = principal_labels(m.shape[1], col_block) if principal else axis_labels(tokens, col_block)
+    full = axis_labels(tokens)
+    return attention_heatmap(
+        small,
+        title=title,
+        row_labels=rows,
+        col_labels=cols,
+        scale=scale,
+        signed=signed,
+        hidden_cols=sinks if col_block == 1 else (),
+        left_out=[full[j] for j in sinks],
+        causal=causal and not principal,
+        block=block,
+        x_title="principal key" if principal else "key token",
+        height=height,
+    )
+
+
 def _causal_outline(n_rows: int, n_cols: int) -> str:
     """SVG path around the cells a causal query may attend to (key <= query), in cell units: the cells'
     centres are the category serial numbers 0..n-1, so cell edges sit at +-0.5."""
@@ -154,6 +209,7 @@ def attention_heatmap(
     scale: str = DEFAULT_SCALE,
     signed: bool | None = None,
     hidden_cols: Sequence[int] = (),
+    left_out: Sequence[str] = (),
     causal: bool = False,
     block: int = 1,
     x_title: str = "key token",
@@ -165,7 +221,8 @@ def attention_heatmap(
     Rows and columns are category axes labelled by :func:`axis_labels`, so hovering a cell names both
     tokens (Plotly's own hover; no per-cell text is sent). Up to :data:`SMALL_MAP` a side every label is
     written on the axis; beyond, Plotly thins them. ``causal`` outlines the triangle a decoder's query may
-    attend to. ``hidden_cols`` (indices into ``m``'s columns) are blank and said in the title."""
+    attend to. ``hidden_cols`` (indices into ``m``'s columns) are blank and said in the title;
+    ``left_out`` names columns already removed from ``m`` (e.g. before block averaging) for the title."""
     c = colours(m, scale, signed=signed, hidden_cols=hidden_cols)
     value = "%{customdata:.3g}" if c.transformed else "%{z:.3g}"
     trace = go.Heatmap(
@@ -188,9 +245,11 @@ def attention_heatmap(
     notes = [c.note]
     if block > 1:
         notes.append(f"averaged over blocks of {block} tokens")
-    if len(hidden_cols):
-        shown = ", ".join(str(col_labels[j]) for j in list(hidden_cols)[:4])
-        notes.append(f"attention-sink columns left out: {shown}" + (" ..." if len(hidden_cols) > 4 else ""))
+    named = list(left_out) or [str(col_labels[j]) for j in hidden_cols]
+    if named:
+        shown = ", ".join(named[:4])
+        more = f" and {len(named) - 4} more" if len(named) > 4 else ""
+        notes.append(f"attention-sink columns left out: {shown}{more}")
     if causal:
         fig.add_shape(
             type="path",

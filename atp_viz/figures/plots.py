@@ -196,29 +196,6 @@ def token_norms_figure(norms: np.ndarray, tokens: Sequence[str], *, title: str) 
     return fit_log_axes(fig)
 
 
-def heatmap_figure(
-    m: np.ndarray,
-    *,
-    title: str,
-    x_title: str,
-    y_title: str = "query token",
-    diverging: bool = False,
-    block: int = 1,
-    height: int = 420,
-) -> go.Figure:
-    """A map as a heatmap; ``diverging`` centres the colour scale on 0 (for differences).
-
-    ``block`` > 1 means the map was average-pooled in blocks of that many tokens (said in the title).
-    """
-    kw: dict = dict(colorscale="RdBu_r", zmid=0.0) if diverging else dict(colorscale="Viridis")
-    if block > 1:
-        title = f"{title} (averaged over blocks of {block} tokens)"
-    fig = go.Figure(go.Heatmap(z=m, hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>", **kw))
-    fig = _base(fig, title, x_title, y_title, height=height)
-    fig.update_yaxes(autorange="reversed")
-    return fig
-
-
 def layer_error_figure(
     errors: np.ndarray, *, title: str = "Relative error of each layer's output"
 ) -> go.Figure:

@@ -27,11 +27,12 @@ from atp_viz.analysis import compare, spectra
 from atp_viz.analysis.capture import Capture, capture
 from atp_viz.core.progress import ProgressFn, within
 from atp_viz.core.ranks import resolve_rank
+from atp_viz.figures import maps as maps_fig
 from atp_viz.figures import plots
 from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import LoadedModel
 from atp_viz.outputs import export
-from atp_viz.text.inputs import tokenize
+from atp_viz.text.inputs import readable_tokens, tokenize
 
 Section = tuple[str, str, str, go.Figure]  # (file name, heading, caption, figure)
 MAP_SIZE = 256  # attention maps are block-averaged to at most this many rows/columns (as in the app)
@@ -174,21 +175,23 @@ def _map_sections(
     run = compare.forward(loaded, tok, ATPConfig(rank=map_r, form=settings.form), map_layers=[layer])
     maps = compare.attention_maps(cap.layers[layer].attn, run, layer, head)
     where = f"layer {layer}, head {head}, r = {map_r} of L = {L}, {settings.form} form"
+    tokens = readable_tokens(cap.tokens)
     sections = []
-    for name, m, title, x_title, diverging in (
-        ("dense", maps.dense, "Dense attention (L x L)", "key token", False),
-        (
-            "principal",
-            maps.principal,
-            f"ATP weights on {map_r} principal keys (L x r)",
-            "principal key",
-            False,
-        ),
-        ("lifted", maps.lifted, "ATP lifted back to tokens (L x L)", "key token", False),
-        ("difference", maps.difference, "ATP lifted minus dense", "key token", True),
+    for name, m, title in (
+        ("dense", maps.dense, "Dense attention (L x L)"),
+        ("principal", maps.principal, f"ATP weights on {map_r} principal keys (L x r)"),
+        ("lifted", maps.lifted, "ATP lifted back to tokens (L x L)"),
+        ("difference", maps.difference, "ATP lifted minus dense"),
     ):
-        small, block = compare.downsample(m, MAP_SIZE)
-        fig = plots.heatmap_figure(small, title=title, x_title=x_title, diverging=diverging, block=block)
+        fig = maps_fig.token_map(
+            m,
+            tokens,
+            title=title,
+            max_size=MAP_SIZE,
+            principal=name == "principal",
+            signed=True if name == "difference" else None,
+            causal=loaded.info.is_decoder,
+        )
         sections.append((f"map_{name}", f"Attention map: {name}", where, fig))
     return sections
 
