@@ -140,3 +140,20 @@ def chart(fig, key: str, **kwargs) -> None:
     if presenting():
         fig = presenter_layout(fig)
     st.plotly_chart(fig, key=key, **kwargs)
+
+
+def unique_labels(tokens: list[str]) -> list[str]:
+    """One label per token for st.pills, all different: the widget sends the clicked option as its label
+    and maps it back through a label -> option dict, so a repeated token ("the") would always select
+    the same one. The n-th repeat gets n written in binary with two zero-width characters: invisible,
+    unique, and log2(n) long (one more space per repeat made a frequent token's labels grow quadratically)."""
+    seen: dict[str, int] = {}
+    out = []
+    for t in tokens:
+        label = t.strip() or repr(t)
+        n = seen[label] = seen.get(label, -1) + 1
+        out.append(label + (format(n, "b").translate(_INVISIBLE) if n else ""))
+    return out
+
+
+_INVISIBLE = str.maketrans("01", "\u200b\u200c")

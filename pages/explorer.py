@@ -42,20 +42,7 @@ L = cap.n_tokens
 READABLE = readable_tokens(cap.tokens)
 
 
-def _pill_labels(tokens: list[str]) -> list[str]:
-    """One label per token for st.pills, all different: the widget sends the clicked option as its label
-    and maps it back through a label -> option dict, so a repeated token ("the") would always select
-    the same one. Each repeat gets one more zero-width space: invisible, but unique."""
-    seen: dict[str, int] = {}
-    out = []
-    for t in tokens:
-        label = t.strip() or repr(t)
-        seen[label] = seen.get(label, -1) + 1
-        out.append(label + "\u200b" * seen[label])
-    return out
-
-
-PILL_LABELS = _pill_labels(READABLE)
+PILL_LABELS = widgets.unique_labels(READABLE)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -234,3 +234,16 @@ def test_changing_only_the_view_does_not_run_the_model_again(monkeypatch):
     at.radio(key="map_scale").set_value(at.radio(key="map_scale").options[-1]).run()
     assert not at.exception, at.exception
     assert len(calls) == n
+
+
+def test_token_pill_labels_are_unique_invisible_and_short():
+    """st.pills maps a clicked label back to its option, so every token's label must differ; repeats
+    differ only by zero-width characters, and a token repeated n times costs O(log n) of them each."""
+    from atp_app.widgets import unique_labels
+
+    tokens = [" the", " cat", " the", "\n"] + [","] * 1000
+    labels = unique_labels(tokens)
+    assert len(set(labels)) == len(labels)
+    assert labels[:2] == ["the", "cat"] and labels[2].startswith("the") and labels[3] == repr("\n")
+    visible = {lab.replace("\u200b", "").replace("\u200c", "") for lab in labels[4:]}
+    assert visible == {","} and max(len(lab) for lab in labels) <= 1 + 10
