@@ -55,8 +55,11 @@ def figure_downloads(fig, name: str) -> None:
     (Streamlit runs the ``data`` callable then, on its own thread), so reruns never pay for kaleido
     (about 0.3 s per image, 2-3 s for the first one while Chromium starts) or for the 4.8 MB HTML.
     Without Chromium the popover says why instead of offering PNG and SVG; HTML always works.
+    In presenter mode the files have the large fonts the page shows (ready for a slide).
     """
     stem = _file_stem(name)
+    if presenting():
+        fig = presenter_layout(fig)
     with st.popover("Download figure", icon=":material/download:", key=f"dl_{stem}"):
         problem = export.static_export_problem()
         if problem:

@@ -6,7 +6,6 @@ from atp_app import navigation, runtime, state, widgets
 from atp_app.sidebar import model_caption, page_inputs
 from atp_viz.deploy import urlstate
 from atp_viz.figures.tour import data as tour_data
-from atp_viz.figures.tour.layout import presenter_layout
 from atp_viz.figures.tour.steps import STEPS
 
 navigation.use_this_navigation()
@@ -127,8 +126,5 @@ if refusal:
 else:
     with st.spinner("Drawing..."):
         fig = step.build(data)
-    if presenter:
-        fig = presenter_layout(fig)
-    st.plotly_chart(fig, key="tour_fig")  # presenter_layout above, for the download too
-    # In presenter mode the download has the large fonts too: ready for a slide.
+    widgets.chart(fig, key="tour_fig")  # both with presenter mode's large fonts when it is on
     widgets.figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")
