@@ -348,3 +348,25 @@ def test_denominators_of_the_kernel_forms(causal):
     assert (t2 >= n / 2).all()
     with pytest.raises(ValueError, match="kernel"):
         forms.get("pksoftmax").denominators(q, k, U)
+
+
+def test_diagnostic_exact_variants_rebuild_only_their_input():
+    """The two unregistered variants of the exact form (the README's projection split) keep one input
+    exact: with keys exact, a basis spanning the values gives dense attention whatever it does to the
+    keys, and the other way round. The app never lists them."""
+    from atp_viz.core import attention as att
+    from atp_viz.forms.exact import DIAGNOSTIC_VARIANTS
+
+    keys_only, values_only = DIAGNOSTIC_VARIANTS
+    assert not {keys_only.name, values_only.name} & set(forms.names())
+    g = torch.Generator().manual_seed(0)
+    L, r = 10, 4
+    U = torch.linalg.qr(torch.randn(1, L, r, generator=g, dtype=torch.float64))[0]
+    q = torch.randn(1, 2, L, 8, generator=g, dtype=torch.float64)
+    inside = U.unsqueeze(1) @ torch.randn(1, 2, r, 8, generator=g, dtype=torch.float64)  # in span(U)
+    outside = torch.randn(1, 2, L, 8, generator=g, dtype=torch.float64)
+    dense = att.dense_attention(q, outside, inside, scaling=0.3)
+    torch.testing.assert_close(values_only.attend(q, outside, inside, U, scaling=0.3), dense)
+    dense = att.dense_attention(q, inside, outside, scaling=0.3)
+    torch.testing.assert_close(keys_only.attend(q, inside, outside, U, scaling=0.3), dense)
+    assert not torch.allclose(forms.get("exact").attend(q, inside, outside, U, scaling=0.3), dense)

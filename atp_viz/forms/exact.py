@@ -39,10 +39,16 @@ class ExactForm(AttentionForm):
     full_rank = "dense attention"
     map_kind = "tokens"
 
+    # Which inputs are rebuilt from the principal keys: both for the registered form; the diagnostic
+    # variants below keep one of them exact (full-sequence attention only: a compressed past has no
+    # exact keys or values left to keep).
+    project_keys = True
+    project_values = True
+
     def _attend(self, q, k, v, U, km, c, causal, return_maps, *, params):
         Ut = U.mT.unsqueeze(1)  # (B, 1, r, L)
-        Kr = U.unsqueeze(1) @ (Ut @ k)  # (B, Hkv, L, dh)  K_r = U U^T K
-        Vr = U.unsqueeze(1) @ (Ut @ v)  # (B, Hkv, L, dh)  V_r = U U^T V
+        Kr = U.unsqueeze(1) @ (Ut @ k) if self.project_keys else k  # (B, Hkv, L, dh)  K_r = U U^T K
+        Vr = U.unsqueeze(1) @ (Ut @ v) if self.project_values else v  # (B, Hkv, L, dh)  V_r = U U^T V
         res = att.dense_attention(
             q, Kr, Vr, causal=causal, scaling=c, key_mask=km, return_weights=return_maps
         )
@@ -86,4 +92,21 @@ class ExactForm(AttentionForm):
         )
 
 
+class _KeysOnly(ExactForm):
+    name = "exact-keys-only"
+    display_name = "exact softmax, rank-r keys, exact values (diagnostic)"
+    description = "softmax(c Q K_r^T) V: only the keys rebuilt from r principal keys"
+    project_values = False
+
+
+class _ValuesOnly(ExactForm):
+    name = "exact-values-only"
+    display_name = "exact softmax, exact keys, rank-r values (diagnostic)"
+    description = "softmax(c Q K^T) V_r: only the values rebuilt from r principal keys"
+    project_keys = False
+
+
 FORM = ExactForm()
+# Not registered (the app does not offer them): which of the two projections costs the exact form its
+# accuracy. ``atp_viz.outputs.result_tuning.measure_projection_split`` registers them in its own process.
+DIAGNOSTIC_VARIANTS = (_KeysOnly(), _ValuesOnly())

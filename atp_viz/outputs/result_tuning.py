@@ -78,6 +78,49 @@ def render_forms_minilm(data: list[dict]) -> str:
     )
 
 
+def measure_projection_split(out: Path) -> dict:
+    """Which projection costs the exact form its accuracy: the exact form, then the same softmax with only
+    the keys rebuilt from r principal keys (values exact), then only the values (keys exact); MiniLM,
+    every held-out text, untuned, each paired against the exact form."""
+    from atp_viz.analysis import protocol
+    from atp_viz.analysis.finetune.evaluation import embeddings
+    from atp_viz.forms.exact import DIAGNOSTIC_VARIANTS
+    from atp_viz.hf.engine import ATPConfig
+    from atp_viz.hf.models import load_model
+
+    for variant in DIAGNOSTIC_VARIANTS:  # this process only: the app never lists them
+        forms.register(variant)
+    loaded = load_model("minilm")
+    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=128)
+    dense = embeddings(loaded, None, texts, 128)
+    rows = []
+    for share in FRACTIONS:
+        both = (embeddings(loaded, ATPConfig(rank=share, form="exact"), texts, 128) * dense).sum(-1)
+        rows.append({"form": "exact", "rank": share, "cosine": protocol.encoder_summary(both, modules)})
+        for variant in DIAGNOSTIC_VARIANTS:
+            cos = (embeddings(loaded, ATPConfig(rank=share, form=variant.name), texts, 128) * dense).sum(-1)
+            summary = protocol.encoder_summary(cos, modules, reference=both)
+            rows.append({"form": variant.name, "display_name": variant.display_name, "rank": share,
+                         "cosine": summary})  # fmt: skip
+    return {"model": "minilm", "n_texts": len(texts), "rows": rows}
+
+
+def render_projection_split(data: list[dict]) -> str:
+    d = data[0]
+    rows = []
+    for r in d["rows"]:
+        c, paired = r["cosine"], "cosine_minus_reference"
+        diff = interval(c[paired], c[f"{paired}_ci"]) if paired in c else ""
+        name = r.get("display_name") or forms.get(r["form"]).display_name
+        mean = interval(c["cosine_mean"], c["cosine_mean_ci"])
+        rows.append([name, f"L/{round(1 / r['rank'])}", mean, diff])
+    head = ["rebuilt from r principal keys (untuned)", "rank", "cosine to dense", "minus the exact form"]
+    return _md(head, rows) + (
+        f"\n\nMiniLM, sentence-embedding cosine to dense, mean and 95% interval over {d['n_texts']} held-out "
+        "texts; differences paired on the same texts."
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Two-stage fine-tuning runs (each run's JSON, as written by training)
 # --------------------------------------------------------------------------------------------------

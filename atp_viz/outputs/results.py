@@ -129,6 +129,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("untuned-minilm", tables.render_untuned_minilm, 1, tables.measure_untuned_minilm),
     _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
     _measured("forms-minilm", tuning.render_forms_minilm, 12, tuning.measure_forms_minilm),
+    _measured("projection-split-minilm", tuning.render_projection_split, 3, tuning.measure_projection_split),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
@@ -150,7 +151,7 @@ RESULTS: tuple[Result, ...] = (
         "prefill-smollm2",
         tuning.prefill_files(),
         tuning.render_prefill,
-        "python -m atp_viz bench --prefill --model smollm2 --tokens 2048,4096 --form FORM --rank 128 "
+        "python -m atp_viz bench --prefill --model smollm2 --tokens 2048,4096,8192 --form FORM --rank 128 "
         "--basis-from keys --basis-update moments|recompute --threads 1 "
         "--json docs/results/prefill-smollm2-FORM.json",
         10,
