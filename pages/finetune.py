@@ -14,6 +14,7 @@ from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES
 from atp_viz.deploy import jobs
 from atp_viz.figures import plots
 from atp_viz.hf import tuned
+from atp_viz.hf.engine import BASIS_SOURCES
 from atp_viz.text.corpus import HELDOUT_MODULES, TRAIN_MODULES
 
 navigation.use_this_navigation()
@@ -109,12 +110,19 @@ with st.form("tune_form"):
     steps = d2.number_input("Stage 2 steps (LoRA)", 0, 5000, 200, key="tune_steps")
     lr = d3.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
     lora_r = d4.number_input("Adapter rank (LoRA)", 1, 64, 8, key="tune_lora_r")
-    rank_mode = st.radio(
+    e1, e2 = st.columns([3, 2])
+    rank_mode = e1.radio(
         "Decoders: rank r / L means", list(RANK_MODES), horizontal=True, key="tune_rank_mode",
         format_func=RANK_MODE_LABELS.get,
         help="past: the rank of the compressed past (the current chunk is always attended exactly, so "
         "more than r / L of the keys are attended); effective: the share of the attended key set "
         "averaged over the scored positions, the paper's r = L/2 and L/4. Encoders ignore it.",
+    )  # fmt: skip
+    basis_from = e2.radio(
+        "Basis from", list(BASIS_SOURCES), horizontal=True, key="tune_basis_from",
+        format_func=BASIS_SOURCES.get,
+        help="What U_r decomposes: the attention input X (the paper) or the keys. On MiniLM, untuned, the "
+        "keys' basis keeps the exact form closer to dense (the README's table).",
     )  # fmt: skip
     st.caption(
         "Measured on the project's 2-core CPU, quiet, 2 threads: MiniLM 1.4 s per step (16 texts), SmolLM2 "
@@ -127,7 +135,7 @@ if start:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
             lora_r=int(lora_r), lora_alpha=2 * int(lora_r), transfer_steps=int(transfer_steps),
-            rank_mode=rank_mode,
+            rank_mode=rank_mode, basis_from=basis_from,
         )  # fmt: skip
     except ValueError as err:
         st.error(str(err))

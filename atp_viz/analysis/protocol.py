@@ -201,6 +201,7 @@ def score_decoder(
     form: str,
     chunk: int,
     rank_mode: str = "past",
+    basis_from: str = "input",
     progress: ProgressFn | None = None,
 ) -> DecoderScores:
     """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact)."""
@@ -213,7 +214,7 @@ def score_decoder(
         try:
             with torch.inference_mode():
                 logits = serving.chunked_logits(
-                    loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode
+                    loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode, basis_from=basis_from
                 )
         except NonFiniteError:
             out.broken += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from atp_viz.cli.common import MODEL_HELP, add_form, fraction_arg, stderr_progress
 from atp_viz.core.ranks import RANK_MODES
+from atp_viz.hf.engine import BASIS_SOURCES
 
 
 def register(sub) -> None:
@@ -30,6 +31,10 @@ def register(sub) -> None:
     f.add_argument(
         "--rank-mode", choices=RANK_MODES, default=d.rank_mode,
         help="decoders: 'past' (share of the compressed past) or 'effective' (share of the attended key set)",
+    )  # fmt: skip
+    f.add_argument(
+        "--basis-from", choices=list(BASIS_SOURCES), default=d.basis_from,
+        help="what the basis U_r decomposes: the attention input X (the paper) or the keys",
     )  # fmt: skip
     f.add_argument("--steps", type=int, default=d.steps, help="stage 2: end-to-end tuning steps")
     f.add_argument("--lr", type=float, default=d.lr)
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,
+        basis_from=args.basis_from,
         lr=args.lr, lora_r=args.lora_r, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
         hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,

@@ -70,7 +70,8 @@ def base_model_of(key: str) -> str | None:
 
 def tuned_label(meta: dict) -> str:
     s = meta["settings"]
-    return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']})"
+    basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"
+    return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']}{basis})"
 
 
 def load_tuned(

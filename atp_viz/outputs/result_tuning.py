@@ -161,8 +161,9 @@ def render_runs(data: list[dict]) -> str:
     for run in sorted(data, key=lambda r: (r["settings"]["form"], -r["settings"]["rank"])):
         s, m = run["settings"], run["metrics"]["rows"]
         tuned = m["atp_tuned"]
+        basis = s.get("basis_from", "input")
         row = [
-            forms.get(s["form"]).name,
+            forms.get(s["form"]).name + ("" if basis == "input" else f", basis from {basis}"),
             _rank(s),
             f"{s['transfer_steps']} + {s['steps']}",
             _metric(m["atp_untuned"], key),

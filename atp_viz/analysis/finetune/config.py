@@ -8,6 +8,7 @@ from pathlib import Path
 
 from atp_viz import forms
 from atp_viz.core.ranks import RANK_MODES
+from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig
 from atp_viz.hf.model_info import cache_dir
 
 
@@ -19,6 +20,7 @@ class TuneConfig:
     rank: float = 0.5  # share of L (encoders: of each text; decoders: see rank_mode)
     form: str = "exact"  # a name in atp_viz.forms
     rank_mode: str = "past"  # decoders: "past" (share of the compressed past) or "effective" (core.ranks)
+    basis_from: str = "input"  # what U_r decomposes: "input" (X, the paper) or "keys" (engine.BASIS_SOURCES)
     steps: int = 200  # stage 2: end-to-end LoRA with ATP in place
     lr: float = 1e-3  # AdamW on the adapters only; LoRA tolerates a high rate
     transfer_steps: int = 0  # stage 1: layer-wise attention transfer (0: none)
@@ -47,6 +49,8 @@ class TuneConfig:
             raise ValueError(
                 "eval_texts must be 0 (all) or >= 2 (nearest neighbours need two), eval_windows >= 0"
             )
+        if self.basis_from not in BASIS_SOURCES:
+            raise ValueError(f"basis_from must be one of {', '.join(BASIS_SOURCES)}, got {self.basis_from!r}")
         if self.rank_mode not in RANK_MODES:
             raise ValueError(f"rank_mode must be one of {', '.join(RANK_MODES)}, got {self.rank_mode!r}")
         if not self.lr > 0 or self.max_tokens < 8 or self.seq_len < 4:
@@ -54,9 +58,14 @@ class TuneConfig:
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
 
+    def atp_config(self) -> ATPConfig:
+        """The whole-sequence ATP setting of this run (encoders; decoders use the chunked mode)."""
+        return ATPConfig(rank=self.rank, form=self.form, basis_source=self.basis_from)
+
     def label(self) -> str:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
-        return f"ATP-tuned r={self.rank:g}L ({self.form}{mode})"
+        basis = "" if self.basis_from == "input" else f", basis from {self.basis_from}"
+        return f"ATP-tuned r={self.rank:g}L ({self.form}{mode}{basis})"
 
 
 @dataclass

@@ -43,7 +43,8 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
         return None
     key = {
         "model": cfg.model, "setting": setting, "rank": cfg.rank, "form": cfg.form,
-        "rank_mode": cfg.rank_mode, "seq_len": cfg.seq_len, "chunk": cfg.chunk, "max_tokens": cfg.max_tokens,
+        "rank_mode": cfg.rank_mode, "basis_from": cfg.basis_from, "seq_len": cfg.seq_len, "chunk": cfg.chunk,
+        "max_tokens": cfg.max_tokens,
         "items": n_items, "python": platform.python_version(), "torch": torch.__version__,
         "atp_viz": __version__,
     }  # fmt: skip
@@ -83,7 +84,7 @@ def _encoder_rows(
     texts, modules = protocol.heldout_texts(
         reference.tokenizer, max_tokens=cfg.max_tokens, max_texts=cfg.eval_texts or None
     )
-    atp = ATPConfig(rank=cfg.rank, form=cfg.form)
+    atp = cfg.atp_config()
     settings = {"dense": (reference, None), "dense_tuned_weights": (tuned, None),
                 "atp_untuned": (reference, atp), "atp_tuned": (tuned, atp)}  # fmt: skip
     emb = {}
@@ -130,7 +131,7 @@ def _decoder_scores(
         )  # fmt: skip
     s = protocol.score_decoder(
         loaded, windows, rank=rank, form=cfg.form, chunk=cfg.chunk, rank_mode=cfg.rank_mode,
-        progress=progress,
+        basis_from=cfg.basis_from, progress=progress,
     )  # fmt: skip
     if path is not None and s.hits:
         path.parent.mkdir(parents=True, exist_ok=True)

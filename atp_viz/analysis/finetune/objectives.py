@@ -97,7 +97,7 @@ def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def decoder_losses(
     loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
-    with_logits: bool = False,
+    with_logits: bool = False, basis_from: str = "input",
 ):  # fmt: skip
     """The decoder objective: per-position next-token losses ``[L - chunk - 1]`` of the predictions
     made at positions chunk .. L-2 (entry j: the logits at position chunk + j, which attend to the
@@ -107,7 +107,14 @@ def decoder_losses(
     Strictly causal (``serving.chunked_logits``); ``tests/test_finetune.py`` perturbs later tokens.
     """
     logits = serving.chunked_logits(
-        loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode, params=params
+        loaded,
+        ids,
+        rank=rank,
+        form=form,
+        chunk=chunk,
+        rank_mode=rank_mode,
+        params=params,
+        basis_from=basis_from,
     )  # (L, V)
     target = ids[0, chunk + 1 :].to(logits.device)
     pred = logits[chunk:-1]  # logits at i predict token i + 1; i >= chunk has a compressed past
@@ -130,7 +137,9 @@ def decoder_distillation(
     """Stage 2 for decoders: the strictly causal next-token loss plus ``kl_weight`` times
     KL(original dense || ATP) of the next-token distributions, on the same scored positions (leak-free:
     the teacher is the original model's dense causal attention, which sees nothing after i either)."""
-    losses, _, pred = decoder_losses(tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True)
+    losses, _, pred = decoder_losses(
+        tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True, basis_from=cfg.basis_from
+    )
     loss = losses.mean()
     if kl_weight:
         with torch.no_grad(), teacher():

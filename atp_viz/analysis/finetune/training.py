@@ -41,7 +41,6 @@ from atp_viz.analysis.finetune.objectives import (
 from atp_viz.analysis.finetune.transfer import qk_parameters, transfer_loss
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn, within
-from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
 from atp_viz.hf.models import load_model
 from atp_viz.hf.tuned import SETTINGS_FILE, save_params
@@ -123,7 +122,7 @@ def _stage2_loss(cfg: TuneConfig, tuned: LoadedModel, item, params, teacher) -> 
         return decoder_distillation(
             tuned, item.to(tuned.device), cfg, params=params, kl_weight=cfg.kl_weight, teacher=teacher
         )
-    atp = ATPConfig(rank=cfg.rank, form=cfg.form)
+    atp = cfg.atp_config()
     return encoder_distillation(
         tuned, item, atp, cfg.max_tokens, params=params, hidden_weight=cfg.hidden_weight, teacher=teacher
     )

@@ -22,7 +22,6 @@ import torch
 from atp_viz.analysis import serving
 from atp_viz.analysis.finetune.objectives import dense_logits, encoder_embeddings
 from atp_viz.hf import backend, families
-from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import LoadedModel
 
 
@@ -123,12 +122,13 @@ def transfer_loss(tuned: LoadedModel, item, cfg, params, teacher) -> torch.Tenso
                 form=cfg.form,
                 chunk=cfg.chunk,
                 rank_mode=cfg.rank_mode,
+                basis_from=cfg.basis_from,
                 params=params,
             )
         keep = torch.zeros(1, ids.shape[1], 1, device=ids.device)
         keep[:, cfg.chunk :] = 1.0  # positions whose past is compressed
         return _layer_loss(student, target, keep)
-    atp = ATPConfig(rank=cfg.rank, form=cfg.form)
+    atp = cfg.atp_config()
     enc = tuned.tokenizer(
         list(item), return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_tokens
     )
