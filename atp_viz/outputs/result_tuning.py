@@ -204,6 +204,14 @@ def prefill_files() -> tuple[str, ...]:
     return tuple(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs" / "results").glob("prefill-*.json")))
 
 
+def _round_ratios(run: dict) -> str:
+    """The range of dense / ATP over the interleaved rounds (round i ran both paths back to back): how
+    much the speedup moved with the machine's load."""
+    dense, atp = run["dense_timing"]["repeats_s"], run["atp_timing"]["repeats_s"]
+    ratios = [d / a for d, a in zip(dense, atp, strict=False)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "unknown"
+
+
 def render_prefill(data: list[dict]) -> str:
     rows = []
     for d in data:
@@ -217,6 +225,7 @@ def render_prefill(data: list[dict]) -> str:
                     f"{r['dense_seconds']:.1f}",
                     f"{r['atp_seconds']:.1f}",
                     f"{r['speedup']:.2f}x",
+                    _round_ratios(r),
                     f"{r['ceiling']:.2f}x",
                     interval(r["dense_perplexity"], tuple(r["dense_perplexity_ci"]), 2),
                     interval(r["atp_perplexity"], tuple(r["atp_perplexity_ci"]), 2),
@@ -230,6 +239,7 @@ def render_prefill(data: list[dict]) -> str:
         "dense s",
         "ATP s",
         "speedup",
+        "per round",
         "ceiling",
         "dense ppl",
         "ATP ppl",
@@ -238,8 +248,9 @@ def render_prefill(data: list[dict]) -> str:
     return _md(head, rows) + (
         "\n\nMedians of interleaved runs on one held-out window per length; chunks of "
         f"{data[0].get('chunk', data[0].get('runs', [{}])[0].get('chunk'))} tokens, the past compressed to r "
-        "principal keys with the basis timed; perplexities on the same positions (those with a compressed "
-        "past), intervals by bootstrap over blocks of positions of that one window."
+        "principal keys with the basis timed; per round: the smallest and largest dense / ATP ratio of the "
+        "rounds (each round runs both back to back); perplexities on the same positions (those with a "
+        "compressed past), intervals by bootstrap over blocks of positions of that one window."
         if data
         else ""
     )

@@ -154,7 +154,7 @@ RESULTS: tuple[Result, ...] = (
         "python -m atp_viz bench --prefill --model smollm2 --tokens 2048,4096,8192 --form FORM --rank 128 "
         "--basis-from keys --basis-update moments|recompute --threads 1 "
         "--json docs/results/prefill-smollm2-FORM.json",
-        10,
+        55,
     ),  # fmt: skip
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     Result(
