@@ -164,11 +164,18 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
         "tuned weights, dense attention": tuned_dense,
         f"tuned model, {config.label()}": tuned_run,
     }
+    trained = meta["settings"]
+    basis = trained.get("basis_from", "input")
     st.markdown(
-        f"**Before / after fine-tuning** (this model was tuned at r = {meta['settings']['rank']:g} L, "
-        f"{meta['settings']['form']} form; the current setting is {config.label()}). Every row is measured "
-        "against the *original* model's dense run on this text."
+        f"**Before / after fine-tuning** (this model was tuned at r = {trained['rank']:g} L, "
+        f"{trained['form']} form, basis from {BASIS_SOURCES.get(basis, basis)}; the current setting is "
+        f"{config.label()}). Every row is measured against the *original* model's dense run on this text."
     )
+    if basis != config.basis_source or trained["form"] != config.form:
+        st.info(
+            "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
+            "setting it never trained for: pick the tuned ones above to see what training did."
+        )
     rows = compare.side_by_side(base_dense, runs)
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="explorer_before_after")
     widgets.table_downloads(rows, "explorer_before_after")

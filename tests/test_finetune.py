@@ -229,6 +229,9 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     table = at.dataframe[0].value  # the only table of an encoder's explorer (AppTest keeps no df key)
     assert len(table) == 4 and table["setting"].iloc[0].startswith("original model, dense")
     assert table["embedding cosine to dense"].iloc[0] == pytest.approx(1.0)
+    assert not [i for i in at.info if "never trained for" in i.value]  # the run's own setting
+    at.radio(key="basis_source").set_value("keys").run()
+    assert [i for i in at.info if "never trained for" in i.value]  # a basis it was not tuned with
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
