@@ -174,6 +174,7 @@ def render_runs(data: list[dict]) -> str:
                 _metric(tuned, "top1_minus_reference", 100, 1),
                 _metric(tuned, "perplexity_ratio_to_reference", 1, 3),
                 _metric(m["dense"], "perplexity", 1, 2),
+                f"{m['dense'].get('n_windows', '?')} ({m['dense'].get('n_scored', '?')})",
             ]
         load = run.get("load_average_at_end_of_training")
         row += [
@@ -186,10 +187,12 @@ def render_runs(data: list[dict]) -> str:
         rows.append(row)
     head = ["form", "rank", "steps (transfer + tuning)", "untuned ATP", "tuned ATP"]
     if decoder:
-        head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity"]
+        head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity", "windows (predictions)"]
     head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
              "skipped steps", "adapters in data/tuned"]  # fmt: skip
     what = data[0]["metrics"]["what"]
+    if decoder:  # runs may score different numbers of windows: the table gives each run's
+        what = what.split(" of ", 1)[0] + " of held-out windows (see the table); " + what.split("; ", 1)[-1]
     return (
         _md(head, rows) + f"\n\n{'Next-token top-1' if decoder else 'Cosine to the original dense'}: {what}."
     )
