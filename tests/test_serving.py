@@ -37,6 +37,18 @@ def test_chunked_dense_and_full_rank_exact_equal_the_model(load, key):
 
 
 @pytest.mark.parametrize("form", forms.names())
+def test_dense_is_the_softmax_whatever_form_is_asked(load, form):
+    """rank=None is dense attention for every form (fine-tuning's evaluation scores its dense rows with
+    the run's form: with taylor2 it once ran taylor2's kernel over the exact past and called it dense).
+    A trained model: a tiny random one's scores are so small that every kernel is close to exp."""
+    loaded = load("smollm2")
+    ids = _ids(loaded)
+    with torch.inference_mode():
+        dense = serving.chunked_logits(loaded, ids, rank=None, form=form, chunk=7)
+    torch.testing.assert_close(dense, _dense_logits(loaded, ids), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", forms.names())
 @pytest.mark.parametrize("basis_from", ["input", "keys"])
 @pytest.mark.parametrize("method", METHODS)
 def test_no_future_leak_inside_the_current_chunk(load, form, basis_from, method):

@@ -75,6 +75,9 @@ def compressed(
     return LayerMemory(past=forms.compress(u, mem.k, mem.v))
 
 
+DENSE_FORM = "exact"  # softmax over the keys and values it is given: with nothing compressed, dense attention
+
+
 def streaming_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,7 +166,8 @@ def chunked_logits(
     past (:mod:`atp_viz.analysis.moments`): the same basis from an eigendecomposition whose cost does not
     grow with the past, for the forms that need no U_r (``linear``, ``pksoftmax``).
 
-    ``rank=None`` keeps the past exact (dense attention computed in chunks). A float rank in (0, 1]
+    ``rank=None`` keeps the past exact and is dense attention computed in chunks, whatever ``form``
+    says (the form's kernel applies only to ATP settings). A float rank in (0, 1]
     with ``rank_mode="past"`` is a share of the past: chunk c's past of n tokens keeps
     ``round(rank * n)`` principal keys; with ``rank_mode="effective"`` it is the share of the key set
     the chunk's queries attend to on average (:func:`atp_viz.core.ranks.chunk_rank`). ``params``: the
@@ -184,6 +188,8 @@ def chunked_logits(
         )
     if rank is not None:
         ranks.check_rank(rank)  # int >= 1 or a float in (0, 1]; clear errors otherwise
+    else:  # dense means the softmax: another form's kernel over an exact past is not dense attention
+        form, params = DENSE_FORM, None
     if basis_update not in ("recompute", "moments"):
         raise ValueError(f"basis_update must be 'recompute' or 'moments', got {basis_update!r}")
     moments = basis_update == "moments" and rank is not None
