@@ -47,7 +47,7 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
         "max_tokens": cfg.max_tokens,
         "items": n_items, "python": platform.python_version(), "torch": torch.__version__,
         "atp_viz": __version__,
-        "schema": 2,  # 2: dense decoder rows are the softmax whatever the run's form (1 ran the form's kernel)
+        "schema": 2,  # 2: dense decoder rows are the softmax whatever the form (1 ran its kernel)
     }  # fmt: skip
     if setting == "dense":
         key.update(rank=None, form=None, rank_mode=None)
