@@ -295,3 +295,25 @@ def test_overflowing_gradients_are_counted_not_silently_zeroed(tmp_path, monkeyp
     assert rows["atp_tuned"]["top1"] == rows["atp_untuned"]["top1"]
     # the tuned model is reloaded from its folder: the same weights, summed in another order
     assert rows["atp_tuned"]["perplexity"] == pytest.approx(rows["atp_untuned"]["perplexity"], rel=1e-6)
+
+
+def test_reevaluate_measures_a_finished_run_again_and_keeps_the_old_metrics(tmp_path):
+    """``finetune --reevaluate DIR`` after a fix in the evaluation: the run's metrics are measured again
+    from its folder (here equal to the first measurement, nothing having changed), the replaced ones
+    are kept, and the JSON says it was re-measured."""
+    cfg = TuneConfig(model="tiny-llama", rank=0.5, steps=1, seq_len=96, chunk=16, eval_windows=2)
+    training.train(cfg, tmp_path / "run", texts=[" ".join(SHORT_TEXTS)])
+    path = tmp_path / "run" / tuned.SETTINGS_FILE
+    meta = json.loads(path.read_text())
+    good = json.loads(json.dumps(meta["metrics"]))
+    meta["metrics"]["rows"]["dense"]["perplexity"] = -1.0  # what a broken evaluation wrote
+    path.write_text(json.dumps(meta))
+    again = training.reevaluate(tmp_path / "run", command=["test"])
+    after = json.loads(path.read_text())
+    assert after["metrics"] == json.loads(json.dumps(again))
+    for row in good["rows"]:
+        assert again["rows"][row]["perplexity"] == pytest.approx(good["rows"][row]["perplexity"], rel=1e-5)
+    assert after["superseded_metrics"][0]["rows"]["dense"]["perplexity"] == -1.0
+    assert after["reevaluated"]["command"] == ["test"] and after["losses"] == meta["losses"]
+    with pytest.raises(ValueError, match="not a fine-tuning run"):
+        training.reevaluate(tmp_path)

@@ -63,12 +63,34 @@ def register(sub) -> None:
     )
     f.add_argument("--seed", type=int, default=d.seed)
     f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
+    f.add_argument(
+        "--reevaluate", metavar="DIR",
+        help="train nothing: measure the finished run in DIR again with the current code and update its JSON",
+    )  # fmt: skip
     f.set_defaults(func=run)
+
+
+def _reevaluate(args: argparse.Namespace) -> int:
+    from atp_viz.analysis.finetune.evaluation import metrics_table
+    from atp_viz.analysis.finetune.training import reevaluate
+    from atp_viz.hf.tuned import SETTINGS_FILE
+
+    metrics = reevaluate(args.reevaluate, progress=stderr_progress(), command=args.argv)
+    if args.json_copy:
+        Path(args.json_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(args.reevaluate) / SETTINGS_FILE, args.json_copy)
+    print(f"\n{metrics['what']}", file=sys.stderr)
+    for row in metrics_table({"metrics": metrics}):
+        print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis.finetune.config import TuneConfig
     from atp_viz.analysis.finetune.training import train
+
+    if args.reevaluate:
+        return _reevaluate(args)
 
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,

@@ -270,6 +270,33 @@ def train(
     return result
 
 
+def reevaluate(
+    folder: str | Path, progress: ProgressFn | None = None, command: Sequence[str] | None = None
+) -> dict:
+    """Measure a finished run's held-out metrics again with the current code (after a fix in the
+    evaluation) and write them into its ``atp_tuning.json``; the metrics they replace are kept under
+    ``superseded_metrics`` and the JSON says when and by which command. Returns the new metrics."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a fine-tuning run (no {SETTINGS_FILE}).")
+    meta = json.loads(path.read_text())
+    cfg = TuneConfig(**meta["settings"])
+    t0 = time.perf_counter()
+    metrics = evaluate(
+        load_model(cfg.model), load_model(f"{TUNED_PREFIX}{Path(folder)}"), cfg,
+        progress=within(progress or (lambda f, m: None), 0.0, 1.0, "Evaluating on the held-out split, "),
+    )  # fmt: skip
+    meta.setdefault("superseded_metrics", []).append(meta.get("metrics"))
+    meta["metrics"] = metrics
+    meta["eval_seconds"] = time.perf_counter() - t0
+    meta["reevaluated"] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": list(command) if command else None,
+    }
+    _write_json(path, meta)
+    return metrics
+
+
 def _run_record(
     cfg: TuneConfig, result: TuneResult, targets, *, n_train: int, custom: bool, is_dec: bool
 ) -> dict:
