@@ -163,7 +163,9 @@ def render_runs(data: list[dict]) -> str:
         tuned = m["atp_tuned"]
         basis = s.get("basis_from", "input")
         row = [
-            forms.get(s["form"]).name + ("" if basis == "input" else f", basis from {basis}"),
+            forms.get(s["form"]).name
+            + ("" if basis == "input" else f", basis from {basis}")
+            + (" (metrics re-measured: `finetune --reevaluate`)" if run.get("reevaluated") else ""),
             _rank(s),
             f"{s['transfer_steps']} + {s['steps']}",
             _metric(m["atp_untuned"], key),
