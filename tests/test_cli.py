@@ -120,6 +120,9 @@ def test_a_tuned_model_is_also_compared_with_its_original(tmp_path, text_file, m
         assert main(argv) == 0
         got[steps] = json.loads(out.read_text())
         assert got[steps]["original_model"] == model
+        assert "not_as_tuned" not in got[steps]  # its own form and basis
+    assert main([*argv[:-2], "--basis", "keys", "--json", str(out)]) == 0  # not the basis it was tuned with
+    assert "--basis input" in json.loads(out.read_text())["not_as_tuned"]
     if decoder:
         assert got[0]["kl_to_original_dense"] == pytest.approx(got[0]["next_token_kl_dense_to_atp"], abs=1e-7)
         assert got[0]["top1_agrees_with_original_dense"] == got[0]["next_token_top1_agree"]

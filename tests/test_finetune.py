@@ -297,7 +297,7 @@ def test_overflowing_gradients_are_counted_not_silently_zeroed(tmp_path, monkeyp
     assert rows["atp_tuned"]["perplexity"] == pytest.approx(rows["atp_untuned"]["perplexity"], rel=1e-6)
 
 
-def test_reevaluate_measures_a_finished_run_again_and_keeps_the_old_metrics(tmp_path):
+def test_reevaluate_measures_a_finished_run_again_and_keeps_the_old_metrics(tmp_path, monkeypatch):
     """``finetune --reevaluate DIR`` after a fix in the evaluation: the run's metrics are measured again
     from its folder (here equal to the first measurement, nothing having changed), the replaced ones
     are kept, and the JSON says it was re-measured."""
@@ -308,6 +308,7 @@ def test_reevaluate_measures_a_finished_run_again_and_keeps_the_old_metrics(tmp_
     good = json.loads(json.dumps(meta["metrics"]))
     meta["metrics"]["rows"]["dense"]["perplexity"] = -1.0  # what a broken evaluation wrote
     path.write_text(json.dumps(meta))
+    monkeypatch.setattr(evaluation, "_cache_path", lambda *a: pytest.fail("a re-measurement read the cache"))
     again = training.reevaluate(tmp_path / "run", command=["test"])
     after = json.loads(path.read_text())
     assert after["metrics"] == json.loads(json.dumps(again))

@@ -359,6 +359,9 @@ def test_diagnostic_exact_variants_rebuild_only_their_input():
 
     keys_only, values_only = DIAGNOSTIC_VARIANTS
     assert not {keys_only.name, values_only.name} & set(forms.names())
+    with forms.registered(*DIAGNOSTIC_VARIANTS):  # a measurement's own block only
+        assert forms.get(keys_only.name) is keys_only
+    assert not {keys_only.name, values_only.name} & set(forms.names())
     g = torch.Generator().manual_seed(0)
     L, r = 10, 4
     U = torch.linalg.qr(torch.randn(1, L, r, generator=g, dtype=torch.float64))[0]

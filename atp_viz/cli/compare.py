@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             "agreement": cont.agreement,
         }
     _against_original(args.model, loaded, tok, run_, result)
+    _warn_if_not_as_tuned(args, result)
     if args.sweep:
         sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
         result["sweep"] = {
@@ -81,6 +82,24 @@ def run(args: argparse.Namespace) -> int:
     print(summary, file=sys.stderr)
     write_json(result, args.json)
     return 0
+
+
+def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict) -> None:
+    """A tuned model run under another form or basis than it was tuned with: say so (and in the JSON)."""
+    from atp_viz.hf.model_info import TUNED_PREFIX
+    from atp_viz.hf.tuned import read_settings
+
+    if not args.model.startswith(TUNED_PREFIX):
+        return
+    trained = read_settings(args.model[len(TUNED_PREFIX) :])["settings"]
+    basis = trained.get("basis_from", "input")
+    if trained["form"] != args.form or basis != args.basis:
+        note = (
+            f"this model was tuned with the {trained['form']} form and the basis from {basis}; this run uses "
+            f"{args.form} and the basis from {args.basis} (pass --form {trained['form']} --basis {basis})"
+        )
+        result["not_as_tuned"] = note
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _against_original(key: str, loaded, tok, run_, result: dict) -> None:

@@ -71,9 +71,21 @@ def register(sub) -> None:
 
 
 def _reevaluate(args: argparse.Namespace) -> int:
+    from atp_viz.analysis.finetune.config import TuneConfig
     from atp_viz.analysis.finetune.evaluation import metrics_table
     from atp_viz.analysis.finetune.training import reevaluate
     from atp_viz.hf.tuned import SETTINGS_FILE
+
+    # The run's own settings are re-measured; a training or evaluation option given next to it would be
+    # silently ignored, so it is refused.
+    d = TuneConfig()
+    given = [f"--{k.replace('_', '-')}" for k in vars(d) if getattr(args, k, getattr(d, k)) != getattr(d, k)]
+    given += ["--out"] if args.out else []
+    if given:
+        print(
+            f"--reevaluate measures the run with its own settings; drop {', '.join(given)}.", file=sys.stderr
+        )
+        return 2
 
     metrics = reevaluate(args.reevaluate, progress=stderr_progress(), command=args.argv)
     if args.json_copy:

@@ -13,10 +13,12 @@ shared property checks on it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from atp_viz.forms.base import AttentionForm, PrincipalPast, compress
 
-__all__ = ["AttentionForm", "PrincipalPast", "compress", "get", "names", "register"]
+__all__ = ["AttentionForm", "PrincipalPast", "compress", "get", "names", "register", "registered"]
 
 # Module names under atp_viz.forms, in the order the app lists them (the default first).
 _BUILTIN = ("exact", "linear", "taylor2", "pksoftmax")
@@ -31,6 +33,20 @@ def register(form: AttentionForm) -> AttentionForm:
         raise ValueError(f"An attention form named {form.name!r} is already registered.")
     _REGISTRY[form.name] = form
     return form
+
+
+@contextmanager
+def registered(*extra: AttentionForm) -> Iterator[None]:
+    """Forms registered for the block only (a measurement's diagnostic variants): the app and any later
+    measurement in the same process never list them."""
+    added = [f for f in extra if f.name not in _REGISTRY]
+    for f in added:
+        register(f)
+    try:
+        yield
+    finally:
+        for f in added:
+            _REGISTRY.pop(f.name, None)
 
 
 for _module in _BUILTIN:

@@ -88,20 +88,20 @@ def measure_projection_split(out: Path) -> dict:
     from atp_viz.hf.engine import ATPConfig
     from atp_viz.hf.models import load_model
 
-    for variant in DIAGNOSTIC_VARIANTS:  # this process only: the app never lists them
-        forms.register(variant)
     loaded = load_model("minilm")
     texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=128)
     dense = embeddings(loaded, None, texts, 128)
     rows = []
-    for share in FRACTIONS:
-        both = (embeddings(loaded, ATPConfig(rank=share, form="exact"), texts, 128) * dense).sum(-1)
-        rows.append({"form": "exact", "rank": share, "cosine": protocol.encoder_summary(both, modules)})
-        for variant in DIAGNOSTIC_VARIANTS:
-            cos = (embeddings(loaded, ATPConfig(rank=share, form=variant.name), texts, 128) * dense).sum(-1)
-            summary = protocol.encoder_summary(cos, modules, reference=both)
-            rows.append({"form": variant.name, "display_name": variant.display_name, "rank": share,
-                         "cosine": summary})  # fmt: skip
+    with forms.registered(*DIAGNOSTIC_VARIANTS):  # for this measurement only: never listed elsewhere
+        for share in FRACTIONS:
+            both = (embeddings(loaded, ATPConfig(rank=share, form="exact"), texts, 128) * dense).sum(-1)
+            rows.append({"form": "exact", "rank": share, "cosine": protocol.encoder_summary(both, modules)})
+            for variant in DIAGNOSTIC_VARIANTS:
+                cfg = ATPConfig(rank=share, form=variant.name)
+                cos = (embeddings(loaded, cfg, texts, 128) * dense).sum(-1)
+                summary = protocol.encoder_summary(cos, modules, reference=both)
+                rows.append({"form": variant.name, "display_name": variant.display_name, "rank": share,
+                             "cosine": summary})  # fmt: skip
     return {"model": "minilm", "n_texts": len(texts), "rows": rows}
 
 

@@ -50,7 +50,7 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
         "schema": 2,  # 2: dense decoder rows are the softmax whatever the form (1 ran its kernel)
     }  # fmt: skip
     if setting == "dense":
-        key.update(rank=None, form=None, rank_mode=None)
+        key.update(rank=None, form=None, rank_mode=None, basis_from=None)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "eval" / f"{cfg.model}-{setting}-{digest}.npz"
 
@@ -80,7 +80,7 @@ def _nearest(e: np.ndarray) -> np.ndarray:
 
 
 def _encoder_rows(
-    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None
+    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None, *, cache: bool
 ) -> tuple[dict, str]:
     texts, modules = protocol.heldout_texts(
         reference.tokenizer, max_tokens=cfg.max_tokens, max_texts=cfg.eval_texts or None
@@ -92,7 +92,7 @@ def _encoder_rows(
     for i, (name, (loaded, config)) in enumerate(settings.items()):
         if progress:
             progress(i / len(settings), f"{name}: {len(texts)} held-out texts")
-        path = _cache_path(cfg, name, len(texts))
+        path = _cache_path(cfg, name, len(texts)) if cache else None
         if path is not None and path.is_file():
             emb[name] = np.load(path)["embeddings"]
             continue
@@ -120,9 +120,9 @@ def _encoder_rows(
 
 
 def _decoder_scores(
-    loaded, windows, cfg: TuneConfig, name: str, rank, progress: ProgressFn | None
+    loaded, windows, cfg: TuneConfig, name: str, rank, progress: ProgressFn | None, *, cache: bool
 ) -> protocol.DecoderScores:
-    path = _cache_path(cfg, name, len(windows.ids))
+    path = _cache_path(cfg, name, len(windows.ids)) if cache else None
     if path is not None and path.is_file():
         z = np.load(path)
         split = np.cumsum(z["sizes"])[:-1]
@@ -144,13 +144,15 @@ def _decoder_scores(
 
 
 def _decoder_rows(
-    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None
+    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None, *, cache: bool
 ) -> tuple[dict, str]:
     windows = protocol.heldout_windows(reference.tokenizer, cfg.seq_len, max_windows=cfg.eval_windows or None)
     settings = {"dense": (reference, None), "dense_tuned_weights": (tuned, None),
                 "atp_untuned": (reference, cfg.rank), "atp_tuned": (tuned, cfg.rank)}  # fmt: skip
     scores = {
-        name: _decoder_scores(m, windows, cfg, name, r, within(progress, i / 4, (i + 1) / 4, f"{name}: "))
+        name: _decoder_scores(
+            m, windows, cfg, name, r, within(progress, i / 4, (i + 1) / 4, f"{name}: "), cache=cache
+        )
         for i, (name, (m, r)) in enumerate(settings.items())
     }
     rows = {}
@@ -170,15 +172,24 @@ def _decoder_rows(
 
 
 def evaluate(
-    reference: LoadedModel, tuned: LoadedModel, cfg: TuneConfig, progress: ProgressFn | None = None
+    reference: LoadedModel,
+    tuned: LoadedModel,
+    cfg: TuneConfig,
+    progress: ProgressFn | None = None,
+    *,
+    cache: bool = True,
 ) -> dict:
-    """Held-out metrics: dense (original), dense with the tuned weights, untuned ATP, tuned ATP."""
+    """Held-out metrics: dense (original), dense with the tuned weights, untuned ATP, tuned ATP.
+
+    ``cache``: reuse the base model's dense and untuned scores from earlier runs with the same settings
+    (``finetune --reevaluate`` turns it off: a re-measurement must measure everything)."""
     if reference.info.is_decoder:
-        rows, note = _decoder_rows(reference, tuned, cfg, progress)
+        rows, note = _decoder_rows(reference, tuned, cfg, progress, cache=cache)
     else:
-        rows, note = _encoder_rows(reference, tuned, cfg, progress)
+        rows, note = _encoder_rows(reference, tuned, cfg, progress, cache=cache)
     return {
-        "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "what": note, "rows": rows,
+        "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "basis_from": cfg.basis_from,
+        "what": note, "rows": rows,
         "protocol": "atp_viz.analysis.protocol (held-out modules: atp_viz.text.corpus.HELDOUT_MODULES)",
     }  # fmt: skip
 

@@ -285,6 +285,7 @@ def reevaluate(
     metrics = evaluate(
         load_model(cfg.model), load_model(f"{TUNED_PREFIX}{Path(folder)}"), cfg,
         progress=within(progress or (lambda f, m: None), 0.0, 1.0, "Evaluating on the held-out split, "),
+        cache=False,
     )  # fmt: skip
     meta.setdefault("superseded_metrics", []).append(meta.get("metrics"))
     meta["metrics"] = metrics
