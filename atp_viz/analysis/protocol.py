@@ -21,6 +21,7 @@ use this module, so their numbers are comparable:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -179,16 +180,22 @@ def decoder_window_scores(
     return (pred.argmax(-1) == target).cpu().numpy(), nll.detach().cpu().numpy().astype(np.float64)
 
 
-def mean_share(rank, seq_len: int, chunk: int, mode: str) -> float:
-    """Mean attended share of the key set over the scored positions of a window (1.0 for dense)."""
-    if rank is None:
+def mean_share(rank, seq_len: int, chunk: int, mode: str, keep=None) -> float:
+    """Mean attended share of the key set over the scored positions of a window (1.0 for dense).
+    ``keep`` (:class:`atp_viz.analysis.serving.ExactKeep`): sinks and window read exactly, the middle's
+    principal keys (none when dropped) standing for the middle."""
+    if rank is None and (keep is None or not keep.drop_rest):
         return 1.0
     shares = []
     for start in range(chunk, seq_len - 1, chunk):
         n_q = min(
             chunk, seq_len - 1 - start
         )  # scored queries of this chunk (the last position predicts nothing)
-        r = chunk_rank(rank, start, min(chunk, seq_len - start), mode)
+        if keep is None:
+            r = chunk_rank(rank, start, min(chunk, seq_len - start), mode)
+        else:  # the exact sinks and window count as themselves, the middle as its r principal keys
+            a, b = keep.split(start)
+            r = start - (b - a) + (chunk_rank(rank, b - a, chunk, mode) if rank and b > a else 0)
         shares += attended_share(r, start, n_q)
     return float(np.mean(shares))
 
@@ -202,9 +209,11 @@ def score_decoder(
     chunk: int,
     rank_mode: str = "past",
     basis_from: str = "input",
+    keep=None,
     progress: ProgressFn | None = None,
 ) -> DecoderScores:
-    """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact)."""
+    """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact;
+    ``keep``: sinks and a window read exactly, :class:`atp_viz.analysis.serving.ExactKeep`)."""
     from atp_viz.analysis import serving
 
     if rank_mode not in RANK_MODES:
@@ -214,8 +223,10 @@ def score_decoder(
         try:
             with torch.inference_mode():
                 logits = serving.chunked_logits(
-                    loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode, basis_from=basis_from
-                )
+                    loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
+                    basis_from=basis_from,
+                    keep=keep,
+                )  # fmt: skip
         except NonFiniteError:
             out.broken += 1
             continue
@@ -225,7 +236,7 @@ def score_decoder(
         out.modules.append(owner[chunk + 1 :])
         if progress:
             progress((i + 1) / len(windows.ids), f"window {i + 1} of {len(windows.ids)}")
-    out.shares.append(mean_share(rank, windows.ids[0].shape[1] if windows.ids else 0, chunk, rank_mode))
+    out.shares.append(mean_share(rank, windows.ids[0].shape[1] if windows.ids else 0, chunk, rank_mode, keep))
     return out
 
 
@@ -345,11 +356,15 @@ def perplexity_grid(
     *,
     chunk: int,
     rank_mode: str = "past",
+    basis_from: str = "input",
+    keep=None,
     progress: ProgressFn | None = None,
     original=None,
 ) -> list[dict]:
     """Dense, then each ``(rank, form)`` setting, on the same windows and scored positions: top-1 and
     perplexity with intervals, and each setting's paired difference to dense. One row per setting.
+    ``basis_from`` and ``keep`` (sinks and a window read exactly, the middle compressed) apply to every
+    ATP setting; with ``keep``, the window alone (the middle dropped) is a row of its own after dense.
 
     ``original`` (a fine-tuned model's base model): its dense scores come first as the row "original
     dense", and every row also gets its paired difference to it (``top1_minus_original_dense``,
@@ -361,6 +376,8 @@ def perplexity_grid(
     if windows.ids and chunk >= windows.ids[0].shape[1] - 1:
         raise ValueError(f"The chunk ({chunk}) must be shorter than a window ({windows.ids[0].shape[1]}).")
     runs = [(None, "exact"), *settings]
+    if keep is not None:
+        runs.insert(1, ("window", "exact"))
     rows, dense, base = [], None, None
     n = len(runs) + (original is not None)
     if original is not None:
@@ -368,13 +385,27 @@ def perplexity_grid(
         base = score_decoder(original, windows, rank=None, form="exact", chunk=chunk, progress=sub)
         rows.append({"rank": "original dense", "form": "-", **decoder_summary(base, windows)})
     for j, (rank, form) in enumerate(runs, start=n - len(runs)):
-        label = "dense" if rank is None else f"{form} r={rank:g}"
+        label = "dense" if rank is None else "window alone" if rank == "window" else f"{form} r={rank:g}"
         sub = within(progress, j / n, (j + 1) / n, f"{label}: ")
-        scores = score_decoder(
-            loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode, progress=sub
-        )
+        if rank == "window":
+            drop = dataclasses.replace(keep, drop_rest=True)
+            scores = score_decoder(
+                loaded, windows, rank=None, form=form, chunk=chunk, keep=drop, progress=sub
+            )
+        else:
+            scores = score_decoder(
+                loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
+                basis_from=basis_from,
+                keep=keep, progress=sub,
+            )  # fmt: skip
         dense = scores if rank is None else dense
-        row = {"rank": "dense" if rank is None else rank, "form": "-" if rank is None else form}
+        row = {"rank": "dense" if rank is None else rank, "form": "-" if rank in (None, "window") else form}
+        if keep is not None and rank is not None:
+            row.update(
+                sinks=keep.sinks,
+                window=keep.window,
+                middle="dropped" if rank == "window" else "principal keys",
+            )
         row.update(decoder_summary(scores, windows, None if rank is None else dense))
         if base is not None:
             vs = decoder_summary(scores, windows, base)
@@ -390,8 +421,9 @@ def grid_table(rows: Sequence[dict]) -> list[dict]:
     """The grid as flat rows for display and export: figures with their intervals as text and numbers."""
     out = []
     for r in rows:
+        exact = f" + sinks {r['sinks']}, window {r['window']} exact" if "window" in r else ""
         flat = {
-            "rank": str(r["rank"]),
+            "rank": ("middle dropped" if r["rank"] == "window" else str(r["rank"])) + exact,
             "form": r["form"],
             "attended share": round(r.get("attended_share", 1.0), 3),
             "top-1 [95% CI]": interval(r["top1"], r["top1_ci"]) if r.get("n_scored") else "broke down",

@@ -8,6 +8,9 @@ embedding, values, attention inputs X) and letting the current piece attend to
 - the **exact tail** (tokens kept exactly: those generated after the compressed prompt);
 - the **current piece** itself, exactly and causally.
 
+With :class:`ExactKeep` the strictly causal path also reads the first tokens (sinks) and a sliding window
+of the most recent ones exactly, and compresses only the rest of the past (the middle).
+
 So the logits at position i depend on tokens <= i only: the basis sees past tokens, and the
 current piece is causally masked (``tests/test_serving.py`` perturbs later tokens to check).
 
@@ -144,6 +147,106 @@ def _new_memories(loaded: LoadedModel) -> list[LayerMemory]:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExactKeep:
+    """Past tokens every chunk reads exactly, the rest of its past compressed to principal keys: the first
+    ``sinks`` tokens (attention sinks) and the last ``window`` (a sliding window; the hybrid of
+    StreamingLLM, Xiao et al. 2023, and of LoLCATs' sliding window plus linear attention). The window
+    moves in whole chunks: chunk c reads the ``window`` tokens just before it and itself.
+    ``drop_rest=True`` leaves the middle out altogether, the baseline that says what its principal keys
+    add."""
+
+    sinks: int = 0
+    window: int = 0
+    drop_rest: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"sinks and window are token counts >= 0, got {self.sinks} and {self.window}.")
+
+    def split(self, n: int) -> tuple[int, int]:
+        """(a, b) for a past of n tokens: [a, b) is the middle; [0, a) and [b, n) are kept exactly."""
+        a = min(self.sinks, n)
+        return a, max(a, n - self.window)
+
+
+def _kept(mem: LayerMemory, a: int, b: int) -> LayerMemory:
+    """``mem`` without its tokens a..b-1 (a shallow copy when there are none)."""
+    if b <= a:
+        return LayerMemory(k=mem.k, v=mem.v, x=mem.x)
+    return LayerMemory(
+        k=torch.cat([mem.k[:, :a], mem.k[:, b:]], dim=1),
+        v=torch.cat([mem.v[:, :a], mem.v[:, b:]], dim=1),
+        x=torch.cat([mem.x[:a], mem.x[b:]], dim=0),
+    )
+
+
+def windowed(
+    mem: LayerMemory, keep: ExactKeep, rank, chunk_len: int, *, rank_mode: str = "past",
+    basis_from: str = "input", method: str = "exact",
+) -> LayerMemory:  # fmt: skip
+    """A chunk's view of an exact past ``mem``: the sinks and the window exactly (the tail), the middle
+    compressed to principal keys from the middle's tokens alone (``rank`` of the middle's length), or
+    left out when ``keep.drop_rest`` (or ``rank`` is None)."""
+    if mem.k is None:
+        return LayerMemory()
+    a, b = keep.split(mem.n_exact)
+    view = _kept(mem, a, b)
+    if b > a and rank is not None and not keep.drop_rest:
+        middle = LayerMemory(k=mem.k[:, a:b], v=mem.v[:, a:b], x=mem.x[a:b])
+        r = ranks.chunk_rank(rank, b - a, chunk_len, rank_mode)
+        view.past = compressed(middle, r, basis_from=basis_from, method=method).past
+    return view
+
+
+class WindowedMoments:
+    """A layer's past for ``basis_update="moments"`` behind an exact window: the sinks and the last
+    ``window`` tokens kept exactly, every token that leaves the window added to running sums
+    (:class:`~atp_viz.analysis.moments.MomentStore`) and never kept again."""
+
+    def __init__(self, basis_from: str, keep: ExactKeep) -> None:
+        self.keep, self.exact, self.sums = keep, LayerMemory(), MomentStore(basis_from)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        self.exact.append(k, v, x)
+
+    def view(self, rank, chunk_len: int, rank_mode: str) -> LayerMemory:
+        """Evict what left the window into the sums, then the chunk's view (shallow: appends during the
+        chunk do not reach it)."""
+        if self.exact.k is None:
+            return LayerMemory()
+        a, b = self.keep.split(self.exact.n_exact)
+        if b > a:
+            m = self.exact
+            if not self.keep.drop_rest:
+                self.sums.append(m.k[:, a:b], m.v[:, a:b], m.x[a:b])
+            self.exact = _kept(m, a, b)
+        view = LayerMemory(k=self.exact.k, v=self.exact.v, x=self.exact.x)
+        if self.sums.n and not self.keep.drop_rest:
+            view.past = self.sums.past(ranks.chunk_rank(rank, self.sums.n, chunk_len, rank_mode))
+        return view
+
+
+def _chunk_views(stores, c: int, start: int, C: int, rank, opts: dict) -> list[LayerMemory]:
+    """Every layer's view of the past for chunk c (starting at token ``start``, C tokens long)."""
+    keep, mode = opts["keep"], opts["rank_mode"]
+    if opts["moments"]:
+        if keep is not None:
+            return [m.view(rank, C, mode) for m in stores]
+        r = ranks.chunk_rank(rank, start, C, mode) if c else 0
+        return [LayerMemory(past=m.past(r) if c else None) for m in stores]
+    if keep is not None and c:
+        return [
+            windowed(m, keep, rank, C, rank_mode=mode, basis_from=opts["basis_from"], method=opts["method"])
+            for m in stores
+        ]
+    if rank is None or c == 0:
+        # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
+        return [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
+    r = ranks.chunk_rank(rank, start, C, mode)
+    return [compressed(m, r, basis_from=opts["basis_from"], method=opts["method"]) for m in stores]
+
+
 def chunked_logits(
     loaded: LoadedModel,
     ids: torch.Tensor,
@@ -156,6 +259,7 @@ def chunked_logits(
     rank_mode: str = "past",
     params: dict[int, dict[str, torch.Tensor]] | None = None,
     basis_update: str = "recompute",
+    keep: ExactKeep | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
@@ -172,6 +276,8 @@ def chunked_logits(
     ``round(rank * n)`` principal keys; with ``rank_mode="effective"`` it is the share of the key set
     the chunk's queries attend to on average (:func:`atp_viz.core.ranks.chunk_rank`). ``params``: the
     form's per-head parameters per layer (default: the model's trained ones, ``LoadedModel.form_params``).
+    ``keep``: sinks and a window read exactly (:class:`ExactKeep`); ``rank`` then counts the middle's
+    principal keys (a share: of the middle), and ``rank=None`` with ``keep.drop_rest`` is the window alone.
     Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
     constant there, see ``atp_viz.core.basis.principal_basis``).
     """
@@ -190,6 +296,13 @@ def chunked_logits(
         ranks.check_rank(rank)  # int >= 1 or a float in (0, 1]; clear errors otherwise
     else:  # dense means the softmax: another form's kernel over an exact past is not dense attention
         form, params = DENSE_FORM, None
+    if keep is not None and rank_mode != "past":
+        raise ValueError(
+            "With sinks and a window kept exactly the rank counts the middle's principal keys: use an int "
+            "rank or rank_mode='past' (the effective share is defined for a wholly compressed past)."
+        )
+    if keep is not None and rank is None and not keep.drop_rest:
+        keep = None  # nothing compressed: dense
     if basis_update not in ("recompute", "moments"):
         raise ValueError(f"basis_update must be 'recompute' or 'moments', got {basis_update!r}")
     moments = basis_update == "moments" and rank is not None
@@ -200,23 +313,27 @@ def chunked_logits(
         )
     # The exact past of every layer, appended to as each chunk is processed (its keys and values as
     # computed when that chunk was current); each chunk attends to a fresh compression of it. With
-    # moments, only the running sums of that past.
-    stores = (
-        [MomentStore(basis_from) for _ in range(loaded.info.n_layers)] if moments else _new_memories(loaded)
-    )
+    # moments, only the running sums of that past (and the exact sinks and window, if any).
+    n_layers = loaded.info.n_layers
+    if moments:
+        stores = [
+            MomentStore(basis_from) if keep is None else WindowedMoments(basis_from, keep)
+            for _ in range(n_layers)
+        ]
+    else:
+        stores = _new_memories(loaded)
+    opts = {
+        "keep": keep,
+        "rank_mode": rank_mode,
+        "moments": moments,
+        "basis_from": basis_from,
+        "method": method,
+    }
     all_logits = []
     n_chunks = math.ceil(L / chunk)
     for c in range(n_chunks):
         piece = ids[:, c * chunk : (c + 1) * chunk]
-        if moments:
-            r = ranks.chunk_rank(rank, c * chunk, piece.shape[1], rank_mode) if c else 0
-            views = [LayerMemory(past=m.past(r) if c else None) for m in stores]
-        elif rank is None or c == 0:
-            # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
-            views = [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
-        else:
-            r = ranks.chunk_rank(rank, c * chunk, piece.shape[1], rank_mode)
-            views = [compressed(m, r, basis_from=basis_from, method=method) for m in stores]
+        views = _chunk_views(stores, c, c * chunk, piece.shape[1], rank, opts)
         plan = StreamPlan(memories=views, form=form, stores=stores, params=params or loaded.form_params(form))
         all_logits.append(_run_piece(loaded, plan, piece, c * chunk))
         if progress:

@@ -70,6 +70,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         help=f"timed model forwards per configuration (default {model.MODEL_REPEATS})",
     )
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _prefill_arguments(b)
+    b.set_defaults(func=run)
+    return b
+
+
+def _prefill_arguments(b: argparse.ArgumentParser) -> None:
+    """The ``--prefill`` group's options."""
     p = b.add_argument_group(
         "prefill (--prefill)",
         "dense SDPA prefill against ATP prefill (strictly causal chunks, past compressed to --rank principal "
@@ -90,8 +97,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="recompute: an SVD of the whole past per chunk (every form); moments: running sums of the "
         "past, cost independent of its length (linear, pksoftmax)",
     )  # fmt: skip
-    b.set_defaults(func=run)
-    return b
+    p.add_argument(
+        "--window", type=int, default=0,
+        help="read the last N past tokens of every chunk exactly, compress only the rest (default 0: all)",
+    )  # fmt: skip
+    p.add_argument("--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly")
+    p.add_argument(
+        "--drop-middle", action="store_true",
+        help="with --window: leave the rest of the past out (the window alone, softmax; --form is ignored)",
+    )  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,8 +161,14 @@ def run_prefill(args: argparse.Namespace) -> int:
     """``bench --prefill``: one JSON object per length (the object itself when there is one length)."""
     import torch
 
+    from atp_viz.analysis.serving import ExactKeep
     from atp_viz.hf.models import load_model
 
+    if args.window < 0 or args.sinks < 0 or ((args.sinks or args.drop_middle) and not args.window):
+        raise ValueError(
+            "--window and --sinks are token counts >= 0; --sinks and --drop-middle need a --window"
+        )
+    keep = ExactKeep(args.sinks, args.window, drop_rest=args.drop_middle) if args.window else None
     lengths = args.tokens or (2048, 4096, 8192)
     repeats = args.repeats or prefill.DEFAULT_REPEATS
     max_repeats = max(repeats, args.max_repeats or prefill.DEFAULT_MAX_REPEATS)
@@ -158,7 +178,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         run = prefill.run_prefill(
             loaded, L, form=args.form, rank=args.rank, chunk=args.chunk, basis_from=args.basis_from,
             method=args.basis_method, basis_update=args.basis_update, repeats=repeats,
-            max_repeats=max_repeats, progress=_say(args),
+            max_repeats=max_repeats, keep=keep, progress=_say(args),
         )  # fmt: skip
         run["machine"] = timing.machine_info(args.device)
         run["threads"] = torch.get_num_threads()

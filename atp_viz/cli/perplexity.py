@@ -29,20 +29,38 @@ def register(sub) -> None:
     pp.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
     pp.add_argument("--ranks", type=rank_list_arg, default=[16, 32, 64, 128], help="ints or shares of L")
     pp.add_argument("--rank-mode", choices=RANK_MODES, default="past", help="what a share of L means")
+    pp.add_argument(
+        "--basis-from", choices=("input", "keys"), default=None,
+        help="basis source of the past: attention inputs X or the keys (default: a tuned model's own, "
+        "else input)",
+    )  # fmt: skip
+    pp.add_argument(
+        "--window", type=int, default=0,
+        help="read the last N past tokens exactly and compress only the rest (the middle); 0: compress all",
+    )  # fmt: skip
+    pp.add_argument(
+        "--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly"
+    )
     add_form(pp, many=True)
     pp.add_argument("--json")
     pp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from atp_viz.analysis import protocol
+    from atp_viz.analysis import protocol, serving
     from atp_viz.cli.common import stderr_progress
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import base_model_of
 
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
+    if args.window < 0 or args.sinks < 0 or (args.sinks and not args.window):
+        raise ValueError("--window and --sinks are token counts >= 0, and --sinks needs a --window")
+    keep = serving.ExactKeep(args.sinks, args.window) if args.window else None
+    if keep is not None and args.rank_mode != "past":
+        raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
     loaded = load_model(args.model)
+    basis_from = args.basis_from or _tuned_basis(args.model)
     if args.text_file:
         windows = protocol.text_windows(loaded.tokenizer, read_text_file(args.text_file), args.seq_len)
         source = args.text_file
@@ -57,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     settings = [(r, f) for f in args.forms for r in args.ranks]
     base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
     rows = protocol.perplexity_grid(
-        loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, progress=stderr_progress(),
-        original=load_model(base) if base else None,
+        loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, basis_from=basis_from,
+        keep=keep,
+        progress=stderr_progress(), original=load_model(base) if base else None,
     )  # fmt: skip
     for row in protocol.grid_table(rows):
         print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
@@ -71,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len,
             "chunk": args.chunk,
             "rank_mode": args.rank_mode,
+            "basis_from": basis_from,
+            "exact_sinks": args.sinks,
+            "exact_window": args.window,
             "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
@@ -80,3 +102,13 @@ def run(args: argparse.Namespace) -> int:
         args.json,
     )
     return 0
+
+
+def _tuned_basis(model: str) -> str:
+    """The basis source a ``tuned:`` model was trained with ("input" for any other model)."""
+    from atp_viz.hf.model_info import TUNED_PREFIX
+    from atp_viz.hf.tuned import read_settings
+
+    if not model.startswith(TUNED_PREFIX):
+        return "input"
+    return read_settings(model[len(TUNED_PREFIX) :])["settings"].get("basis_from", "input")

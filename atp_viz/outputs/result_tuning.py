@@ -217,6 +217,16 @@ def _round_ratios(run: dict) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "unknown"
 
 
+def _prefill_setting(r: dict) -> str:
+    """The ATP column of a prefill run: form, rank, basis, and the exact sinks and window if any."""
+    window = f"sinks {r.get('exact_sinks', 0)} + window {r.get('exact_window', 0)} exact"
+    if r.get("middle") == "dropped":
+        return f"{window}, the rest dropped (no ATP)"
+    basis = f"basis from {r.get('basis_from', '?')} ({r.get('basis_update', 'recompute')})"
+    setting = f"{r['form']}, r = {r['rank']}, {basis}"
+    return f"{window}, the rest: {setting}" if r.get("middle") else setting
+
+
 def render_prefill(data: list[dict]) -> str:
     rows = []
     for d in data:
@@ -224,8 +234,7 @@ def render_prefill(data: list[dict]) -> str:
             rows.append(
                 [
                     r["model"].replace(str(ROOT) + "/", ""),
-                    f"{r['form']}, r = {r['rank']}, basis from {r.get('basis_from', '?')} "
-                    f"({r.get('basis_update', 'recompute')})",
+                    _prefill_setting(r),
                     r["tokens"],
                     f"{r['dense_seconds']:.1f}",
                     f"{r['atp_seconds']:.1f}",

@@ -56,7 +56,7 @@ def geometry(loaded: LoadedModel) -> _costs.Geometry:
 
 def counted_macs(
     loaded: LoadedModel, L: int, *, rank: int, form: str, chunk: int, basis_from: str, method: str,
-    basis_update: str = "recompute",
+    basis_update: str = "recompute", keep=None,
 ) -> dict[str, float]:  # fmt: skip
     """Multiply-adds of the dense prefill and of the chunked ATP prefill, and their parts.
 
@@ -64,7 +64,9 @@ def counted_macs(
     chunks as :meth:`AttentionForm.stream_cost` counts them, plus the basis of each chunk's past: an SVD
     of the whole past (:func:`atp_viz.core.costs.basis_macs`), or, from running sums, the chunk's update
     and a d_s x d_s eigendecomposition (:func:`atp_viz.core.costs.moment_basis_macs`; then no
-    compression pass over the past either)."""
+    compression pass over the past either). ``keep`` (:class:`atp_viz.analysis.serving.ExactKeep`): the
+    sinks and window are read exactly (``2 H C T d_h`` for T of them) and only the middle is compressed
+    (nothing of it when ``keep.drop_rest``)."""
     geom, n_layers = geometry(loaded), loaded.info.n_layers
     f = forms.get(form)
     kv_width = geom.n_kv_heads * geom.head_dim
@@ -74,13 +76,16 @@ def counted_macs(
     attn = basis = 0.0
     for start in range(0, L, chunk):
         C = min(chunk, L - start)
-        r = _ranks.chunk_rank(rank, start, C) if start else 0
+        a, b = keep.split(start) if keep is not None else (0, start)
+        n = 0 if keep is not None and keep.drop_rest else b - a  # compressed tokens
+        attn += 2.0 * geom.n_heads * C * (start - (b - a)) * geom.head_dim  # exact sinks and window
+        r = _ranks.chunk_rank(rank, n, C) if n else 0
         if basis_update == "moments":
-            attn += f.stream_cost(C, 0, 0, geom) + (f.past_macs(C, start, r, geom) if start else 0.0)
-            basis += _costs.moment_basis_macs(C, d_src, r, kv_width)
+            attn += f.stream_cost(C, 0, 0, geom) + (f.past_macs(C, n, r, geom) if n else 0.0)
+            basis += _costs.moment_basis_macs(C, d_src, r, kv_width) if n or keep is None else 0.0
         else:
-            attn += f.stream_cost(C, start, r, geom)
-            basis += _costs.basis_macs(start, d_src, r, method) if start else 0.0
+            attn += f.stream_cost(C, n, r, geom)
+            basis += _costs.basis_macs(n, d_src, r, method) if n else 0.0
     atp_attn, atp_basis = n_layers * attn, n_layers * basis
     return {
         "linear_layers": linear,
@@ -145,10 +150,13 @@ def run_prefill(
     basis_update: str = "recompute",
     repeats: int = DEFAULT_REPEATS,
     max_repeats: int = DEFAULT_MAX_REPEATS,
+    keep=None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Dense and ATP prefill of one held-out window of L tokens, timed in interleaved rounds (warmed up
-    on a short prefix), and the last run of each scored on the same positions."""
+    on a short prefix), and the last run of each scored on the same positions. ``keep``
+    (:class:`atp_viz.analysis.serving.ExactKeep`): sinks and a window read exactly, only the middle
+    compressed (or, with ``drop_rest``, left out: the window alone, whatever ``form`` says)."""
     from atp_viz.analysis import serving
 
     if not loaded.info.is_decoder:
@@ -173,10 +181,13 @@ def run_prefill(
         with backend.activate(loaded.model):
             return loaded.model(input_ids=x, use_cache=False).logits
 
+    if keep is not None and keep.drop_rest:
+        form = "exact"  # the window alone is a softmax; no principal key is made
+
     def atp(x=ids):
         return serving.chunked_logits(
-            loaded, x, rank=rank, form=form, chunk=chunk, basis_from=basis_from, method=method,
-            basis_update=basis_update,
+            loaded, x, rank=None if keep is not None and keep.drop_rest else rank, form=form, chunk=chunk,
+            basis_from=basis_from, method=method, basis_update=basis_update, keep=keep,
         )  # fmt: skip
 
     say(0.02, f"prefill {L}: warming up on {min(L, 2 * chunk + 1)} tokens")
@@ -186,23 +197,25 @@ def run_prefill(
     kept: dict[str, dict] = {}
     done = [0]
 
-    def keep(name: str, out: torch.Tensor) -> None:
+    def record(name: str, out: torch.Tensor) -> None:
         kept[name] = _scored(out, ids, chunk)
         done[0] += 1
         say(min(0.95, 0.05 + 0.9 * done[0] / (2 * max_repeats)), f"prefill {L}: {name} run {done[0]}")
 
     t0 = time.perf_counter()
     times = timing.time_paths(
-        {"dense": dense, "atp": atp}, repeats, 0, str(loaded.device), max_repeats=max_repeats, keep=keep
+        {"dense": dense, "atp": atp}, repeats, 0, str(loaded.device), max_repeats=max_repeats, keep=record
     )
     d, a = timing.summary(times["dense"]), timing.summary(times["atp"])
     macs = counted_macs(
         loaded, L, rank=rank, form=form, chunk=chunk, basis_from=basis_from, method=method,
-        basis_update=basis_update,
+        basis_update=basis_update, keep=keep,
     )  # fmt: skip
     return {
         "model": loaded.info.key, "label": loaded.info.label, "tokens": L, "form": form, "rank": rank,
         "chunk": chunk, "basis_from": basis_from, "basis_method": method, "basis_update": basis_update,
+        "exact_sinks": keep.sinks if keep else 0, "exact_window": keep.window if keep else 0,
+        "middle": None if keep is None else "dropped" if keep.drop_rest else "principal keys",
         "dense_seconds": d["median_s"], "atp_seconds": a["median_s"],
         "speedup": d["median_s"] / a["median_s"],
         "ceiling": macs["dense_total"] / macs["atp_total"],
@@ -210,19 +223,27 @@ def run_prefill(
         **accuracy(kept["dense"], kept["atp"], window, chunk, rank),
         "text": f"held-out window of {L} tokens (atp_viz.analysis.protocol.heldout_windows, max_windows=1)",
         "dense_how": "one forward of the whole window, the model's causal attention through torch SDPA",
-        "atp_how": (
-            f"strictly causal chunks of {chunk}: each attends to its past compressed to {rank} principal "
-            f"keys (basis from the past's {'attention inputs X' if basis_from == 'input' else 'keys'}, "
-            + (
-                "from running sums of the past updated chunk by chunk and an eigendecomposition per chunk "
-                "and layer"
-                if basis_update == "moments"
-                else f"{method} SVD of the whole past for every chunk and layer"
-            )
-            + ", timed) and to itself exactly"
-        ),
+        "atp_how": _how(keep, chunk, rank, basis_from, basis_update, method),
         "wall_seconds": time.perf_counter() - t0,
     }  # fmt: skip
+
+
+def _how(keep, chunk: int, rank: int, basis_from: str, basis_update: str, method: str) -> str:
+    """What the ATP side of a prefill run computes, in words (for its JSON)."""
+    head = f"strictly causal chunks of {chunk}: each attends to itself exactly"
+    if keep is not None:
+        head += f", to the first {keep.sinks} tokens and to the {keep.window} tokens before it exactly"
+        if keep.drop_rest:
+            return head + " (one softmax), and to nothing else of its past"
+    source = "attention inputs X" if basis_from == "input" else "keys"
+    update = (
+        "from running sums of the past updated chunk by chunk and an eigendecomposition per chunk and layer"
+        if basis_update == "moments"
+        else f"{method} SVD of the whole past for every chunk and layer"
+    )
+    rest = "the rest of its past" if keep is not None else "its past"
+    basis = f"basis from the past's {source}, {update}, timed"
+    return f"{head}, and to {rest} compressed to {rank} principal keys ({basis})"
 
 
 def crossover(runs: list[dict]) -> int | None:
@@ -249,7 +270,14 @@ def report(runs: list[dict]) -> str:
         )
     if runs:
         r = runs[0]
-        lines.append(f"{r['label']}, form {r['form']}, r = {r['rank']}, chunk {r['chunk']}.")
+        if r.get("middle") == "dropped":
+            setting = f"window {r['exact_window']} + {r['exact_sinks']} sinks alone"
+        else:
+            window = (
+                f", window {r['exact_window']} + {r['exact_sinks']} sinks exact" if r.get("middle") else ""
+            )
+            setting = f"form {r['form']}, r = {r['rank']}{window}"
+        lines.append(f"{r['label']}, {setting}, chunk {r['chunk']}.")
         cross = crossover(runs)
         lines.append(
             f"ATP faster than dense from L = {cross} on." if cross else "ATP was not faster at any length."
