@@ -146,6 +146,21 @@ rank_mode = p4.radio(
     "exactly on top); 'effective' makes the attended share of the key set equal it on average (the paper's "
     "r = L/2). Ints are numbers of principal keys either way.",
 )
+q1, q2, q3 = st.columns(3)
+basis_from = q1.radio(
+    "Basis from", ["input", "keys"], key="ppl_basis", horizontal=True,
+    help="the past's attention inputs X (the paper's) or its keys",
+)  # fmt: skip
+window = q2.number_input(
+    "Exact window (tokens)", 0, 8192, 0, 16, key="ppl_window",
+    help="each chunk also reads the last N past tokens exactly, and only the rest of its past (the middle) "
+    "is compressed; a row 'middle dropped' then shows the window alone, so you see what the principal keys "
+    "add",
+)  # fmt: skip
+sinks = q3.number_input(
+    "Exact sinks (first tokens)", 0, 64, 0, 1, key="ppl_sinks", disabled=not window,
+    help="with a window: the first N tokens are read exactly too (attention sinks)",
+)  # fmt: skip
 form_names = st.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
 ranks = st.multiselect(
     "Ranks r (ints: principal keys for the past; fractions: a share of L)",
@@ -157,24 +172,36 @@ ranks = st.multiselect(
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _perplexity(
-    model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str
-):
+    model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str,
+    basis_from: str = "input", keep: serving.ExactKeep | None = None,
+):  # fmt: skip
     m = runtime.get_model(model_key)
     if text is None:
         windows = protocol.heldout_windows(m.tokenizer, seq_len, max_windows=n_windows)
     else:
         windows = protocol.text_windows(m.tokenizer, text, seq_len, label="sidebar text")
     with runtime.heavy_job("perplexity grid"), widgets.progress("Perplexity...") as bar:
-        rows = protocol.perplexity_grid(m, windows, settings, chunk=chunk, rank_mode=mode, progress=bar)
+        rows = protocol.perplexity_grid(
+            m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep, progress=bar
+        )
     return len(windows.ids), rows
 
 
 if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
     settings = tuple((r, f) for f in form_names for r in sorted(ranks, key=float))
     text = None if src.startswith("Held") else sel.text
+    keep = serving.ExactKeep(int(sinks), int(window)) if window else None
     try:
         n_win, rows = _perplexity(
-            sel.model_key, text, int(n_windows), int(seq_len), int(chunk), settings, rank_mode
+            sel.model_key,
+            text,
+            int(n_windows),
+            int(seq_len),
+            int(chunk),
+            settings,
+            rank_mode,
+            basis_from,
+            keep,
         )
     except (ValueError, TextError) as err:
         st.error(str(err))
@@ -182,12 +209,16 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
     except BusyError as err:
         st.warning(str(err))
         st.stop()
-    st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}.")
+    exact = (
+        f"; each chunk also reads the first {sinks} tokens and the {window} before it exactly" if keep else ""
+    )
+    st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{exact}.")
     table = protocol.grid_table(rows)
     st.dataframe(pd.DataFrame(table), hide_index=True, key="ppl_table")
     widgets.table_downloads(table, "perplexity_table")
     # sorted by the x of the figures below, so each form's line runs left to right (ints and shares of L mix)
     dense, rest = rows[0], sorted(rows[1:], key=lambda x: x.get("attended_share") or 0.0)
+    alone = next((x for x in rest if x["rank"] == "window" and x.get("n_scored")), None)
     # x: the mean attended share of the key set, comparable across ints and shares of L and both rank modes
     by_form_r = {
         f: [x["attended_share"] for x in rest if x["form"] == f and x.get("n_scored")] for f in form_names
@@ -203,6 +234,7 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
             title=f"{y_title} over {dense['n_scored']} scored predictions, chunks of {chunk}",
             y_title=y_title,
             log_y=log_y,
+            references={"window alone": alone[metric]} if alone else None,
         )
         fig.update_xaxes(title_text="mean attended share of the key set", type="linear", range=[0, 1.02])
         st.plotly_chart(fig, key=key)

@@ -185,6 +185,17 @@ def test_serving_page_encoder_message_and_decoder_generation():
     assert all("[" in v for v in table["top-1 [95% CI]"])
     scored = table["scored predictions"]
     assert len(set(scored)) == 1 and scored.iloc[0] == 2 * (128 - 32 - 1)
+    # an exact window: the window alone gets a row and a reference line, the ATP rows say what they kept
+    at.number_input(key="ppl_window").set_value(32).run()
+    at.number_input(key="ppl_sinks").set_value(2).run()
+    at.radio(key="ppl_basis").set_value("keys").run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    ranks = list(at.dataframe[0].value["rank"])
+    assert ranks[1] == "middle dropped + sinks 2, window 32 exact", ranks
+    assert all(r.endswith("window 32 exact") for r in ranks[1:])
+    assert all("window alone" in c.proto.spec for c in _charts(at)), "no reference line for the window alone"
+    assert any("basis from keys" in c.value and "2 tokens and the 32" in c.value for c in at.caption)
 
 
 def test_cost_page_counts_follow_inputs():

@@ -300,8 +300,10 @@ def rank_grid_figure(
     title: str,
     y_title: str,
     log_y: bool = False,
+    references: dict[str, float] | None = None,
 ) -> go.Figure:
-    """A metric vs rank, one line per form, with the dense value as a reference line."""
+    """A metric vs rank, one line per form, with the dense value (and any ``references``, label ->
+    value, e.g. an exact window alone) as reference lines."""
     fig = go.Figure()
     for form, ranks in ranks_by_form.items():
         fig.add_trace(
@@ -309,12 +311,15 @@ def rank_grid_figure(
         )
     fig = _base(fig, title, "rank r (principal keys for the past)", y_title, height=380)
     fig.update_xaxes(type="log")
+    lines = {"dense": (dense_value, "dash"), **{k: (v, "dot") for k, v in (references or {}).items()}}
     if log_y:  # a shape on a log axis is placed at log10 of its value: see log_hline
-        log_hline(fig, dense_value, color="black", dash="dash", label="dense")
-        shown = [v for vs in values_by_form.values() for v in vs] + [dense_value]
+        for label, (value, dash) in lines.items():
+            log_hline(fig, value, color="black", dash=dash, label=label)
+        shown = [v for vs in values_by_form.values() for v in vs] + [v for v, _ in lines.values()]
         fig.update_yaxes(type="log", range=log_range(_positive(shown)))
     else:
-        fig.add_hline(y=dense_value, line=dict(dash="dash", color="black"), annotation_text="dense")
+        for label, (value, dash) in lines.items():
+            fig.add_hline(y=value, line=dict(dash=dash, color="black"), annotation_text=label)
     return fit_log_axes(fig)
 
 
