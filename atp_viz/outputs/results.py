@@ -20,6 +20,7 @@ from typing import Any
 from atp_viz.outputs import result_app as app_tables
 from atp_viz.outputs import result_tables as tables
 from atp_viz.outputs import result_tuning as tuning
+from atp_viz.outputs import result_window as window
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -157,6 +158,7 @@ RESULTS: tuple[Result, ...] = (
         55,
     ),  # fmt: skip
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
+    _measured("window-smollm2", window.render_window, 17, window.measure_window_smollm2),
     Result(
         "bench-layer",
         ("docs/bench-reference.json",),
