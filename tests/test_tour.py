@@ -477,3 +477,30 @@ def test_tour_page_uses_the_deployment_map_limit(monkeypatch, tmp_path):
     at.selectbox(key="tour_step").set_value(1).run()  # the other steps still draw
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_presenter_mode_downloads_carry_the_large_fonts(monkeypatch):
+    """A figure downloaded in presenter mode (PNG, SVG, HTML) is the figure the page shows, large fonts
+    included; outside presenter mode it is the figure as made. Streamlit runs a download's data callable
+    only on a click, so the callables are captured and run here."""
+    import contextlib
+
+    from atp_app import widgets
+
+    made = {}
+    monkeypatch.setattr(widgets.st, "download_button", lambda label, data, **_: made.__setitem__(label, data))
+    monkeypatch.setattr(widgets.st, "popover", lambda *a, **kw: contextlib.nullcontext())
+    monkeypatch.setattr(widgets.export, "static_export_problem", lambda: None)
+    for name in ("figure_png", "figure_svg", "figure_html"):
+        monkeypatch.setattr(widgets.export, name, lambda fig: fig)  # what would be written
+    fig = go.Figure(go.Scatter(y=[1, 2]), layout=dict(title="a title"))
+    sizes = {}
+    for present in (False, True):
+        monkeypatch.setattr(widgets, "presenting", lambda present=present: present)
+        made.clear()
+        widgets.figure_downloads(fig, "f")
+        assert len(made) == 3
+        sizes[present] = {label: data().layout.font.size for label, data in made.items()}
+    assert set(sizes[False].values()) == {None}
+    assert all(size == pytest.approx(14 * 1.6) for size in sizes[True].values())
+    assert fig.layout.font.size is None  # the page's (cached) figure is left as it is
