@@ -160,7 +160,7 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
     assert atp and all(kw["keep"] == serving.ExactKeep(2, 16) and kw["basis_from"] == "keys" for kw in atp)
     no_window = [a for i, a in enumerate(argv) if "--window" not in argv[max(i - 1, 0) : i + 1]]
     assert main(no_window) == 2  # sinks without a window
-    assert "--sinks needs a --window" in capsys.readouterr().err
+    assert "need a --window" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
     (run / "atp_tuning.json").write_text(json.dumps({"settings": {"form": "exact", "basis_from": "keys"}}))

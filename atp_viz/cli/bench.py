@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from atp_viz.analysis.bench import layer, model, prefill, timing
-from atp_viz.cli.common import arg_type
+from atp_viz.cli.common import add_exact_window, arg_type, exact_keep
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -97,15 +97,7 @@ def _prefill_arguments(b: argparse.ArgumentParser) -> None:
         help="recompute: an SVD of the whole past per chunk (every form); moments: running sums of the "
         "past, cost independent of its length (linear, pksoftmax)",
     )  # fmt: skip
-    p.add_argument(
-        "--window", type=int, default=0,
-        help="read the last N past tokens of every chunk exactly, compress only the rest (default 0: all)",
-    )  # fmt: skip
-    p.add_argument("--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly")
-    p.add_argument(
-        "--drop-middle", action="store_true",
-        help="with --window: leave the rest of the past out (the window alone, softmax; --form is ignored)",
-    )  # fmt: skip
+    add_exact_window(p, drop_middle=True)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,14 +153,9 @@ def run_prefill(args: argparse.Namespace) -> int:
     """``bench --prefill``: one JSON object per length (the object itself when there is one length)."""
     import torch
 
-    from atp_viz.analysis.serving import ExactKeep
     from atp_viz.hf.models import load_model
 
-    if args.window < 0 or args.sinks < 0 or ((args.sinks or args.drop_middle) and not args.window):
-        raise ValueError(
-            "--window and --sinks are token counts >= 0; --sinks and --drop-middle need a --window"
-        )
-    keep = ExactKeep(args.sinks, args.window, drop_rest=args.drop_middle) if args.window else None
+    keep = exact_keep(args)
     lengths = args.tokens or (2048, 4096, 8192)
     repeats = args.repeats or prefill.DEFAULT_REPEATS
     max_repeats = max(repeats, args.max_repeats or prefill.DEFAULT_MAX_REPEATS)

@@ -62,6 +62,36 @@ def add_basis_method(parser: argparse.ArgumentParser, default: str = "exact") ->
     parser.add_argument("--basis-method", choices=basis.METHODS, default=default, help="how U_r is computed")
 
 
+def add_exact_window(parser, *, drop_middle: bool = False) -> None:
+    """``--window`` and ``--sinks`` (and ``--drop-middle``): past tokens read exactly, only the rest of the
+    past compressed (:class:`atp_viz.analysis.serving.ExactKeep`); read back with :func:`exact_keep`."""
+    parser.add_argument(
+        "--window", type=int, default=0,
+        help="read the last N past tokens before each chunk exactly and compress only the rest of the past "
+        "(the middle); default 0: compress all of it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly"
+    )
+    if drop_middle:
+        parser.add_argument(
+            "--drop-middle", action="store_true",
+            help="with --window: leave the middle out (the window alone, one softmax; --form is ignored)",
+        )  # fmt: skip
+
+
+def exact_keep(args: argparse.Namespace):
+    """The :class:`~atp_viz.analysis.serving.ExactKeep` the arguments ask for (None without ``--window``)."""
+    from atp_viz.analysis.serving import ExactKeep
+
+    drop = getattr(args, "drop_middle", False)
+    if args.window < 0 or args.sinks < 0:
+        raise ValueError(f"--window and --sinks are token counts >= 0, got {args.window} and {args.sinks}")
+    if (args.sinks or drop) and not args.window:
+        raise ValueError("--sinks and --drop-middle need a --window")
+    return ExactKeep(args.sinks, args.window, drop_rest=drop) if args.window else None
+
+
 def write_json(obj, out: str | None) -> None:
     """``obj`` as indented JSON to the file ``out`` (folders created), or to stdout."""
     text = json.dumps(obj, indent=2)

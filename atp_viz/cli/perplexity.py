@@ -7,7 +7,15 @@ import argparse
 import sys
 import time
 
-from atp_viz.cli.common import MODEL_HELP, add_form, rank_list_arg, read_text_file, write_json
+from atp_viz.cli.common import (
+    MODEL_HELP,
+    add_exact_window,
+    add_form,
+    exact_keep,
+    rank_list_arg,
+    read_text_file,
+    write_json,
+)
 from atp_viz.core.ranks import RANK_MODES
 
 
@@ -34,29 +42,21 @@ def register(sub) -> None:
         help="basis source of the past: attention inputs X or the keys (default: a tuned model's own, "
         "else input)",
     )  # fmt: skip
-    pp.add_argument(
-        "--window", type=int, default=0,
-        help="read the last N past tokens exactly and compress only the rest (the middle); 0: compress all",
-    )  # fmt: skip
-    pp.add_argument(
-        "--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly"
-    )
+    add_exact_window(pp)
     add_form(pp, many=True)
     pp.add_argument("--json")
     pp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from atp_viz.analysis import protocol, serving
+    from atp_viz.analysis import protocol
     from atp_viz.cli.common import stderr_progress
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import base_model_of
 
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
-    if args.window < 0 or args.sinks < 0 or (args.sinks and not args.window):
-        raise ValueError("--window and --sinks are token counts >= 0, and --sinks needs a --window")
-    keep = serving.ExactKeep(args.sinks, args.window) if args.window else None
+    keep = exact_keep(args)
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
     loaded = load_model(args.model)
