@@ -23,7 +23,7 @@ def _window_mask(n: int, chunk: int, sinks: int, window: int) -> torch.Tensor:
     return torch.where(allowed, 0.0, float("-inf"))[None, None]
 
 
-@pytest.mark.parametrize(("sinks", "window"), [(0, 8), (2, 16), (4, 24)])
+@pytest.mark.parametrize(("sinks", "window"), [(0, 8), (2, 16), (4, 24), (10, 4)])
 def test_the_window_alone_is_the_model_under_the_window_mask(load, sinks, window):
     """Dropping the middle is dense attention restricted to the sinks, the window and the chunk: the
     model itself run with that mask (transformers' custom 4-D attention mask)."""
@@ -172,7 +172,9 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
 def test_counted_prefill_cost_with_a_window_is_what_runs(load, form, drop):
     """The prefill ceiling's count of a windowed run (projections, MLP, LM head, the exact sinks and
     window, the middle's compression and attention) matches torch's FLOP counter over the run to within
-    6%; the exact SVD is not a matrix product for the counter, so the basis is left out of both."""
+    6%; the exact SVD is not a matrix product for the counter, so the basis is left out of both (and
+    attention runs through torch's math path, whose products the counter sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from atp_viz.analysis.bench import prefill
@@ -180,7 +182,7 @@ def test_counted_prefill_cost_with_a_window_is_what_runs(load, form, drop):
     loaded = load("tiny-llama")
     n, chunk, rank = 160, 32, 6
     keep = serving.ExactKeep(3, 40, drop_rest=drop)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         serving.chunked_logits(
             loaded, _ids(6, n), rank=None if drop else rank, form=form, chunk=chunk, basis_from="keys",
             method="exact", keep=keep,

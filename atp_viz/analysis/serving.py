@@ -199,29 +199,48 @@ def windowed(
     return view
 
 
-class WindowedMoments:
-    """A layer's past for ``basis_update="moments"`` behind an exact window: the sinks and the last
+class WindowStore:
+    """A layer's past behind an exact window when no exact middle is needed: the sinks and the last
     ``window`` tokens kept exactly, every token that leaves the window added to running sums
-    (:class:`~atp_viz.analysis.moments.MomentStore`) and never kept again."""
+    (:class:`~atp_viz.analysis.moments.MomentStore`, ``basis_update="moments"``) or, with
+    ``keep.drop_rest``, dropped. Each chunk costs one copy of the window, never a copy of the whole past."""
 
     def __init__(self, basis_from: str, keep: ExactKeep) -> None:
-        self.keep, self.exact, self.sums = keep, LayerMemory(), MomentStore(basis_from)
+        self.keep, self.sums = keep, MomentStore(basis_from)
+        self.keep_x = basis_from == "input" and not keep.drop_rest  # X only feeds the sums' basis
+        self.k: torch.Tensor | None = None  # (Hkv, held, dh): the sinks first, then the window
+        self.v: torch.Tensor | None = None
+        self.x: torch.Tensor | None = None
+        self.n = 0  # tokens appended in all
 
     def append(self, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
-        self.exact.append(k, v, x)
+        """Add a chunk and evict, in one copy, what is now neither a sink nor in the window (the oldest
+        non-sink tokens). Order inside the store does not matter: keys carry their positions (rotary)."""
+        C, held = k.shape[1], 0 if self.k is None else self.k.shape[1]
+        a_old = min(self.keep.sinks, held)  # sinks already held, then sinks inside this chunk
+        a_new = min(self.keep.sinks, held + C) - a_old
+        evict = max(0, (held - a_old) + (C - a_new) - self.keep.window)
+        e_old = min(evict, held - a_old)
+        e_new = evict - e_old
+        old = None if self.k is None else (self.k, self.v, self.x)
+        new = (k, v, x if self.keep_x else None)
+        if not self.keep.drop_rest:  # the evicted tokens join the running sums
+            for t, i, j in ((old, a_old, a_old + e_old), (new, a_new, a_new + e_new)):
+                if j > i:
+                    self.sums.append(t[0][:, i:j], t[1][:, i:j], None if t[2] is None else t[2][i:j])
+        # kept: the sinks (held, then this chunk's), then what is left of the window (held, then this chunk)
+        spans = [(old, 0, a_old), (new, 0, a_new), (old, a_old + e_old, held), (new, a_new + e_new, C)]
+        spans = [(t, i, j) for t, i, j in spans if t is not None and j > i] or [(new, C, C)]
+        self.k = torch.cat([t[0][:, i:j] for t, i, j in spans], dim=1)
+        self.v = torch.cat([t[1][:, i:j] for t, i, j in spans], dim=1)
+        self.x = torch.cat([t[2][i:j] for t, i, j in spans]) if self.keep_x else None
+        self.n += C
 
     def view(self, rank, chunk_len: int, rank_mode: str) -> LayerMemory:
-        """Evict what left the window into the sums, then the chunk's view (shallow: appends during the
-        chunk do not reach it)."""
-        if self.exact.k is None:
+        """The next chunk's view (shallow: the appends during the chunk make new tensors)."""
+        if self.k is None:
             return LayerMemory()
-        a, b = self.keep.split(self.exact.n_exact)
-        if b > a:
-            m = self.exact
-            if not self.keep.drop_rest:
-                self.sums.append(m.k[:, a:b], m.v[:, a:b], m.x[a:b])
-            self.exact = _kept(m, a, b)
-        view = LayerMemory(k=self.exact.k, v=self.exact.v, x=self.exact.x)
+        view = LayerMemory(k=self.k, v=self.v, x=self.x)
         if self.sums.n and not self.keep.drop_rest:
             view.past = self.sums.past(ranks.chunk_rank(rank, self.sums.n, chunk_len, rank_mode))
         return view
@@ -230,9 +249,9 @@ class WindowedMoments:
 def _chunk_views(stores, c: int, start: int, C: int, rank, opts: dict) -> list[LayerMemory]:
     """Every layer's view of the past for chunk c (starting at token ``start``, C tokens long)."""
     keep, mode = opts["keep"], opts["rank_mode"]
+    if isinstance(stores[0], WindowStore):
+        return [m.view(rank, C, mode) for m in stores]
     if opts["moments"]:
-        if keep is not None:
-            return [m.view(rank, C, mode) for m in stores]
         r = ranks.chunk_rank(rank, start, C, mode) if c else 0
         return [LayerMemory(past=m.past(r) if c else None) for m in stores]
     if keep is not None and c:
@@ -315,11 +334,10 @@ def chunked_logits(
     # computed when that chunk was current); each chunk attends to a fresh compression of it. With
     # moments, only the running sums of that past (and the exact sinks and window, if any).
     n_layers = loaded.info.n_layers
-    if moments:
-        stores = [
-            MomentStore(basis_from) if keep is None else WindowedMoments(basis_from, keep)
-            for _ in range(n_layers)
-        ]
+    if keep is not None and (moments or keep.drop_rest):
+        stores = [WindowStore(basis_from, keep) for _ in range(n_layers)]
+    elif moments:
+        stores = [MomentStore(basis_from) for _ in range(n_layers)]
     else:
         stores = _new_memories(loaded)
     opts = {

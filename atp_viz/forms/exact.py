@@ -11,6 +11,7 @@ to build K', V', K_r, V_r; as a compressed cache it must also keep U_r (n x r) t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from atp_viz.core import attention as att
 from atp_viz.core import costs as _costs
@@ -70,8 +71,14 @@ class ExactForm(AttentionForm):
             kr = torch.einsum("nr,hrd->hnd", past.u, past.kp)  # (Hkv, n, dh): K_r = U_r K'
             vr = torch.einsum("nr,hrd->hnd", past.u, past.vp)
             keys, vals = torch.cat([kr, k], dim=1), torch.cat([vr, v], dim=1)
-        # Bottom-right causal alignment: chunk query j sees the past, the tail and chunk tokens <= j.
-        out = att.dense_attention(q[None], keys[None], vals[None], causal=True, scaling=c)
+        # Bottom-right causal alignment: chunk query j sees the past, the tail and chunk tokens <= j (never
+        # an empty row). torch's fused kernel, not the eager reference (att.dense_attention): the same
+        # numbers to rounding (tested), 3-4x faster on CPU at a prefill's sizes (the prefill bench times it).
+        C, n = q.shape[1], keys.shape[1]
+        allowed = torch.ones(C, n, dtype=torch.bool, device=q.device).tril(n - C)
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], vals[None], attn_mask=allowed, scale=c, enable_gqa=True
+        )
         return out[0]  # (H, C, dh)
 
     def cache_floats(self, n: int, r: int, n_kv_heads: int, head_dim: int) -> int:
