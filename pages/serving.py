@@ -11,6 +11,7 @@ from atp_viz.core.progress import within
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
+from atp_viz.hf.tuned import basis_of
 from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
@@ -148,8 +149,9 @@ rank_mode = p4.radio(
 )
 q1, q2, q3 = st.columns(3)
 basis_from = q1.radio(
-    "Basis from", ["input", "keys"], key="ppl_basis", horizontal=True,
-    help="the past's attention inputs X (the paper's) or its keys",
+    "Basis from", ["input", "keys"], index=["input", "keys"].index(basis_of(sel.model_key)), key="ppl_basis",
+    horizontal=True, help="the past's attention inputs X (the paper's) or its keys (default: what a tuned "
+    "model was tuned with)",
 )  # fmt: skip
 window = q2.number_input(
     "Exact window (tokens)", 0, 8192, 0, 16, key="ppl_window",

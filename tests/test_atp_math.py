@@ -547,3 +547,23 @@ def test_linear_branches_equal_the_explicit_L_by_L_formula(L, r, causal):
     expected = (A @ _repeat(Vr, 2)) / A.sum(-1, keepdim=True)
     out = atp_attention(q, k, v, U, form="linear", causal=causal, chunk_size=5)
     torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_fused_attention_is_the_dense_reference(monkeypatch, gqa):
+    """The streaming step's fused kernel gives the eager reference's numbers, bottom-right causal mask and
+    grouped-query included, with torch's enable_gqa and with the repeat fallback of older torch."""
+    from atp_viz.core import attention as att
+
+    monkeypatch.setattr(att, "sdpa_has_gqa", lambda: gqa)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (
+        torch.randn(1, 6, 5, 8, generator=gen),
+        torch.randn(1, 2, 12, 8, generator=gen),
+        torch.randn(1, 2, 12, 8, generator=gen),
+    )
+    allowed = torch.ones(5, 12, dtype=torch.bool).tril(12 - 5)
+    ref = dense_attention(q, k, v, causal=True, scaling=0.3)
+    torch.testing.assert_close(
+        att.fused_attention(q, k, v, mask=allowed, scaling=0.3), ref, atol=1e-6, rtol=1e-5
+    )

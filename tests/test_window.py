@@ -38,6 +38,18 @@ def test_the_window_alone_is_the_model_under_the_window_mask(load, sinks, window
     assert not torch.allclose(got, dense, atol=1e-3)  # the mask really drops something
 
 
+@pytest.mark.parametrize("form", ["linear", "pksoftmax"])
+def test_the_window_alone_ignores_rank_and_form(load, form):
+    """Dropping the middle is one softmax over what is read, whatever rank and form a caller passes."""
+    loaded = load("tiny-llama")
+    ids = _ids(7)
+    drop = serving.ExactKeep(2, 16, drop_rest=True)
+    with torch.inference_mode():
+        alone = serving.chunked_logits(loaded, ids, rank=None, chunk=CHUNK, keep=drop)
+        asked = serving.chunked_logits(loaded, ids, rank=4, form=form, chunk=CHUNK, keep=drop)
+    torch.testing.assert_close(asked, alone, atol=0, rtol=0)
+
+
 def test_a_full_rank_middle_under_the_exact_form_is_dense(load):
     loaded = load("tiny-llama")
     ids = _ids(1)
@@ -83,14 +95,15 @@ def test_no_later_token_reaches_an_earlier_logit(load, form, update):
     assert not torch.allclose(a[j], b[j])
 
 
-def test_running_sums_behind_the_window_equal_the_recomputed_middle(load):
+@pytest.mark.parametrize(("sinks", "window"), [(3, 16), (10, 4), (3, 5)])
+def test_running_sums_behind_the_window_equal_the_recomputed_middle(load, sinks, window):
     """The tokens that leave the window go to the running sums: the same principal keys as an SVD of the
-    middle (the linear form does not depend on the basis vectors' signs)."""
+    middle (the linear form does not depend on the basis vectors' signs); also with sinks spanning two
+    chunks and windows shorter than a chunk (tokens of the current chunk leave at once)."""
     loaded = load("tiny-llama")
     ids = _ids(4)
-    kw = dict(
-        rank=5, form="linear", chunk=CHUNK, basis_from="keys", method="exact", keep=serving.ExactKeep(3, 16)
-    )
+    keep = serving.ExactKeep(sinks, window)
+    kw = dict(rank=5, form="linear", chunk=CHUNK, basis_from="keys", method="exact", keep=keep)
     with torch.inference_mode():
         a = serving.chunked_logits(loaded, ids, basis_update="moments", **kw)
         b = serving.chunked_logits(loaded, ids, basis_update="recompute", **kw)
@@ -133,7 +146,7 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
     import json
 
     from atp_viz.cli import main
-    from atp_viz.cli import perplexity as cli_perplexity
+    from atp_viz.hf.tuned import basis_of
 
     calls = []
     real = serving.chunked_logits
@@ -164,8 +177,8 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
     run = tmp_path / "run"
     run.mkdir()
     (run / "atp_tuning.json").write_text(json.dumps({"settings": {"form": "exact", "basis_from": "keys"}}))
-    assert cli_perplexity._tuned_basis(f"tuned:{run}") == "keys"
-    assert cli_perplexity._tuned_basis("smollm2") == "input"
+    assert basis_of(f"tuned:{run}") == "keys"
+    assert basis_of("smollm2") == "input"
 
 
 @pytest.mark.parametrize(("form", "drop"), [("exact", True), ("exact", False), ("linear", False)])
@@ -223,7 +236,10 @@ def test_prefill_bench_with_a_window(tmp_path, capsys):
     assert main(argv) == 0
     short = json.loads(out.read_text())
     assert short["atp_perplexity"] != pytest.approx(short["dense_perplexity"], rel=1e-4)
+    assert full["attended_share"] == 1.0 and short["attended_share"] < 0.6  # the window's keys, no more
     assert short["ceiling"] > full["ceiling"]
     assert "nothing else of its past" in short["atp_how"]
     assert main(argv[: argv.index("--window")] + ["--sinks", "2"]) == 2
     assert "need a --window" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--window", "16"]) == 2  # not the layer bench's option
+    assert "belong to --prefill" in capsys.readouterr().err

@@ -150,11 +150,13 @@ def _new_memories(loaded: LoadedModel) -> list[LayerMemory]:
 @dataclass(frozen=True)
 class ExactKeep:
     """Past tokens every chunk reads exactly, the rest of its past compressed to principal keys: the first
-    ``sinks`` tokens (attention sinks) and the last ``window`` (a sliding window; the hybrid of
-    StreamingLLM, Xiao et al. 2023, and of LoLCATs' sliding window plus linear attention). The window
-    moves in whole chunks: chunk c reads the ``window`` tokens just before it and itself.
-    ``drop_rest=True`` leaves the middle out altogether, the baseline that says what its principal keys
-    add."""
+    ``sinks`` tokens (attention sinks) and the last ``window`` (a sliding window, as in StreamingLLM, Xiao
+    et al. 2023; LoLCATs pairs a softmax window with linear attention for the rest). The window moves in
+    whole chunks: chunk c reads the ``window`` tokens just before it and itself. "Exactly" means their own
+    keys and values, weighted as the form's streaming step weights exact keys: a softmax for ``exact``
+    and ``pksoftmax`` (in one normaliser with the middle), 1 + s for ``linear``, the second-order kernel
+    for ``taylor2``. ``drop_rest=True`` leaves the middle out altogether (one softmax over the sinks, the
+    window and the chunk): the baseline that says what the middle's principal keys add."""
 
     sinks: int = 0
     window: int = 0
@@ -295,8 +297,10 @@ def chunked_logits(
     ``round(rank * n)`` principal keys; with ``rank_mode="effective"`` it is the share of the key set
     the chunk's queries attend to on average (:func:`atp_viz.core.ranks.chunk_rank`). ``params``: the
     form's per-head parameters per layer (default: the model's trained ones, ``LoadedModel.form_params``).
-    ``keep``: sinks and a window read exactly (:class:`ExactKeep`); ``rank`` then counts the middle's
-    principal keys (a share: of the middle), and ``rank=None`` with ``keep.drop_rest`` is the window alone.
+    ``keep``: sinks and a window read exactly (:class:`ExactKeep`): their own keys and values, weighted as
+    the form's streaming step weights exact keys (a softmax for ``exact`` and ``pksoftmax``, 1 + s for
+    ``linear``); ``rank`` then counts the middle's principal keys (a share: of the middle). With
+    ``keep.drop_rest`` it is the window alone, one softmax, whatever ``rank`` and ``form`` say.
     Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
     constant there, see ``atp_viz.core.basis.principal_basis``).
     """
@@ -311,17 +315,20 @@ def chunked_logits(
             f"The chunk size ({chunk}) must be smaller than the text ({L} tokens): with one chunk there is "
             "no past to compress. Use a smaller chunk or a longer text."
         )
+    if keep is not None and keep.drop_rest:
+        rank = None  # the window alone: no principal key, and (below) the softmax over what is read
+    elif keep is not None and rank is None:
+        keep = None  # nothing compressed: dense
     if rank is not None:
         ranks.check_rank(rank)  # int >= 1 or a float in (0, 1]; clear errors otherwise
     else:  # dense means the softmax: another form's kernel over an exact past is not dense attention
         form, params = DENSE_FORM, None
-    if keep is not None and rank_mode != "past":
+    if keep is not None and rank is not None and rank_mode != "past":
         raise ValueError(
-            "With sinks and a window kept exactly the rank counts the middle's principal keys: use an int "
-            "rank or rank_mode='past' (the effective share is defined for a wholly compressed past)."
+            "With sinks and a window read exactly, rank_mode must be 'past': the rank counts the middle's "
+            "principal keys (an int, or a share of the middle); the effective share is defined for a wholly "
+            "compressed past."
         )
-    if keep is not None and rank is None and not keep.drop_rest:
-        keep = None  # nothing compressed: dense
     if basis_update not in ("recompute", "moments"):
         raise ValueError(f"basis_update must be 'recompute' or 'moments', got {basis_update!r}")
     moments = basis_update == "moments" and rank is not None

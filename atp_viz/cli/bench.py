@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.prefill:
         return run_prefill(args)
+    if args.window or args.sinks or args.drop_middle:
+        raise ValueError("--window, --sinks and --drop-middle belong to --prefill")
     o = _options(args)
     t0 = time.perf_counter()
     settings = {

@@ -67,7 +67,8 @@ def add_exact_window(parser, *, drop_middle: bool = False) -> None:
     past compressed (:class:`atp_viz.analysis.serving.ExactKeep`); read back with :func:`exact_keep`."""
     parser.add_argument(
         "--window", type=int, default=0,
-        help="read the last N past tokens before each chunk exactly and compress only the rest of the past "
+        help="read the last N past tokens before each chunk exactly (their own keys, under the form's "
+        "weighting of exact keys: a softmax for exact and pksoftmax) and compress only the rest of the past "
         "(the middle); default 0: compress all of it",
     )  # fmt: skip
     parser.add_argument(

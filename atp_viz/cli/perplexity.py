@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import protocol
     from atp_viz.cli.common import stderr_progress
     from atp_viz.hf.models import load_model
-    from atp_viz.hf.tuned import base_model_of
+    from atp_viz.hf.tuned import base_model_of, basis_of
 
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
     loaded = load_model(args.model)
-    basis_from = args.basis_from or _tuned_basis(args.model)
+    basis_from = args.basis_from or basis_of(args.model)
     if args.text_file:
         windows = protocol.text_windows(loaded.tokenizer, read_text_file(args.text_file), args.seq_len)
         source = args.text_file
@@ -102,13 +102,3 @@ def run(args: argparse.Namespace) -> int:
         args.json,
     )
     return 0
-
-
-def _tuned_basis(model: str) -> str:
-    """The basis source a ``tuned:`` model was trained with ("input" for any other model)."""
-    from atp_viz.hf.model_info import TUNED_PREFIX
-    from atp_viz.hf.tuned import read_settings
-
-    if not model.startswith(TUNED_PREFIX):
-        return "input"
-    return read_settings(model[len(TUNED_PREFIX) :])["settings"].get("basis_from", "input")

@@ -11,7 +11,6 @@ to build K', V', K_r, V_r; as a compressed cache it must also keep U_r (n x r) t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from atp_viz.core import attention as att
 from atp_viz.core import costs as _costs
@@ -76,10 +75,7 @@ class ExactForm(AttentionForm):
         # numbers to rounding (tested), 3-4x faster on CPU at a prefill's sizes (the prefill bench times it).
         C, n = q.shape[1], keys.shape[1]
         allowed = torch.ones(C, n, dtype=torch.bool, device=q.device).tril(n - C)
-        out = F.scaled_dot_product_attention(
-            q[None], keys[None], vals[None], attn_mask=allowed, scale=c, enable_gqa=True
-        )
-        return out[0]  # (H, C, dh)
+        return att.fused_attention(q[None], keys[None], vals[None], mask=allowed, scaling=c)[0]  # (H, C, dh)
 
     def cache_floats(self, n: int, r: int, n_kv_heads: int, head_dim: int) -> int:
         # U_r as well, to rebuild K_r = U_r K' for the softmax.

@@ -68,6 +68,13 @@ def base_model_of(key: str) -> str | None:
     return read_settings(key[len(TUNED_PREFIX) :])["base_model"]
 
 
+def basis_of(key: str) -> str:
+    """The basis source a ``tuned:<folder>`` model was trained with ("input", X, for any other model)."""
+    if not key.startswith(TUNED_PREFIX):
+        return "input"
+    return read_settings(key[len(TUNED_PREFIX) :])["settings"].get("basis_from", "input")
+
+
 def tuned_label(meta: dict) -> str:
     s = meta["settings"]
     basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"

@@ -74,7 +74,7 @@ def measure_window_smollm2(out: Path) -> dict:
         rows.append({
             "window": w, "sinks": SINKS, "middle": form, "basis_update": update, "seconds": seconds,
             "ceiling": macs["dense_total"] / macs["atp_total"], "macs": macs,
-            **prefill.accuracy(dense, scored, window, CHUNK, RANK),
+            **prefill.accuracy(dense, scored, window, CHUNK, RANK, keep),
         })  # fmt: skip
     return {
         "model": "smollm2", "tokens": L, "chunk": CHUNK, "rank": RANK, "sinks": SINKS, "basis_from": "keys",
@@ -112,7 +112,8 @@ def render_window(data: list[dict]) -> str:
         f"\n\nSmolLM2, one held-out window of {d['tokens']} tokens, strictly causal chunks of {d['chunk']}: "
         f"each chunk reads the first {d['sinks']} tokens (sinks) and the window before it exactly, and the "
         f"rest of its past (the middle) dropped or compressed to r = {d['rank']} principal keys of the "
-        "middle's keys; untuned. Dense perplexity on the same positions "
+        "middle's keys (recompute: a randomized SVD of the middle for every chunk; moments: running sums of "
+        "the tokens that left the window); untuned. Dense perplexity on the same positions "
         f"{_ci(dense['dense_perplexity'], dense['dense_perplexity_ci'])}; intervals by bootstrap over blocks "
         "of positions of that one window, so a guide only. Ceiling: counted multiply-adds dense / this "
         "setting (the window's exact keys, the middle's basis and attention, projections, MLP and LM head), "

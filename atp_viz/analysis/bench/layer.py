@@ -25,12 +25,13 @@ from atp_viz.analysis.bench.timing import (
     peak_memory,
     ranks_for,
     ratio,
-    sdpa_has_gqa,
     summary,
     time_paths,
 )
+from atp_viz.core import attention as att
 from atp_viz.core import basis as _basis
 from atp_viz.core import costs
+from atp_viz.core.attention import sdpa_has_gqa
 from atp_viz.core.progress import ProgressFn
 
 # SmolLM2-135M's attention geometry.
@@ -74,11 +75,7 @@ def layer_inputs(L: int, *, seed: int = 0, device: str = "cpu") -> dict[str, tor
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """torch's fused scaled-dot-product attention, non-causal, grouped-query (no L x L tensor on CPU)."""
-    F = torch.nn.functional
-    if sdpa_has_gqa():
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    G = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+    return att.fused_attention(q, k, v)
 
 
 _EAGER_MODULE = torch.nn.Module().eval()

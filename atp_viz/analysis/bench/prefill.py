@@ -80,7 +80,9 @@ def counted_macs(
         n = 0 if keep is not None and keep.drop_rest else b - a  # compressed tokens
         attn += 2.0 * geom.n_heads * C * (start - (b - a)) * geom.head_dim  # exact sinks and window
         r = _ranks.chunk_rank(rank, n, C) if n else 0
-        if basis_update == "moments":
+        if (
+            basis_update == "moments"
+        ):  # behind a window the sums take the C tokens that left it (steady state)
             attn += f.stream_cost(C, 0, 0, geom) + (f.past_macs(C, n, r, geom) if n else 0.0)
             basis += _costs.moment_basis_macs(C, d_src, r, kv_width) if n or keep is None else 0.0
         else:
@@ -108,16 +110,21 @@ def _blocks(a: np.ndarray, size: int) -> list[np.ndarray]:
     return [a[i : i + size] for i in range(0, a.size, size)]
 
 
-def accuracy(dense: dict, atp: dict, window: protocol.Windows, chunk: int, rank: int) -> dict[str, Any]:
+def accuracy(
+    dense: dict, atp: dict, window: protocol.Windows, chunk: int, rank: int, keep=None
+) -> dict[str, Any]:
     """Perplexities, top-1 and the top-1 agreement of ATP with dense on the same positions, with 95%
     intervals by bootstrap over blocks of ``chunk`` consecutive positions (one text: the blocks are
-    not independent texts, so the intervals are a guide, not a guarantee)."""
+    not independent texts, so the intervals are a guide, not a guarantee). ``keep``: the exact sinks and
+    window of the ATP run (its attended share counts them)."""
+    if keep is not None and keep.drop_rest:
+        rank = None  # no principal key: the window alone
     owner = window.module_of[0][chunk + 1 :]
 
     def scores(s: dict) -> protocol.DecoderScores:
         return protocol.DecoderScores(
             hits=_blocks(s["hits"], chunk), nll=_blocks(s["nll"], chunk), modules=_blocks(owner, chunk),
-            shares=[protocol.mean_share(rank, int(window.ids[0].shape[1]), chunk, "past")],
+            shares=[protocol.mean_share(rank, int(window.ids[0].shape[1]), chunk, "past", keep)],
         )  # fmt: skip
 
     d = protocol.decoder_summary(scores(dense), window)
@@ -220,7 +227,7 @@ def run_prefill(
         "speedup": d["median_s"] / a["median_s"],
         "ceiling": macs["dense_total"] / macs["atp_total"],
         "dense_timing": d, "atp_timing": a, "macs": macs,
-        **accuracy(kept["dense"], kept["atp"], window, chunk, rank),
+        **accuracy(kept["dense"], kept["atp"], window, chunk, rank, keep),
         "text": f"held-out window of {L} tokens (atp_viz.analysis.protocol.heldout_windows, max_windows=1)",
         "dense_how": "one forward of the whole window, the model's causal attention through torch SDPA",
         "atp_how": _how(keep, chunk, rank, basis_from, basis_update, method),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from atp_viz.core import ranks as _ranks
+from atp_viz.core.attention import sdpa_has_gqa
 
 TARGET_CI = 0.10  # stop repeating a path once its median's 95% interval is within +-10% of it
 MAX_REPEATS = 30
@@ -248,18 +249,3 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
         live += nbytes
         peak = max(peak, live)
     return int(peak)
-
-
-_GQA: list[bool] = []
-
-
-def sdpa_has_gqa() -> bool:
-    """Whether this torch's SDPA takes ``enable_gqa`` (torch >= 2.5); probed once on a tiny input."""
-    if not _GQA:
-        q, kv = torch.zeros(1, 2, 2, 4), torch.zeros(1, 1, 2, 4)
-        try:
-            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
-            _GQA.append(True)
-        except (TypeError, RuntimeError):
-            _GQA.append(False)
-    return _GQA[0]
