@@ -224,8 +224,7 @@ def score_decoder(
             with torch.inference_mode():
                 logits = serving.chunked_logits(
                     loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                    basis_from=basis_from,
-                    keep=keep,
+                    basis_from=basis_from, keep=keep,
                 )  # fmt: skip
         except NonFiniteError:
             out.broken += 1
@@ -395,8 +394,7 @@ def perplexity_grid(
         else:
             scores = score_decoder(
                 loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                basis_from=basis_from,
-                keep=keep, progress=sub,
+                basis_from=basis_from, keep=keep, progress=sub,
             )  # fmt: skip
         dense = scores if rank is None else dense
         row = {"rank": "dense" if rank is None else rank, "form": "-" if rank in (None, "window") else form}
