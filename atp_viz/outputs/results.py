@@ -160,7 +160,7 @@ RESULTS: tuple[Result, ...] = (
         75,
     ),  # fmt: skip
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
-    _measured("window-smollm2", window.render_window, 17, window.measure_window_smollm2),
+    _measured("window-smollm2", window.render_window, 11, window.measure_window_smollm2),
     Result(
         "bench-layer",
         ("docs/bench-reference.json",),
