@@ -88,16 +88,31 @@ def test_two_steps_decrease_save_load_and_reproduce(tmp_path, model, kw):
     assert sum(per_module.values()) == rows["dense"]["n_scored" if model != "minilm" else "n_texts"]
 
 
+def _same(a, b, rel=1e-6) -> bool:
+    """Equal up to float rounding, through dicts, tuples and lists (pytest.approx does not nest)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-12)
+    return a == b
+
+
 def test_untrained_adapters_change_nothing(tmp_path):
-    """LoRA's B starts at zero: with 0 steps the tuned model equals the base model exactly."""
+    """LoRA's B starts at zero: with 0 steps the tuned model equals the base model, up to float rounding
+    (since the streaming step runs torch's fused attention, the two differed by ~1e-7 relative in one run
+    of the whole suite, not when run alone)."""
     cfg = TuneConfig(model="tiny-llama", steps=0, seq_len=48, chunk=16, eval_windows=1)
     res = training.train(cfg, tmp_path / "zero", texts=[" ".join(SHORT_TEXTS)])
     rows = res.metrics["rows"]
     tuned_row = {k: v for k, v in rows["atp_tuned"].items() if "dense_tuned_weights" not in k}
-    assert tuned_row == rows["atp_untuned"]
-    assert rows["atp_tuned"]["top1_minus_dense_tuned_weights"] == rows["atp_untuned"]["top1_minus_reference"]
+    assert _same(tuned_row, rows["atp_untuned"])
+    assert _same(
+        rows["atp_tuned"]["top1_minus_dense_tuned_weights"], rows["atp_untuned"]["top1_minus_reference"]
+    )
     dense_tuned = {k: v for k, v in rows["dense_tuned_weights"].items() if "reference" not in k}
-    assert dense_tuned == rows["dense"]
+    assert _same(dense_tuned, rows["dense"])
     assert rows["dense_tuned_weights"]["top1_minus_reference"] == 0.0
 
 
