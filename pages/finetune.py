@@ -125,11 +125,10 @@ with st.form("tune_form"):
         "keys' basis keeps the exact form closer to dense (the README's table).",
     )  # fmt: skip
     st.caption(
-        "Measured on the project's 2-core CPU, quiet, 2 threads: MiniLM 1.4 s per step (16 texts), SmolLM2 "
-        "5.6 s per step (one 512-token window in 4 chunks, exact form; the second-order form took about 25 s "
-        "per step with one thread); 2-4x that while other work runs. Evaluation "
-        "adds about 1.5 min for MiniLM and 25 min for SmolLM2 (all 135 held-out windows, one thread, busy "
-        "machine). The README lists the measured runs."
+        "The committed runs (one torch thread while another run used the other core; the README lists them "
+        "with their JSON): MiniLM about 2 s per step (16 texts), SmolLM2 8-11 s per step with the exact form "
+        "(one 512-token window in 4 chunks) and about 24 s with the second-order form. Evaluation adds "
+        "0.7-1.5 min for MiniLM and 22-27 min for SmolLM2 (all 135 held-out windows)."
     )
     start = st.form_submit_button("Start fine-tuning", disabled=busy, type="primary")
 if start:

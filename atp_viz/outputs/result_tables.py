@@ -267,7 +267,9 @@ LONG_TEXT = ROOT / "data" / "08_long_essay_history_of_computing.txt"
 
 def measure_sinks(out: Path) -> dict:
     """SmolLM2's residual stream vs its attention input X: the first token's row norm over the median
-    token's, and the components each needs for 90% of the energy (with and without the first token)."""
+    token's, and the components each needs for 90% of the energy (with and without the first token);
+    on the short text also the first token's share of attention (the maps of the long one would need
+    ~2 GB)."""
     from atp_viz.analysis import spectra
     from atp_viz.analysis.capture import capture
     from atp_viz.analysis.lengths import sink_ratio
@@ -276,19 +278,22 @@ def measure_sinks(out: Path) -> dict:
     loaded = load_model("smollm2")
     rows = []
     for path in (SINK_TEXT, LONG_TEXT):
-        cap = capture(loaded, path.read_text(), attentions="none")
+        cap = capture(loaded, path.read_text(), attentions="all" if path == SINK_TEXT else "none")
         for i, lc in enumerate(cap.layers):
-            rows.append(
-                {
-                    "text": str(path.relative_to(ROOT)),
-                    "n_tokens": cap.n_tokens,
-                    "layer": i,
-                    "sink_ratio": sink_ratio(lc.resid),
-                    "resid_rank90": spectra.spectrum(lc.resid).rank_for(0.9),
-                    "resid_rank90_without_first": spectra.spectrum(lc.resid, skip_first=True).rank_for(0.9),
-                    "x_rank90": spectra.spectrum(lc.x).rank_for(0.9),
-                }
-            )
+            row = {
+                "text": str(path.relative_to(ROOT)),
+                "n_tokens": cap.n_tokens,
+                "layer": i,
+                "sink_ratio": sink_ratio(lc.resid),
+                "resid_rank90": spectra.spectrum(lc.resid).rank_for(0.9),
+                "resid_rank90_without_first": spectra.spectrum(lc.resid, skip_first=True).rank_for(0.9),
+                "x_rank90": spectra.spectrum(lc.x).rank_for(0.9),
+            }
+            if lc.attn is not None:  # [H, L, L]; row 0 can only read the first token: left out
+                share = lc.attn[:, 1:, 0].mean(axis=1)
+                row["first_token_attention"] = {"mean": float(share.mean()), "heads_min": float(share.min()),
+                                                "heads_max": float(share.max())}  # fmt: skip
+            rows.append(row)
     return {"model": "smollm2", "rows": rows}
 
 
@@ -304,6 +309,7 @@ def render_sinks(data: list[dict]) -> str:
         sink = [r for r in rs if r["sink_ratio"] > 10]
         ratios = [r["sink_ratio"] for r in sink]
         mid = rs[len(rs) // 2]
+        shares = [r["first_token_attention"]["mean"] for r in sink if "first_token_attention" in r]
         out.append(
             [
                 f"`{text}` (L = {rs[0]['n_tokens']})",
@@ -312,6 +318,7 @@ def render_sinks(data: list[dict]) -> str:
                 _span([r["resid_rank90"] for r in sink]),
                 _span([r["resid_rank90_without_first"] for r in sink]),
                 f"{mid['x_rank90']} (layer {mid['layer']})",
+                f"{min(shares):.0%}-{max(shares):.0%}" if shares else "not measured",
             ]
         )
     head = [
@@ -321,8 +328,13 @@ def render_sinks(data: list[dict]) -> str:
         "residual: components for 90%",
         "without the first token",
         "attention input X: components for 90%",
+        "first token's share of attention (sink layers)",
     ]
-    return _md(head, out)
+    return _md(head, out) + (
+        "\n\nShare of attention: the weight a query row puts on the first token, averaged over the rows after"
+        " the first and over heads, per layer; its range over the sink layers. Not measured on the long text"
+        " (its maps would need about 2 GB)."
+    )
 
 
 def measure_basis_energy(out: Path) -> dict:
