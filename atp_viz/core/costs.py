@@ -78,11 +78,17 @@ def basis_macs(L: int, d: int, r: int, method: str, niter: int = 2) -> float:
     return float(L) * d * min(L, d)
 
 
+def moment_sums_macs(C: int, d_s: int, kv_width: int) -> float:
+    """C tokens added to a past kept as running sums (:mod:`atp_viz.analysis.moments`):
+    ``C d_s (d_s + 2 kv_width + 1)`` (S^T S, S^T K, S^T V and S^T 1 for the basis source S)."""
+    return float(C) * d_s * (d_s + 2 * kv_width + 1)
+
+
 def moment_basis_macs(C: int, d_s: int, r: int, kv_width: int) -> float:
-    """A chunk of C tokens added to a past kept as running sums (:mod:`atp_viz.analysis.moments`):
-    ``C d_s (d_s + 2 kv_width + 1)`` for the sums, about ``4 d_s^3`` for the d_s x d_s
-    eigendecomposition (LAPACK's order, an estimate) and ``2 r d_s kv_width`` for K' and V'."""
-    return float(C) * d_s * (d_s + 2 * kv_width + 1) + 4.0 * d_s**3 + 2.0 * r * d_s * kv_width
+    """A chunk of C tokens added to running sums, then the basis read from them: the sums
+    (:func:`moment_sums_macs`), about ``4 d_s^3`` for the d_s x d_s eigendecomposition (LAPACK's
+    order, an estimate) and ``2 r d_s kv_width`` for K' and V'."""
+    return moment_sums_macs(C, d_s, kv_width) + 4.0 * d_s**3 + 2.0 * r * d_s * kv_width
 
 
 def basis_formula(L: int, d: int, r: int, method: str) -> str:

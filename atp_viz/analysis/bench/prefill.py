@@ -63,7 +63,8 @@ def counted_macs(
     Dense attention is counted causally (``H L (L + 1) d_h``: the half a causal kernel computes); ATP's
     chunks as :meth:`AttentionForm.stream_cost` counts them, plus the basis of each chunk's past: an SVD
     of the whole past (:func:`atp_viz.core.costs.basis_macs`), or, from running sums, the chunk's update
-    and a d_s x d_s eigendecomposition (:func:`atp_viz.core.costs.moment_basis_macs`; then no
+    (every token its append moves out of the exact part, the last chunk's too) and a d_s x d_s
+    eigendecomposition (:func:`atp_viz.core.costs.moment_basis_macs`; then no
     compression pass over the past either). ``keep`` (:class:`atp_viz.analysis.serving.ExactKeep`): the
     sinks and window are read exactly (``2 H C T d_h`` for T of them) and only the middle is compressed
     (nothing of it when ``keep.drop_rest``)."""
@@ -73,18 +74,26 @@ def counted_macs(
     d_src = geom.d_model if basis_from == "input" else kv_width
     linear = L * linear_macs_per_token(loaded.model)
     dense_attn = n_layers * float(geom.n_heads) * L * (L + 1) * geom.head_dim
+
+    def compressed(n_past: int) -> tuple[int, int]:  # (exact tokens, compressed tokens) of a past
+        a, b = keep.split(n_past) if keep is not None else (0, n_past)
+        return n_past - (b - a), 0 if keep is not None and keep.drop_rest else b - a
+
     attn = basis = 0.0
     for start in range(0, L, chunk):
         C = min(chunk, L - start)
-        a, b = keep.split(start) if keep is not None else (0, start)
-        n = 0 if keep is not None and keep.drop_rest else b - a  # compressed tokens
-        attn += 2.0 * geom.n_heads * C * (start - (b - a)) * geom.head_dim  # exact sinks and window
+        exact, n = compressed(start)
+        attn += 2.0 * geom.n_heads * C * exact * geom.head_dim  # exact sinks and window
         r = _ranks.chunk_rank(rank, n, C) if n else 0
-        if (
-            basis_update == "moments"
-        ):  # behind a window the sums take the C tokens that left it (steady state)
+        if basis_update == "moments":
             attn += f.stream_cost(C, 0, 0, geom) + (f.past_macs(C, n, r, geom) if n else 0.0)
-            basis += _costs.moment_basis_macs(C, d_src, r, kv_width) if n or keep is None else 0.0
+            # the chunk's own append feeds the sums every token that leaves the exact part (all C of
+            # them without a window), the last chunk's too; the basis is read only over a compressed past
+            added = compressed(start + C)[1] - n
+            basis += (
+                _costs.moment_basis_macs(added, d_src, r, kv_width) if n
+                else _costs.moment_sums_macs(added, d_src, kv_width)
+            )  # fmt: skip
         else:
             attn += f.stream_cost(C, n, r, geom)
             basis += _costs.basis_macs(n, d_src, r, method) if n else 0.0
