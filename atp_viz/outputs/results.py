@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from atp_viz.outputs import result_app as app_tables
+from atp_viz.outputs import result_goals as goals
 from atp_viz.outputs import result_tables as tables
 from atp_viz.outputs import result_tuning as tuning
 from atp_viz.outputs import result_window as window
@@ -51,6 +52,8 @@ def rendered(result: Result) -> str:
     data = [_read(ROOT / f) for f in result.files]
     where = ", ".join(f"`{f}`" for f in result.files) or "no file yet"
     body = result.render(data).rstrip()
+    if not result.minutes:  # a summary of other tables' files: nothing of its own to measure
+        return f"{body}\n\nSource: {where}; {result.command}."
     return (
         f"{body}\n\nSource: {where}; regenerate with `{result.command}` (about {result.minutes:g} min on "
         "this project's 2-core machine)."
@@ -134,6 +137,14 @@ RESULTS: tuple[Result, ...] = (
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
+    Result(
+        "goals",
+        tuning.run_files("minilm") + tuning.run_files("smollm2") + tuning.prefill_files(),
+        goals.render_goals,
+        "each file holds the command that made it (the fine-tuning tables below and the long-context "
+        "section give them)",
+        0,
+    ),  # fmt: skip
     Result(
         "runs-minilm",
         tuning.run_files("minilm"),

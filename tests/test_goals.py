@@ -1,0 +1,96 @@
+"""The README's scoreboard of the paper's claims: met only when the whole interval is inside the goal,
+no step was skipped, and (long context) speed, share of the ceiling and perplexity all hold."""
+
+from __future__ import annotations
+
+import pytest
+
+from atp_viz.outputs.result_goals import render_goals
+
+
+def _run(model, form, rank, tuned, lo, hi, *, skipped=0, ratio=(1.02, 1.01, 1.04), mode="effective"):
+    """A fine-tuning run's JSON, as training writes it (only the fields the scoreboard reads)."""
+    if model == "minilm":
+        row = {"cosine_mean": tuned, "cosine_mean_ci": [lo, hi]}
+        untuned = {"cosine_mean": 0.5, "cosine_mean_ci": [0.4, 0.6]}
+    else:
+        row = {
+            "top1_minus_reference": tuned,
+            "top1_minus_reference_ci": [lo, hi],
+            "perplexity_ratio_to_reference": ratio[0],
+            "perplexity_ratio_to_reference_ci": list(ratio[1:]),
+        }
+        untuned = {"top1_minus_reference": -0.08, "top1_minus_reference_ci": [-0.09, -0.07]}
+    settings = {
+        "model": model,
+        "form": form,
+        "rank": rank,
+        "rank_mode": mode,
+        "transfer_steps": 1,
+        "steps": 2,
+    }
+    rows = {"atp_tuned": row, "atp_untuned": untuned}
+    return {"settings": settings, "skipped_steps": skipped, "metrics": {"rows": rows}}
+
+
+def _prefill(speedup, ceiling, ratio_hi, *, tokens=8192, middle=None):
+    run = {"model": "smollm2", "form": "pksoftmax", "rank": 128, "tokens": tokens, "middle": middle}
+    run.update(speedup=speedup, ceiling=ceiling, perplexity_ratio=ratio_hi - 0.01)
+    run["perplexity_ratio_ci"] = [ratio_hi - 0.02, ratio_hi]
+    return {"runs": [run]}
+
+
+def _row(table: str, start: str) -> str:
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {start}")]
+    return line
+
+
+@pytest.mark.parametrize(("lo", "skipped", "met"), [(0.991, 0, True), (0.989, 0, False), (0.991, 3, False)])
+def test_minilm_is_met_only_with_the_whole_interval_above_the_goal_and_no_skipped_step(lo, skipped, met):
+    table = render_goals([_run("minilm", "exact", 0.5, 0.995, lo, 0.999, skipped=skipped)])
+    assert _row(table, "MiniLM, r = L/2, any form").endswith("| **met** |" if met else "| not met |")
+
+
+@pytest.mark.parametrize(
+    ("ci", "ratio", "met"),
+    [((-0.009, -0.002), (1.05, 1.02, 1.09), True), ((-0.011, -0.002), (1.05, 1.02, 1.09), False),
+     ((-0.009, -0.002), (1.08, 1.05, 1.12), False)],
+)  # fmt: skip
+def test_smollm2_needs_the_top1_interval_and_the_perplexity_interval_inside(ci, ratio, met):
+    table = render_goals([_run("smollm2", "exact", 0.5, -0.005, *ci, ratio=ratio)])
+    assert _row(table, "SmolLM2, r = L/2, any form").endswith("| **met** |" if met else "| not met |")
+
+
+def test_the_best_run_is_the_one_closest_to_the_goal_and_past_rank_mode_runs_do_not_count():
+    runs = [
+        _run("smollm2", "exact", 0.5, -0.005, -0.012, 0.0),  # higher mean, lower end outside
+        _run("smollm2", "exact", 0.5, -0.006, -0.009, -0.003),  # inside
+        _run("smollm2", "exact", 0.5, 0.01, 0.005, 0.02, mode="past"),  # not the paper's rank
+    ]
+    row = _row(render_goals(runs), "SmolLM2, r = L/2, any form")
+    assert "-0.6 [-0.9, -0.3] pt" in row and row.endswith("| **met** |")
+
+
+def test_positive_below_quadratic_rows_take_only_such_forms():
+    """The exact form is quadratic and linear is not positive: neither can meet that row."""
+    runs = [_run("minilm", f, 0.25, 0.999, 0.998, 1.0) for f in ("exact", "linear")]
+    table = render_goals(runs)
+    assert _row(table, "MiniLM, r = L/4, any form").endswith("| **met** |")
+    assert "no run" in _row(table, "MiniLM, r = L/4, positive, below quadratic")
+    table = render_goals(runs + [_run("minilm", "taylor2", 0.25, 0.9, 0.89, 0.91)])
+    row = _row(table, "MiniLM, r = L/4, positive, below quadratic")
+    assert "taylor2" in row and row.endswith("| not met |")
+
+
+@pytest.mark.parametrize(
+    ("speedup", "ceiling", "ratio_hi", "met"),
+    [(1.6, 1.8, 1.08, True), (1.4, 1.5, 1.08, False), (1.6, 2.2, 1.08, False), (1.6, 1.8, 1.12, False)],
+)
+def test_long_context_needs_speed_share_of_ceiling_and_perplexity(speedup, ceiling, ratio_hi, met):
+    table = render_goals([_prefill(speedup, ceiling, ratio_hi)])
+    assert _row(table, "SmolLM2 prefill at 8192").endswith("| **met** |" if met else "| not met |")
+
+
+def test_shorter_inputs_and_the_window_alone_are_not_long_context_atp():
+    table = render_goals([_prefill(1.6, 1.8, 1.0, tokens=4096), _prefill(1.7, 1.8, 1.0, middle="dropped")])
+    assert "no run" in _row(table, "SmolLM2 prefill at 8192")
