@@ -8,6 +8,7 @@ from atp_app.sidebar import model_caption, page_inputs
 from atp_viz.analysis import lengths, spectra
 from atp_viz.analysis.lengths import sink_ratio
 from atp_viz.figures import plots
+from atp_viz.outputs import results
 from atp_viz.text.inputs import readable_tokens
 
 MAX_TOKENS_SHOWN = 600
@@ -97,3 +98,14 @@ shown = readable_tokens(cap.tokens[:MAX_TOKENS_SHOWN])
 st.code(" | ".join(shown), language=None, wrap_lines=True)
 if cap.n_tokens > MAX_TOKENS_SHOWN:
     st.caption(f"Showing the first {MAX_TOKENS_SHOWN} of {cap.n_tokens:,} tokens; all of them are used.")
+
+with st.expander("Does ATP hold up? The paper's claims against this project's measurements"):
+    try:
+        st.markdown(results.table("goals"))
+    except ValueError as err:  # an installed copy without the repository's docs/
+        st.info(f"The measured runs are not in this copy: {err}")
+    st.caption(
+        "From the committed fine-tuning and long-context runs (held-out text, 95% intervals); the README "
+        "lists every run and the command that made it. A tuned run appears in the sidebar when its adapters "
+        "are in data/tuned/."
+    )

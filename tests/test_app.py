@@ -30,6 +30,9 @@ def test_home_runs_on_default_model():
     assert at.selectbox(key="model_choice").value == "minilm"
     assert [c.key for c in _charts(at)] == ["home_erank", "home_erank_length"]
     assert any(m.label == "Tokens L" for m in at.metric)
+    (board,) = [e for e in at.expander if e.label.startswith("Does ATP hold up?")]
+    text = "\n".join(m.value for m in board.markdown)
+    assert "| MiniLM, r = L/2, any form | cosine >= 0.99 |" in text and "goal met?" in text
 
 
 def test_spectra_page_charts_and_length_study():

@@ -59,3 +59,9 @@ def test_fields_a_run_lacks_are_unknown_not_zero():
     (row,) = summary_rows([(Path("run"), meta)])
     assert row["skipped steps"] == "unknown"
     assert "no interval" in row["tuned ATP"]
+
+
+def test_one_table_by_name_for_the_app():
+    assert "| claim | goal |" in results.table("goals")
+    with pytest.raises(ValueError, match="No table called 'nope'"):
+        results.table("nope")

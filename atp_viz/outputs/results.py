@@ -202,3 +202,12 @@ RESULTS: tuple[Result, ...] = (
         8,
     ),  # fmt: skip
 )
+
+
+def table(name: str) -> str:
+    """One README table, rendered now from its files (with its source line), e.g. ``table("goals")`` for
+    the app's scoreboard. ValueError when a file is missing (an installed copy without ``docs/``)."""
+    result = next((r for r in RESULTS if r.name == name), None)
+    if result is None:
+        raise ValueError(f"No table called {name!r}; these exist: {', '.join(r.name for r in RESULTS)}.")
+    return rendered(result)
