@@ -65,3 +65,14 @@ def test_one_table_by_name_for_the_app():
     assert "| claim | goal |" in results.table("goals")
     with pytest.raises(ValueError, match="No table called 'nope'"):
         results.table("nope")
+
+
+def test_length_table_says_when_a_length_has_no_text():
+    from atp_viz.outputs.result_tuning import render_length_minilm
+
+    c = {"cosine_mean": 0.99, "cosine_mean_ci": [0.98, 0.995], "n_texts": 7}
+    buckets = [{"tokens": [24, 64], "cosine": c}, {"tokens": [64, 128], "cosine": None},
+               {"tokens": [128, 257], "cosine": c}]  # fmt: skip
+    row = {"rank": 0.25, "basis_from": "keys", "model": "data/tuned/run", "buckets": buckets}
+    table = render_length_minilm([{"n_texts": 14, "longest": 256, "rows": [row]}])
+    assert "| tuned (`data/tuned/run`), basis from keys | L/4 | 0.990 [0.980, 0.995] (7) | no text |" in table

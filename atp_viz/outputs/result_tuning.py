@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
 
@@ -118,6 +120,76 @@ def render_projection_split(data: list[dict]) -> str:
     return _md(head, rows) + (
         f"\n\nMiniLM, sentence-embedding cosine to dense, mean and 95% interval over {d['n_texts']} held-out "
         "texts; differences paired on the same texts."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM by input length: the same share of L, longer texts
+# --------------------------------------------------------------------------------------------------
+
+LENGTH_BUCKETS = ((24, 64), (64, 128), (128, 257))  # tokens, [lo, hi)
+
+
+def _shipped_run(form: str, basis: str, share: float) -> Path | None:
+    """The shipped MiniLM run (``data/tuned``) of this form, basis and rank with the best tuned cosine."""
+    from atp_viz.hf import tuned
+
+    runs = [(d, m) for d, m in tuned.find_runs([tuned.SHIPPED_DIR]) if m["settings"]["model"] == "minilm"
+            and m["settings"]["form"] == form and m["settings"].get("basis_from", "input") == basis
+            and m["settings"]["rank"] == share]  # fmt: skip
+    best = max(runs, key=lambda dm: dm[1]["metrics"]["rows"]["atp_tuned"]["cosine_mean"], default=None)
+    return best[0] if best else None
+
+
+def measure_length_minilm(out: Path) -> dict:
+    """Cosine to the original dense model by input length, on held-out texts cut at up to 256 tokens
+    (MiniLM's limit; fine-tuning and the runs' tables use at most 128): the exact form at L/2 and L/4,
+    untuned with either basis and tuned (the shipped keys-basis adapters, trained on texts of <= 128)."""
+    from atp_viz.analysis import protocol
+    from atp_viz.analysis.finetune.evaluation import embeddings
+    from atp_viz.hf.engine import ATPConfig
+    from atp_viz.hf.models import load_model
+
+    base = load_model("minilm")
+    longest = min(LENGTH_BUCKETS[-1][1] - 1, base.info.max_tokens)
+    texts, modules = protocol.heldout_texts(base.tokenizer, max_tokens=longest)
+    lengths = np.array([len(base.tokenizer(t)["input_ids"]) for t in texts])
+    dense = embeddings(base, None, texts, longest)
+    rows = []
+    for share in FRACTIONS:
+        settings = [("untuned", "input", base), ("untuned", "keys", base)]
+        run = _shipped_run("exact", "keys", share)
+        if run is not None:
+            settings.append((str(run.relative_to(ROOT)), "keys", load_model(f"tuned:{run}")))
+        for which, basis, model in settings:
+            cfg = ATPConfig(rank=share, form="exact", basis_source=basis)
+            cos = (embeddings(model, cfg, texts, longest) * dense).sum(-1)
+            buckets = []
+            for lo, hi in LENGTH_BUCKETS:
+                idx = np.flatnonzero((lengths >= lo) & (lengths < hi))
+                summary = protocol.encoder_summary(cos[idx], [modules[i] for i in idx]) if idx.size else None
+                buckets.append({"tokens": [lo, hi], "cosine": summary})
+            rows.append({"rank": share, "basis_from": basis, "model": which, "buckets": buckets})
+    return {"model": "minilm", "n_texts": len(texts), "longest": longest, "rows": rows}
+
+
+def render_length_minilm(data: list[dict]) -> str:
+    d = data[0]
+    head = ["exact form", "rank", *(f"{lo}-{hi - 1} tokens" for lo, hi in LENGTH_BUCKETS)]
+    rows = []
+    for r in d["rows"]:
+        which = "untuned" if r["model"] == "untuned" else f"tuned (`{r['model']}`)"
+        cells = []
+        for b in r["buckets"]:
+            c = b["cosine"]
+            cells.append(
+                f"{interval(c['cosine_mean'], c['cosine_mean_ci'])} ({c['n_texts']})" if c else "no text"
+            )
+        rows.append([f"{which}, basis from {r['basis_from']}", f"L/{round(1 / r['rank'])}", *cells])
+    return _md(head, rows) + (
+        f"\n\nMiniLM, sentence-embedding cosine to the original dense model, mean and 95% interval (texts in "
+        f"brackets) over {d['n_texts']} held-out texts cut at paragraph boundaries to at most {d['longest']} "
+        "tokens. The tuned adapters were trained on texts of at most 128 tokens."
     )
 
 

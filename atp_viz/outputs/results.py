@@ -152,6 +152,7 @@ RESULTS: tuple[Result, ...] = (
         "python -m atp_viz finetune --model minilm ... (each run's command is in its JSON)",
         15,
     ),  # fmt: skip
+    _measured("length-minilm", tuning.render_length_minilm, 14, tuning.measure_length_minilm),
     Result(
         "runs-smollm2",
         tuning.run_files("smollm2"),
