@@ -76,3 +76,20 @@ def test_length_table_says_when_a_length_has_no_text():
     row = {"rank": 0.25, "basis_from": "keys", "model": "data/tuned/run", "buckets": buckets}
     table = render_length_minilm([{"n_texts": 14, "longest": 256, "rows": [row]}])
     assert "| tuned (`data/tuned/run`), basis from keys | L/4 | 0.990 [0.980, 0.995] (7) | no text |" in table
+
+
+def test_runs_table_marks_an_encoder_run_on_longer_texts():
+    from atp_viz.outputs.result_tuning import render_runs
+
+    def run(max_tokens):
+        rows = {n: {"cosine_mean": 0.9, "cosine_mean_ci": [0.89, 0.91]}
+                for n in ("dense", "dense_tuned_weights", "atp_untuned", "atp_tuned")}  # fmt: skip
+        settings = {"model": "minilm", "rank": 0.5, "form": "exact", "steps": 2, "transfer_steps": 1}
+        settings["max_tokens"] = max_tokens
+        return {"settings": settings, "train_seconds": 60.0, "skipped_steps": 0,
+                "metrics": {"rows": rows, "what": f"texts up to {max_tokens}"}}  # fmt: skip
+
+    table = render_runs([run(256), run(128)])
+    assert "| L/2, texts <= 256 tokens |" in table and "| L/2 |" in table
+    assert "texts up to 128" in table and "another set" in table
+    assert "another set" not in render_runs([run(128)])

@@ -15,6 +15,7 @@ from atp_viz.analysis.protocol import interval
 ROOT = Path(__file__).resolve().parents[2]
 RUNS_DIR = ROOT / "docs" / "finetune-runs"
 FRACTIONS = (0.5, 0.25)
+PROTOCOL_TOKENS = 128  # encoder runs: the protocol's longest training / held-out text
 
 
 def _md(header: list[str], rows: list[list]) -> str:
@@ -37,7 +38,7 @@ def measure_forms_minilm(out: Path) -> dict:
     from atp_viz.hf.models import load_model
 
     loaded = load_model("minilm")
-    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=128)
+    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
     dense = embeddings(loaded, None, texts, 128)
     rows = []
     for share in FRACTIONS:
@@ -91,7 +92,7 @@ def measure_projection_split(out: Path) -> dict:
     from atp_viz.hf.models import load_model
 
     loaded = load_model("minilm")
-    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=128)
+    texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
     dense = embeddings(loaded, None, texts, 128)
     rows = []
     with forms.registered(*DIAGNOSTIC_VARIANTS):  # for this measurement only: never listed elsewhere
@@ -203,6 +204,11 @@ def run_files(model: str) -> tuple[str, ...]:
     return tuple(str(p.relative_to(ROOT)) for p in sorted(RUNS_DIR.glob(f"{model}-*-two-stage.json")))
 
 
+def texts_of(s: dict) -> int:
+    """An encoder run's longest training / held-out text, from its settings."""
+    return int(s.get("max_tokens", PROTOCOL_TOKENS))
+
+
 def _rank(s: dict) -> str:
     mode = s.get("rank_mode", "past")
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
@@ -238,7 +244,8 @@ def render_runs(data: list[dict]) -> str:
             forms.get(s["form"]).name
             + ("" if basis == "input" else f", basis from {basis}")
             + (" (metrics re-measured: `finetune --reevaluate`)" if run.get("reevaluated") else ""),
-            _rank(s),
+            _rank(s)
+            + ("" if decoder or texts_of(s) == PROTOCOL_TOKENS else f", texts <= {texts_of(s)} tokens"),
             f"{s['transfer_steps']} + {s['steps']}",
             _metric(m["atp_untuned"], key),
             f"**{_metric(tuned, key)}**",
@@ -264,7 +271,12 @@ def render_runs(data: list[dict]) -> str:
         head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity", "windows (predictions)"]
     head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
              "skipped steps", "adapters in data/tuned"]  # fmt: skip
-    what = data[0]["metrics"]["what"]
+    what = next(d["metrics"]["what"] for d in data if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS)
+    if not decoder and any(texts_of(d["settings"]) != PROTOCOL_TOKENS for d in data):
+        what += (
+            "; a run marked 'texts <= N tokens' trained and is scored on the held-out modules' texts cut at "
+            "up to N tokens (another set: compare it with the length table, not with the other rows)"
+        )
     if decoder:  # runs may score different numbers of windows: the table gives each run's
         what = what.split(" of ", 1)[0] + " of held-out windows (see the table); " + what.split("; ", 1)[-1]
     return (
