@@ -1,0 +1,47 @@
+"""The tuned runs shipped in data/tuned/ load as the app loads them and still do what their JSON says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = sorted(p.parent for p in (ROOT / "data" / "tuned").glob("*/atp_tuning.json"))
+MINILM = [p for p in RUNS if json.loads((p / "atp_tuning.json").read_text())["base_model"] == "minilm"]
+
+
+def test_every_shipped_run_is_complete_and_its_json_is_committed():
+    from atp_viz import forms
+
+    assert RUNS, "no shipped run"
+    for run in RUNS:
+        meta = json.loads((run / "atp_tuning.json").read_text())
+        assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file(), run
+        if forms.get(meta["settings"]["form"]).param_defaults:  # a form with trained per-head parameters
+            assert (run / "atp_params.safetensors").is_file(), run
+        committed = list((ROOT / "docs" / "finetune-runs").glob("*.json"))
+        assert any(json.loads(p.read_text()) == meta for p in committed), f"{run.name}: JSON not in docs/"
+
+
+@pytest.mark.parametrize("run", MINILM, ids=[p.name for p in MINILM])
+def test_a_shipped_minilm_run_scores_near_its_tuned_figure_not_its_untuned_one(run):
+    """On the first 32 held-out texts, the loaded run under its own form, rank and basis is closer to its
+    recorded tuned cosine than to its untuned one (a run loaded without its adapters or its form's
+    parameters scores like the untuned model)."""
+    from atp_viz.analysis import protocol
+    from atp_viz.analysis.finetune.evaluation import embeddings
+    from atp_viz.hf.engine import ATPConfig
+    from atp_viz.hf.models import load_model
+
+    meta = json.loads((run / "atp_tuning.json").read_text())
+    s, rows = meta["settings"], meta["metrics"]["rows"]
+    base, tuned = load_model("minilm"), load_model(f"tuned:{run}")
+    texts, _ = protocol.heldout_texts(base.tokenizer, max_tokens=s["max_tokens"], max_texts=32)
+    cfg = ATPConfig(rank=s["rank"], form=s["form"], basis_source=s.get("basis_from", "input"))
+    cos = float(np.mean((embeddings(tuned, cfg, texts, s["max_tokens"]) *
+                         embeddings(base, None, texts, s["max_tokens"])).sum(-1)))  # fmt: skip
+    want, untuned = rows["atp_tuned"]["cosine_mean"], rows["atp_untuned"]["cosine_mean"]
+    assert abs(cos - want) < abs(cos - untuned), (cos, want, untuned)
