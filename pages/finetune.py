@@ -126,7 +126,7 @@ with st.form("tune_form"):
     )  # fmt: skip
     st.caption(
         "The committed runs (one torch thread while another run used the other core; the README lists them "
-        "with their JSON): MiniLM about 2 s per step (16 texts), SmolLM2 8-11 s per step with the exact form "
+        "with their JSON): MiniLM 2-3 s per step (16 texts), SmolLM2 8-11 s per step with the exact form "
         "(one 512-token window in 4 chunks) and about 24 s with the second-order form. Evaluation adds "
         "0.7-1.5 min for MiniLM and 22-27 min for SmolLM2 (all 135 held-out windows)."
     )

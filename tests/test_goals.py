@@ -103,3 +103,22 @@ def test_minilm_runs_on_longer_texts_get_rows_of_their_own():
     table = render_goals([_run("minilm", "exact", 0.5, 0.98, 0.97, 0.985), long])
     assert _row(table, "MiniLM, r = L/2, any form").endswith("| not met |")
     assert _row(table, "MiniLM (held-out texts up to 256 tokens), r = L/2, any form").endswith("| **met** |")
+
+
+def test_the_best_run_is_one_that_meets_the_goal_when_one_does():
+    """A run with a higher interval but a perplexity (or skipped steps) outside the goal does not hide a
+    run that meets it."""
+    high = _run("smollm2", "exact", 0.5, -0.003, -0.006, 0.0, ratio=(1.15, 1.12, 1.18))
+    meets = _run("smollm2", "exact", 0.5, -0.006, -0.009, -0.003)
+    assert _row(render_goals([high, meets]), "SmolLM2, r = L/2, any form").endswith("| **met** |")
+    skipped = _run("minilm", "exact", 0.5, 0.998, 0.997, 0.999, skipped=2)
+    fine = _run("minilm", "exact", 0.5, 0.993, 0.991, 0.995)
+    assert _row(render_goals([skipped, fine]), "MiniLM, r = L/2, any form").endswith("| **met** |")
+
+
+def test_a_run_file_without_the_fields_is_left_out_not_a_crash():
+    old = _run("minilm", "exact", 0.5, 0.995, 0.993, 0.997)
+    del old["metrics"]["rows"]["atp_tuned"]["cosine_mean_ci"]
+    assert "no run" in _row(render_goals([old]), "MiniLM, r = L/2, any form")
+    bare = {"runs": [{"model": "smollm2", "form": "exact", "rank": 128, "tokens": 8192}]}
+    assert "no run" in _row(render_goals([bare]), "SmolLM2 prefill at 8192")

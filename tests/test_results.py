@@ -93,3 +93,12 @@ def test_runs_table_marks_an_encoder_run_on_longer_texts():
     assert "| L/2, texts <= 256 tokens |" in table and "| L/2 |" in table
     assert "texts up to 128" in table and "another set" in table
     assert "another set" not in render_runs([run(128)])
+
+
+def test_a_table_without_files_says_so(monkeypatch):
+    """An installed copy without docs/ finds no run file: the app says so instead of showing an empty
+    scoreboard."""
+    empty = results.Result("goals", (), lambda data: "| claim |", "x", 0)
+    monkeypatch.setattr(results, "RESULTS", (empty,))
+    with pytest.raises(ValueError, match="no file behind"):
+        results.table("goals")

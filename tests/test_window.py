@@ -245,9 +245,9 @@ def test_prefill_bench_with_a_window(tmp_path, capsys):
     assert "belong to --prefill" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("form", ["linear", "pksoftmax"])
+@pytest.mark.parametrize(("form", "basis"), [("linear", "keys"), ("pksoftmax", "keys"), ("linear", "input")])
 @pytest.mark.parametrize("keep", [None, serving.ExactKeep(3, 40)], ids=["no window", "window"])
-def test_counted_basis_cost_with_running_sums_is_what_runs(load, monkeypatch, form, keep):
+def test_counted_basis_cost_with_running_sums_is_what_runs(load, monkeypatch, form, basis, keep):
     """The prefill count's running-sums part is the work the run does: every token appended to the
     sums (behind a window: every token leaving it, the first chunks' few included, not a steady C per
     chunk) and one eigendecomposition plus K', V' per read of a compressed past, at the rank read."""
@@ -257,16 +257,17 @@ def test_counted_basis_cost_with_running_sums_is_what_runs(load, monkeypatch, fo
 
     loaded = load("tiny-llama")
     info = loaded.info
-    d_s = info.n_kv_heads * info.head_dim  # basis from the keys
+    kv = info.n_kv_heads * info.head_dim
+    d_s = kv if basis == "keys" else info.d_model  # what the sums decompose
     done = {"fed": 0.0, "read": 0.0}
     append, past = moments.MomentStore.append, moments.MomentStore.past
 
     def counted_append(self, k, v, x):
-        done["fed"] += costs.moment_sums_macs(k.shape[1], d_s, d_s)
+        done["fed"] += costs.moment_sums_macs(k.shape[1], d_s, kv)
         return append(self, k, v, x)
 
     def counted_past(self, rank):
-        done["read"] += costs.moment_basis_macs(0, d_s, rank, d_s)
+        done["read"] += costs.moment_basis_macs(0, d_s, rank, kv)
         return past(self, rank)
 
     monkeypatch.setattr(moments.MomentStore, "append", counted_append)
@@ -274,11 +275,11 @@ def test_counted_basis_cost_with_running_sums_is_what_runs(load, monkeypatch, fo
     n, chunk, rank = 192, 16, 4
     with torch.inference_mode():
         serving.chunked_logits(
-            loaded, _ids(8, n), rank=rank, form=form, chunk=chunk, basis_from="keys", basis_update="moments",
+            loaded, _ids(8, n), rank=rank, form=form, chunk=chunk, basis_from=basis, basis_update="moments",
             keep=keep,
         )  # fmt: skip
     macs = prefill.counted_macs(
-        loaded, n, rank=rank, form=form, chunk=chunk, basis_from="keys", method="exact",
+        loaded, n, rank=rank, form=form, chunk=chunk, basis_from=basis, method="exact",
         basis_update="moments", keep=keep,
     )  # fmt: skip
     assert done["read"] > 0

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
             "seconds": time.perf_counter() - t0,
+            "argv": getattr(args, "argv", None),  # the command, for the records
             "rows": rows,
         },
         args.json,

@@ -132,12 +132,13 @@ LENGTH_BUCKETS = ((24, 64), (64, 128), (128, 257))  # tokens, [lo, hi)
 
 
 def _shipped_run(form: str, basis: str, share: float) -> Path | None:
-    """The shipped MiniLM run (``data/tuned``) of this form, basis and rank with the best tuned cosine."""
+    """The shipped MiniLM run (``data/tuned``) of this form, basis and rank, trained on the protocol's
+    texts (<= ``PROTOCOL_TOKENS``), with the best tuned cosine."""
     from atp_viz.hf import tuned
 
     runs = [(d, m) for d, m in tuned.find_runs([tuned.SHIPPED_DIR]) if m["settings"]["model"] == "minilm"
             and m["settings"]["form"] == form and m["settings"].get("basis_from", "input") == basis
-            and m["settings"]["rank"] == share]  # fmt: skip
+            and m["settings"]["rank"] == share and texts_of(m["settings"]) == PROTOCOL_TOKENS]  # fmt: skip
     best = max(runs, key=lambda dm: dm[1]["metrics"]["rows"]["atp_tuned"]["cosine_mean"], default=None)
     return best[0] if best else None
 
@@ -190,7 +191,7 @@ def render_length_minilm(data: list[dict]) -> str:
     return _md(head, rows) + (
         f"\n\nMiniLM, sentence-embedding cosine to the original dense model, mean and 95% interval (texts in "
         f"brackets) over {d['n_texts']} held-out texts cut at paragraph boundaries to at most {d['longest']} "
-        "tokens. The tuned adapters were trained on texts of at most 128 tokens."
+        f"tokens. The tuned adapters were trained on texts of at most {PROTOCOL_TOKENS} tokens."
     )
 
 
@@ -271,7 +272,8 @@ def render_runs(data: list[dict]) -> str:
         head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity", "windows (predictions)"]
     head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
              "skipped steps", "adapters in data/tuned"]  # fmt: skip
-    what = next(d["metrics"]["what"] for d in data if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS)
+    what = next((d["metrics"]["what"] for d in data if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS),
+                data[0]["metrics"]["what"])  # fmt: skip
     if not decoder and any(texts_of(d["settings"]) != PROTOCOL_TOKENS for d in data):
         what += (
             "; a run marked 'texts <= N tokens' trained and is scored on the held-out modules' texts cut at "

@@ -211,4 +211,6 @@ def table(name: str) -> str:
     result = next((r for r in RESULTS if r.name == name), None)
     if result is None:
         raise ValueError(f"No table called {name!r}; these exist: {', '.join(r.name for r in RESULTS)}.")
+    if not result.files:
+        raise ValueError(f"no file behind the {name!r} table was found (docs/ is not in this copy?).")
     return rendered(result)
