@@ -103,6 +103,7 @@ def test_minilm_runs_on_longer_texts_get_rows_of_their_own():
     table = render_goals([_run("minilm", "exact", 0.5, 0.98, 0.97, 0.985), long])
     assert _row(table, "MiniLM, r = L/2, any form").endswith("| not met |")
     assert _row(table, "MiniLM (held-out texts up to 256 tokens), r = L/2, any form").endswith("| **met** |")
+    assert "up to 256 tokens), r = L/4" not in table  # no such run: no row
 
 
 def test_the_best_run_is_one_that_meets_the_goal_when_one_does():
