@@ -268,7 +268,7 @@ def _load_time(key: str) -> str:
     if checkpoints.smollm2_converted():
         return "Loading it takes about 3 s (plus about 1 s to read this text)."
     return (
-        "Loading it takes about 25 s this first time (its GGUF file is converted once into a cache), "
+        "Loading it takes about 20 s this first time (its GGUF file is converted once into a cache), "
         "about 3 s afterwards."
     )
 

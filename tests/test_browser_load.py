@@ -50,7 +50,7 @@ MOVES = 6  # slider moves per latency figure (the median is reported)
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A cache folder of this module's own (fine-tuning runs appear there), sharing the converted SmolLM2
-    of the user's cache when there is one (converting it again would take about 25 s)."""
+    of the user's cache when there is one (converting it again would take about 20 s)."""
     from atp_viz.hf.model_info import cache_dir
 
     folder = tmp_path_factory.mktemp("atp_cache")

