@@ -39,14 +39,15 @@ def measure_forms_minilm(out: Path) -> dict:
 
     loaded = load_model("minilm")
     texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
-    dense = embeddings(loaded, None, texts, 128)
+    dense = embeddings(loaded, None, texts, PROTOCOL_TOKENS)
     rows = []
     for share in FRACTIONS:
         layer_ranks = allocation.calibrated_layer_ranks(loaded, share)
         for form in forms.names():
-            uniform = (embeddings(loaded, ATPConfig(rank=share, form=form), texts, 128) * dense).sum(-1)
+            one = ATPConfig(rank=share, form=form)
+            uniform = (embeddings(loaded, one, texts, PROTOCOL_TOKENS) * dense).sum(-1)
             cfg = ATPConfig(rank=share, form=form, layer_ranks=layer_ranks)
-            per_layer = (embeddings(loaded, cfg, texts, 128) * dense).sum(-1)
+            per_layer = (embeddings(loaded, cfg, texts, PROTOCOL_TOKENS) * dense).sum(-1)
             rows.append(
                 {
                     "form": form,
@@ -93,15 +94,16 @@ def measure_projection_split(out: Path) -> dict:
 
     loaded = load_model("minilm")
     texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
-    dense = embeddings(loaded, None, texts, 128)
+    dense = embeddings(loaded, None, texts, PROTOCOL_TOKENS)
     rows = []
     with forms.registered(*DIAGNOSTIC_VARIANTS):  # for this measurement only: never listed elsewhere
         for share in FRACTIONS:
-            both = (embeddings(loaded, ATPConfig(rank=share, form="exact"), texts, 128) * dense).sum(-1)
+            exact = ATPConfig(rank=share, form="exact")
+            both = (embeddings(loaded, exact, texts, PROTOCOL_TOKENS) * dense).sum(-1)
             rows.append({"form": "exact", "rank": share, "cosine": protocol.encoder_summary(both, modules)})
             for variant in DIAGNOSTIC_VARIANTS:
                 cfg = ATPConfig(rank=share, form=variant.name)
-                cos = (embeddings(loaded, cfg, texts, 128) * dense).sum(-1)
+                cos = (embeddings(loaded, cfg, texts, PROTOCOL_TOKENS) * dense).sum(-1)
                 summary = protocol.encoder_summary(cos, modules, reference=both)
                 rows.append({"form": variant.name, "display_name": variant.display_name, "rank": share,
                              "cosine": summary})  # fmt: skip
