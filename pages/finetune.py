@@ -8,7 +8,7 @@ import streamlit as st
 from atp_app import navigation, runtime, widgets
 from atp_viz import forms
 from atp_viz.analysis.finetune import evaluation
-from atp_viz.analysis.finetune.config import TuneConfig
+from atp_viz.analysis.finetune.config import TRAIN_ATTENTION, TuneConfig
 from atp_viz.analysis.finetune.job import TuneJob
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES
 from atp_viz.deploy import jobs
@@ -110,7 +110,7 @@ with st.form("tune_form"):
     steps = d2.number_input("Stage 2 steps (LoRA)", 0, 5000, 200, key="tune_steps")
     lr = d3.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="tune_lr")
     lora_r = d4.number_input("Adapter rank (LoRA)", 1, 64, 8, key="tune_lora_r")
-    e1, e2 = st.columns([3, 2])
+    e1, e2, e3 = st.columns([3, 2, 2])
     rank_mode = e1.radio(
         "Decoders: rank r / L means", list(RANK_MODES), horizontal=True, key="tune_rank_mode",
         format_func=RANK_MODE_LABELS.get,
@@ -124,6 +124,13 @@ with st.form("tune_form"):
         help="What U_r decomposes: the attention input X (the paper) or the keys. On MiniLM, untuned, the "
         "keys' basis keeps the exact form closer to dense (the README's table).",
     )  # fmt: skip
+    attention = e3.radio(
+        "Train with", list(TRAIN_ATTENTION), key="tune_attention", format_func=TRAIN_ATTENTION.get,
+        help="Decoders: 'dense' trains the same adapters with the same data and loss but dense attention "
+        "(set stage 1 to 0). It is the control for an ATP run: it shows how much of a tuned run's score "
+        "comes from adapting to docstrings. It is evaluated like a run (ATP at the rank above on its "
+        "weights).",
+    )  # fmt: skip
     st.caption(
         "The committed runs (one torch thread while another run used the other core; the README lists them "
         "with their JSON): MiniLM 2-3 s per step (16 texts), SmolLM2 8-11 s per step with the exact form "
@@ -136,7 +143,7 @@ if start:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
             lora_r=int(lora_r), lora_alpha=2 * int(lora_r), transfer_steps=int(transfer_steps),
-            rank_mode=rank_mode, basis_from=basis_from,
+            rank_mode=rank_mode, basis_from=basis_from, attention=attention,
         )  # fmt: skip
     except ValueError as err:
         st.error(str(err))

@@ -333,3 +333,54 @@ def test_reevaluate_measures_a_finished_run_again_and_keeps_the_old_metrics(tmp_
     assert after["reevaluated"]["command"] == ["test"] and after["losses"] == meta["losses"]
     with pytest.raises(ValueError, match="not a fine-tuning run"):
         training.reevaluate(tmp_path)
+
+
+def test_dense_control_trains_with_dense_attention(load, tmp_path):
+    """The control's objective is the dense model's own loss on the scored positions (with untrained
+    adapters the KL to the original is 0), whatever ATP rank or form it names; an ATP run's is not."""
+    import contextlib
+
+    loaded = load("tiny-llama")
+    torch.manual_seed(2)
+    ids = torch.randint(5, 1000, (1, 64))
+    with torch.no_grad():
+        logits = objectives.dense_logits(loaded.model, ids)[0, 16:-1]
+    expected = torch.nn.functional.cross_entropy(logits.float(), ids[0, 17:])
+    teacher = contextlib.nullcontext  # no adapters here: the student is the original model
+    for rank, form in ((0.25, "exact"), (0.5, "linear")):
+        cfg = TuneConfig(model="tiny-llama", rank=rank, form=form, attention="dense", seq_len=64, chunk=16)
+        with torch.no_grad():
+            loss = objectives.decoder_distillation(loaded, ids, cfg, params={}, kl_weight=1, teacher=teacher)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    atp = TuneConfig(model="tiny-llama", rank=0.25, seq_len=64, chunk=16)
+    with torch.no_grad():
+        atp_loss = objectives.decoder_distillation(loaded, ids, atp, params={}, kl_weight=1, teacher=teacher)
+    assert abs(float(atp_loss) - float(expected)) > 1e-3
+
+    cfg = TuneConfig(
+        model="tiny-llama",
+        attention="dense",
+        form="taylor2",
+        steps=2,
+        seq_len=96,
+        chunk=16,
+        eval_windows=2,
+        lr=3e-2,
+    )
+    res = training.train(cfg, tmp_path / "control", texts=[" ".join(SHORT_TEXTS)])
+    assert len(res.losses) == 2 and res.losses[1] < res.losses[0]
+    meta = json.loads((tmp_path / "control" / tuned.SETTINGS_FILE).read_text())
+    assert meta["settings"]["attention"] == "dense" and meta["metrics"]["trained_with"] == "dense"
+    assert "dense control" in meta["metrics"]["what"]
+    assert "dense-tuned control" in models.load_model(f"tuned:{tmp_path / 'control'}").info.label
+    assert tuned.load_params(tmp_path / "control") == {}  # a control trains no ATP parameter
+
+
+def test_dense_control_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TuneConfig(attention="sparse")
+    with pytest.raises(ValueError, match="no stage 1"):
+        TuneConfig(model="tiny-llama", attention="dense", transfer_steps=5)
+    with pytest.raises(ValueError, match="for decoders"):
+        training.train(TuneConfig(model="tiny-bert", attention="dense", steps=1), tmp_path / "enc")
+    assert not (tmp_path / "enc").exists()

@@ -13,7 +13,7 @@ from atp_viz.hf.engine import BASIS_SOURCES
 
 
 def register(sub) -> None:
-    from atp_viz.analysis.finetune.config import TuneConfig
+    from atp_viz.analysis.finetune.config import TRAIN_ATTENTION, TuneConfig
 
     d = TuneConfig()
     f = sub.add_parser(
@@ -35,6 +35,11 @@ def register(sub) -> None:
     f.add_argument(
         "--basis-from", choices=list(BASIS_SOURCES), default=d.basis_from,
         help="what the basis U_r decomposes: the attention input X (the paper) or the keys",
+    )  # fmt: skip
+    f.add_argument(
+        "--attention", choices=list(TRAIN_ATTENTION), default=d.attention,
+        help="what the layers run while training: 'atp' (the run) or 'dense' (decoders: a control with the "
+        "same recipe and no ATP, evaluated like a run)",
     )  # fmt: skip
     f.add_argument("--steps", type=int, default=d.steps, help="stage 2: end-to-end tuning steps")
     f.add_argument("--lr", type=float, default=d.lr)
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,
-        basis_from=args.basis_from,
+        basis_from=args.basis_from, attention=args.attention,
         lr=args.lr, lora_r=args.lora_r, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
         hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,

@@ -11,6 +11,15 @@ from atp_viz.core.ranks import RANK_MODES
 from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig
 from atp_viz.hf.model_info import cache_dir
 
+# What the attention layers run while the adapters train. "dense" is a control, not an ATP run: the same
+# recipe (data, steps, adapters, token loss + KL) with the model's own attention, so what a run gains from
+# adapting to the training text can be told apart from what ATP costs (the paper compares ATP-tuned
+# against dense-tuned). Decoders only: an encoder distilled toward its own dense embedding has zero loss.
+TRAIN_ATTENTION = {
+    "atp": "ATP in place (the form and rank below)",
+    "dense": "dense attention (control: same recipe, no ATP)",
+}
+
 
 @dataclass(frozen=True)
 class TuneConfig:
@@ -21,6 +30,7 @@ class TuneConfig:
     form: str = "exact"  # a name in atp_viz.forms
     rank_mode: str = "past"  # decoders: "past" (share of the compressed past) or "effective" (core.ranks)
     basis_from: str = "input"  # what U_r decomposes: "input" (X, the paper) or "keys" (engine.BASIS_SOURCES)
+    attention: str = "atp"  # while training: "atp" or "dense" (a control run; TRAIN_ATTENTION)
     steps: int = 200  # stage 2: end-to-end LoRA with ATP in place
     lr: float = 1e-3  # AdamW on the adapters only; LoRA tolerates a high rate
     transfer_steps: int = 0  # stage 1: layer-wise attention transfer (0: none)
@@ -55,6 +65,13 @@ class TuneConfig:
             raise ValueError(f"rank_mode must be one of {', '.join(RANK_MODES)}, got {self.rank_mode!r}")
         if not self.lr > 0 or self.max_tokens < 8 or self.seq_len < 4:
             raise ValueError("lr must be > 0, max_tokens >= 8 and seq_len >= 4")
+        if self.attention not in TRAIN_ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(TRAIN_ATTENTION)}, got {self.attention!r}")
+        if self.attention == "dense" and self.transfer_steps:
+            raise ValueError(
+                "A dense control has no stage 1 (layer-wise transfer fits ATP to dense); "
+                "set transfer_steps to 0."
+            )
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
 
@@ -65,6 +82,8 @@ class TuneConfig:
     def label(self) -> str:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
         basis = "" if self.basis_from == "input" else f", basis from {self.basis_from}"
+        if self.attention == "dense":
+            return f"dense-tuned control (evaluated with ATP r={self.rank:g}L, {self.form}{mode}{basis})"
         return f"ATP-tuned r={self.rank:g}L ({self.form}{mode}{basis})"
 
 

@@ -189,9 +189,18 @@ def evaluate(
         rows, note = _encoder_rows(reference, tuned, cfg, progress, cache=cache)
     return {
         "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "basis_from": cfg.basis_from,
-        "what": note, "rows": rows,
+        "trained_with": cfg.attention, "what": note + _control_note(cfg), "rows": rows,
         "protocol": "atp_viz.analysis.protocol (held-out modules: atp_viz.text.corpus.HELDOUT_MODULES)",
     }  # fmt: skip
+
+
+def _control_note(cfg: TuneConfig) -> str:
+    if cfg.attention != "dense":
+        return ""
+    return (
+        "; a dense control: its adapters were trained with dense attention, so 'dense_tuned_weights' is the "
+        "dense-tuned model and 'atp_tuned' is ATP run on those weights"
+    )
 
 
 def heldout_available(loaded: LoadedModel, cfg: TuneConfig) -> int:

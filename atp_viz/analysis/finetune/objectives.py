@@ -136,10 +136,16 @@ def decoder_distillation(
 ) -> torch.Tensor:
     """Stage 2 for decoders: the strictly causal next-token loss plus ``kl_weight`` times
     KL(original dense || ATP) of the next-token distributions, on the same scored positions (leak-free:
-    the teacher is the original model's dense causal attention, which sees nothing after i either)."""
-    losses, _, pred = decoder_losses(
-        tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True, basis_from=cfg.basis_from
-    )
+    the teacher is the original model's dense causal attention, which sees nothing after i either).
+    A dense control (``cfg.attention == "dense"``) computes the same loss with dense attention."""
+    if cfg.attention == "dense":  # the control: the model's own causal attention, same positions and loss
+        pred = dense_logits(tuned.model, ids)[0, cfg.chunk : -1]
+        target = ids[0, cfg.chunk + 1 :].to(pred.device)
+        losses = torch.nn.functional.cross_entropy(pred.float(), target, reduction="none")
+    else:
+        losses, _, pred = decoder_losses(
+            tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True, basis_from=cfg.basis_from
+        )
     loss = losses.mean()
     if kl_weight:
         with torch.no_grad(), teacher():

@@ -97,6 +97,8 @@ def _with_adapters(cfg: TuneConfig, loaded: LoadedModel):
 def _form_parameters(cfg: TuneConfig, loaded: LoadedModel) -> dict[int, dict[str, torch.nn.Parameter]]:
     """The form's per-head parameters, one set per layer, at their untrained values (trainable)."""
     form = forms.get(cfg.form)
+    if cfg.attention == "dense":  # a control trains no ATP parameter
+        return {}
     return {
         layer: {
             k: torch.nn.Parameter(v.to(loaded.device))
@@ -248,6 +250,11 @@ def train(
         raise ValueError("The held-out split gives nothing to evaluate with these settings; lower seq_len.")
     targets = lora_targets(loaded.model)
     is_dec = loaded.info.is_decoder
+    if cfg.attention == "dense" and not is_dec:
+        raise ValueError(
+            "A dense control is for decoders: an encoder's objective distils toward its own dense "
+            "embedding, which dense attention already matches (zero loss, nothing to learn)."
+        )
     result = _fit(cfg, loaded, data, out, say, on_step, stop)
     meta = _run_record(cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=is_dec)
     meta["command"] = list(command) if command else None
