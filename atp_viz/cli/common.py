@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from atp_viz import forms
 from atp_viz.core import basis, ranks
-from atp_viz.core.progress import ProgressFn
 from atp_viz.text.inputs import read_text_file
 
 MODEL_HELP = "minilm | smollm2 | tiny-* | tuned:DIR | folder | hub id"
@@ -102,19 +100,3 @@ def write_json(obj, out: str | None) -> None:
         print(f"wrote {out}", file=sys.stderr)
     else:
         print(text)
-
-
-def stderr_progress(every: float = 10.0) -> ProgressFn:
-    """Progress lines on stderr: every new phase (a message whose first word changes) at once, repeats
-    of one phase ("step 3 of 200 ...") at most one every ``every`` seconds, the end always."""
-    t0 = time.perf_counter()
-    last = [-every, ""]
-
-    def progress(fraction: float, message: str) -> None:
-        now = time.perf_counter() - t0
-        phase = message.split(" ", 1)[0]
-        if now - last[0] >= every or fraction >= 1.0 or phase != last[1]:
-            last[0], last[1] = now, phase
-            print(f"[{now:6.0f} s] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
-
-    return progress

@@ -7,7 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from atp_viz.cli.common import MODEL_HELP, add_form, fraction_arg, stderr_progress
+from atp_viz.cli.common import MODEL_HELP, add_form, fraction_arg
+from atp_viz.core.progress import stderr_progress
 from atp_viz.core.ranks import RANK_MODES
 from atp_viz.hf.engine import BASIS_SOURCES
 

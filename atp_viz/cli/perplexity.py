@@ -50,7 +50,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import protocol
-    from atp_viz.cli.common import stderr_progress
+    from atp_viz.core.progress import stderr_progress
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import base_model_of, basis_of
 

@@ -6,6 +6,8 @@ and a sentence for the user; the app turns it into a progress bar, the CLI into 
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 
 ProgressFn = Callable[[float, str], None]
@@ -20,3 +22,19 @@ def within(progress: ProgressFn | None, start: float, stop: float, prefix: str =
         progress(start + (stop - start) * min(max(fraction, 0.0), 1.0), prefix + message)
 
     return sub
+
+
+def stderr_progress(every: float = 10.0) -> ProgressFn:
+    """Progress lines on stderr: every new phase (a message whose first word changes) at once, repeats
+    of one phase ("step 3 of 200 ...") at most one every ``every`` seconds, the end always."""
+    t0 = time.perf_counter()
+    last = [-every, ""]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.perf_counter() - t0
+        phase = message.split(" ", 1)[0]
+        if now - last[0] >= every or fraction >= 1.0 or phase != last[1]:
+            last[0], last[1] = now, phase
+            print(f"[{now:6.0f} s] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+    return progress
