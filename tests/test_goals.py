@@ -123,3 +123,21 @@ def test_a_run_file_without_the_fields_is_left_out_not_a_crash():
     assert "no run" in _row(render_goals([old]), "MiniLM, r = L/2, any form")
     bare = {"runs": [{"model": "smollm2", "form": "exact", "rank": 128, "tokens": 8192}]}
     assert "no run" in _row(render_goals([bare]), "SmolLM2 prefill at 8192")
+
+
+def test_a_dense_tuned_control_is_quoted_for_its_own_run_only():
+    """The control file (control-smollm2) is not a prefill file, and its paired figure goes to the run it
+    was measured for, not to another run at the same rank."""
+    run = _run("smollm2", "exact", 0.5, -0.001, -0.004, 0.001)
+    run["metrics"]["rows"]["atp_tuned"].update(
+        top1_minus_dense_tuned_weights=-0.013, top1_minus_dense_tuned_weights_ci=[-0.016, -0.011]
+    )
+    vs = {"top1_minus_reference": -0.021, "top1_minus_reference_ci": [-0.025, -0.017]}
+    control = {"atp_run": {"settings": dict(run["settings"])}, "control_run": {}, "rows": [
+        {"setting": "original, dense"}, {"setting": "ATP-tuned, ATP", "vs_control": vs}]}  # fmt: skip
+    table = render_goals([run, control])
+    row = _row(table, "SmolLM2, r = L/2, any form")
+    assert "-2.1 [-2.5, -1.7] pt against a model tuned the same way with dense attention" in row
+    assert "prefill at 8192 tokens" in table and "no run" in _row(table, "SmolLM2 prefill")
+    control["atp_run"]["settings"]["steps"] = 3  # measured for another run
+    assert "tuned the same way" not in render_goals([run, control])

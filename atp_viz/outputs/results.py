@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from atp_viz.outputs import result_app as app_tables
+from atp_viz.outputs import result_control as control
 from atp_viz.outputs import result_goals as goals
 from atp_viz.outputs import result_tables as tables
 from atp_viz.outputs import result_tuning as tuning
@@ -139,7 +140,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
     Result(
         "goals",
-        tuning.run_files("minilm") + tuning.run_files("smollm2") + tuning.prefill_files(),
+        tuning.run_files("minilm") + tuning.run_files("smollm2") + tuning.prefill_files() + control.files(),
         goals.render_goals,
         "each file holds the command that made it (the fine-tuning tables below and the long-context "
         "section give them)",
@@ -171,6 +172,7 @@ RESULTS: tuple[Result, ...] = (
         "--json docs/results/prefill-smollm2-windowW.json",
         75,
     ),  # fmt: skip
+    _measured("control-smollm2", control.render_control_smollm2, 16, control.measure_control_smollm2),
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     _measured("window-smollm2", window.render_window, 11, window.measure_window_smollm2),
     Result(
