@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atp_viz.outputs.result_tuning import _md
+from atp_viz.outputs.result_tuning import _md, _metric
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "tuned"
 ATP_RUN = "smollm2-exact-keys-r0.5-300-two-stage"
@@ -70,11 +70,7 @@ def measure_control_smollm2(out: Path) -> dict:
 
 
 def _iv(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
-    from atp_viz.analysis.protocol import interval
-
-    if key not in row:
-        return "-"
-    return interval(row[key], tuple(row[f"{key}_ci"]), digits, scale)
+    return _metric(row, key, scale, digits, missing="-")  # "-": a comparison this row does not have
 
 
 def render_control_smollm2(data: list[dict]) -> str:

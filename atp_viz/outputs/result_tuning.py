@@ -217,9 +217,9 @@ def _rank(s: dict) -> str:
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
 
 
-def _metric(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+def _metric(row: dict, key: str, scale: float = 1.0, digits: int = 3, missing: str = "unknown") -> str:
     if key not in row:
-        return "unknown"
+        return missing
     return interval(row[key], tuple(row[f"{key}_ci"]), digits, scale)
 
 
