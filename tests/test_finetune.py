@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -384,3 +385,16 @@ def test_dense_control_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="for decoders"):
         training.train(TuneConfig(model="tiny-bert", attention="dense", steps=1), tmp_path / "enc")
     assert not (tmp_path / "enc").exists()
+
+
+def test_a_skipped_step_logs_its_loss_without_a_torch_warning():
+    """A NaN loss still carries its graph; logging it must not trip torch's 'requires_grad to scalar'
+    warning, which printed a second alarming message for every skipped step of a run."""
+    w = torch.nn.Parameter(torch.ones(2))
+    loss = (w * float("nan")).sum()
+    opt = torch.optim.AdamW([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training._update(loss, [w], opt, sched, 0) is False
+    assert torch.equal(w.detach(), torch.ones(2))

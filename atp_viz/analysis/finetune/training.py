@@ -134,7 +134,7 @@ def _update(loss: torch.Tensor, params, opt, sched, step: int) -> bool:
     """Backpropagate and step; False (nothing changed) when the loss or the gradient is not finite."""
     opt.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
-        logger.warning("step %d: loss is %s; step skipped", step, float(loss))
+        logger.warning("step %d: loss is %s; step skipped", step, loss.item())
         return False
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -142,7 +142,7 @@ def _update(loss: torch.Tensor, params, opt, sched, step: int) -> bool:
         # An overflowing gradient would make clip_grad_norm_ scale every gradient by 1/inf = 0: the
         # step would silently change nothing. Count it as skipped instead (the linear form's
         # denominators near zero do this to SmolLM2).
-        logger.warning("step %d: gradient norm is %s; step skipped", step, float(norm))
+        logger.warning("step %d: gradient norm is %s; step skipped", step, norm.item())
         opt.zero_grad(set_to_none=True)
         return False
     opt.step()
