@@ -126,18 +126,35 @@ def test_a_run_file_without_the_fields_is_left_out_not_a_crash():
 
 
 def test_a_dense_tuned_control_is_quoted_for_its_own_run_only():
-    """The control file (control-smollm2) is not a prefill file, and its paired figure goes to the run it
-    was measured for, not to another run at the same rank."""
-    run = _run("smollm2", "exact", 0.5, -0.001, -0.004, 0.001)
-    run["metrics"]["rows"]["atp_tuned"].update(
-        top1_minus_dense_tuned_weights=-0.013, top1_minus_dense_tuned_weights_ci=[-0.016, -0.011]
+    """The control file (control-smollm2) is not a prefill file, and each of its paired figures goes to the
+    run it was measured for (one control serves the L/2 and the L/4 run), not to another run."""
+    runs = [
+        _run("smollm2", "exact", 0.5, -0.001, -0.004, 0.001),
+        _run("smollm2", "exact", 0.25, -0.03, -0.04, -0.02),
+    ]
+    for run in runs:
+        run["metrics"]["rows"]["atp_tuned"].update(
+            top1_minus_dense_tuned_weights=-0.013, top1_minus_dense_tuned_weights_ci=[-0.016, -0.011]
+        )
+    half = {"top1_minus_reference": -0.021, "top1_minus_reference_ci": [-0.025, -0.017]}
+    quarter = {"top1_minus_reference": -0.049, "top1_minus_reference_ci": [-0.055, -0.043]}
+    control = {
+        "atp_runs": [{"folder": "a", "settings": dict(runs[0]["settings"])},
+                     {"folder": "b", "settings": dict(runs[1]["settings"])}],
+        "control_run": {},
+        "rows": [{"setting": "original, dense"},
+                 {"setting": "ATP-tuned L/4, ATP", "run": "b", "vs_control": quarter},
+                 {"setting": "ATP-tuned L/2, ATP", "run": "a", "vs_control": half}],
+    }  # fmt: skip
+    table = render_goals([*runs, control])
+    half_row, quarter_row = (
+        _row(table, "SmolLM2, r = L/2, any form"),
+        _row(table, "SmolLM2, r = L/4, any form"),
     )
-    vs = {"top1_minus_reference": -0.021, "top1_minus_reference_ci": [-0.025, -0.017]}
-    control = {"atp_run": {"settings": dict(run["settings"])}, "control_run": {}, "rows": [
-        {"setting": "original, dense"}, {"setting": "ATP-tuned, ATP", "vs_control": vs}]}  # fmt: skip
-    table = render_goals([run, control])
-    row = _row(table, "SmolLM2, r = L/2, any form")
-    assert "-2.1 [-2.5, -1.7] pt against a model tuned the same way with dense attention" in row
+    assert "-2.1 [-2.5, -1.7] pt against a model tuned the same way" in half_row
+    assert "-4.9 [-5.5, -4.3] pt against a model tuned the same way" in quarter_row
     assert "prefill at 8192 tokens" in table and "no run" in _row(table, "SmolLM2 prefill")
-    control["atp_run"]["settings"]["steps"] = 3  # measured for another run
-    assert "tuned the same way" not in render_goals([run, control])
+    control["atp_runs"][0]["settings"]["steps"] = 3  # measured for another run
+    table = render_goals([*runs, control])
+    assert "tuned the same way" not in _row(table, "SmolLM2, r = L/2, any form")
+    assert "-4.9 [-5.5, -4.3] pt against" in _row(table, "SmolLM2, r = L/4, any form")

@@ -1,11 +1,12 @@
-"""The README's table "ATP-tuned against a dense-tuned control" (SmolLM2, L/2).
+"""The README's table "ATP-tuned against a dense-tuned control" (SmolLM2, L/2 and L/4).
 
-The SmolLM2 L/2 goal is scored against the *original* dense model, as the issue sets it. But a run's
+The SmolLM2 goals are scored against the *original* dense model, as the issue sets them. But a run's
 adapters also adapt the model to docstrings, and the tuned weights with dense attention score above the
 original. The paper compares an ATP-tuned model with a model tuned the same way with dense attention.
-This table puts the shipped ATP-tuned run next to such a control (``finetune --attention dense``: the
-same data, steps, adapters and loss, dense attention) on the same held-out windows, every difference
-paired per window (measure -> JSON, JSON -> markdown, as in :mod:`atp_viz.outputs.result_tables`).
+This table puts the shipped ATP-tuned runs next to such a control (``finetune --attention dense``: the
+same data, steps, adapters and loss, dense attention; it does not depend on the rank, so one control
+serves both runs) on the same held-out windows, every difference paired per window (measure -> JSON,
+JSON -> markdown, as in :mod:`atp_viz.outputs.result_tables`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from pathlib import Path
 from atp_viz.outputs.result_tuning import _md, _metric
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "tuned"
-ATP_RUN = "smollm2-exact-keys-r0.5-300-two-stage"
+ATP_RUNS = ("smollm2-exact-keys-r0.5-300-two-stage", "smollm2-exact-keys-r0.25-300-two-stage")
 CONTROL_RUN = "smollm2-dense-control-r0.5-300"
+# What the control must share with an ATP run for the comparison to be like for like (the rank, form
+# and stage 1 are what differs: the control trains no ATP parameter).
+SAME_RECIPE = ("steps", "lr", "kl_weight", "lora_r", "lora_alpha", "seq_len", "chunk", "seed", "rank_mode")
+
+
+def _share(settings: dict) -> str:
+    return f"L/{round(1 / settings['rank'])}"
 
 
 def files() -> tuple[str, ...]:
@@ -26,7 +34,7 @@ def files() -> tuple[str, ...]:
 
 
 def measure_control_smollm2(out: Path) -> dict:
-    """Top-1 and perplexity of the original model, the dense-tuned control and the ATP-tuned run (under
+    """Top-1 and perplexity of the original model, the dense-tuned control and each ATP-tuned run (under
     its own rank, form and basis) on every held-out window, each against the original and against the
     control, paired by window."""
     from atp_viz.analysis import protocol
@@ -34,37 +42,41 @@ def measure_control_smollm2(out: Path) -> dict:
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import read_settings
 
-    atp_meta, control_meta = read_settings(SHIPPED / ATP_RUN), read_settings(SHIPPED / CONTROL_RUN)
-    s = atp_meta["settings"]
+    control_meta = read_settings(SHIPPED / CONTROL_RUN)
     c = control_meta["settings"]
-    if c.get("attention") != "dense" or c["steps"] != s["steps"]:
-        raise ValueError(f"{CONTROL_RUN} is not a dense control with the ATP run's {s['steps']} steps.")
+    runs = {name: read_settings(SHIPPED / name)["settings"] for name in ATP_RUNS}
+    for name, s in runs.items():
+        differ = [k for k in SAME_RECIPE if c.get(k) != s.get(k)]
+        if c.get("attention") != "dense" or differ:
+            raise ValueError(f"{CONTROL_RUN} is not a dense control of {name} (differs in {differ}).")
     base = load_model("smollm2")
-    windows = protocol.heldout_windows(base.tokenizer, s["seq_len"])
-    models = {
-        "original, dense": (base, None),
-        "dense-tuned control, dense": (load_model(f"tuned:{SHIPPED / CONTROL_RUN}"), None),
-        "ATP-tuned, ATP": (load_model(f"tuned:{SHIPPED / ATP_RUN}"), s["rank"]),
-    }
+    windows = protocol.heldout_windows(base.tokenizer, c["seq_len"])
+    dense = {"rank": None, "form": "exact"}  # the past exact: the model's own attention
+    models = {"original, dense": (base, dense), "dense-tuned control, dense": (CONTROL_RUN, dense)}
+    for name, s in runs.items():
+        atp = {k: s[k] for k in ("rank", "form", "rank_mode")} | {"basis_from": s.get("basis_from", "input")}
+        models[f"ATP-tuned {_share(s)}, ATP"] = (name, atp)
     scores = {}
     say = stderr_progress()
-    for i, (name, (loaded, rank)) in enumerate(models.items()):
-        scores[name] = protocol.score_decoder(
-            loaded, windows, rank=rank, form=s["form"], chunk=s["chunk"], rank_mode=s["rank_mode"],
-            basis_from=s.get("basis_from", "input"), progress=within(say, i / 3, (i + 1) / 3, f"{name}: "),
-        )  # fmt: skip
+    for i, (label, (model, how)) in enumerate(models.items()):
+        loaded = load_model(f"tuned:{SHIPPED / model}") if isinstance(model, str) else model
+        sub = within(say, i / len(models), (i + 1) / len(models), f"{label}: ")
+        scores[label] = protocol.score_decoder(loaded, windows, chunk=c["chunk"], progress=sub, **how)
     original, control = scores["original, dense"], scores["dense-tuned control, dense"]
     rows = []
-    for name, sc in scores.items():
-        row = {"setting": name, **protocol.decoder_summary(sc, windows, None if sc is original else original)}
-        if name == "ATP-tuned, ATP":
+    for label, (model, how) in models.items():
+        sc = scores[label]
+        against = None if sc is original else original
+        row = {"setting": label, **protocol.decoder_summary(sc, windows, against)}
+        if how["rank"] is not None:
+            row["run"] = f"data/tuned/{model}"
             vs = protocol.decoder_summary(sc, windows, control)
             row["vs_control"] = {k: v for k, v in vs.items() if "reference" in k}
         rows.append(row)
     return {
         "model": "smollm2",
-        "atp_run": {"folder": f"data/tuned/{ATP_RUN}", "settings": s},
-        "control_run": {"folder": f"data/tuned/{CONTROL_RUN}", "settings": control_meta["settings"]},
+        "atp_runs": [{"folder": f"data/tuned/{name}", "settings": s} for name, s in runs.items()],
+        "control_run": {"folder": f"data/tuned/{CONTROL_RUN}", "settings": c},
         "rows": rows,
     }
 
@@ -73,9 +85,18 @@ def _iv(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return _metric(row, key, scale, digits, missing="-")  # "-": a comparison this row does not have
 
 
+def _runs_line(runs: list[dict]) -> str:
+    """'ATP: exact form, r = L/2 (effective), basis from keys, 80 transfer steps; ...' for each run."""
+    return "; ".join(
+        f"{s['form']} form, r = {_share(s)} ({s['rank_mode']}), basis from {s.get('basis_from', 'input')}, "
+        f"{s['transfer_steps']} layer-wise transfer steps first"
+        for s in (r["settings"] for r in runs)
+    )
+
+
 def render_control_smollm2(data: list[dict]) -> str:
     (d,) = data
-    s = d["atp_run"]["settings"]
+    c = d["control_run"]["settings"]
     rows = []
     for r in d["rows"]:
         vs = r.get("vs_control", {})
@@ -87,12 +108,11 @@ def render_control_smollm2(data: list[dict]) -> str:
     head = ["model, attention", "top-1", "minus original dense, pt", "perplexity", "perplexity / original",
             "minus dense-tuned control, pt", "perplexity / control"]  # fmt: skip
     n = d["rows"][0]
+    folders = ", ".join(f"`{r['folder']}`" for r in [*d["atp_runs"], d["control_run"]])
     return _md(head, rows) + (
         f"\n\nSmolLM2, next-token prediction on {n['n_windows']} held-out windows ({n['n_scored']} "
-        f"predictions), strictly causal chunks of {s['chunk']}; ATP: {s['form']} form, r = L/"
-        f"{round(1 / s['rank'])} ({s['rank_mode']}), basis from {s.get('basis_from', 'input')}. Both "
-        f"models: LoRA r = {s['lora_r']}, {s['steps']} end-to-end steps on the same windows in the same "
-        f"order (the ATP run had {s['transfer_steps']} layer-wise transfer steps before them). 95% "
-        "intervals by bootstrap over windows; differences and ratios paired per window. Adapters: "
-        f"`{d['atp_run']['folder']}`, `{d['control_run']['folder']}`."
+        f"predictions), strictly causal chunks of {c['chunk']}. ATP runs: {_runs_line(d['atp_runs'])}. "
+        f"Every model: LoRA r = {c['lora_r']}, {c['steps']} end-to-end steps on the same windows in the "
+        "same order, the same loss; the control trains no ATP parameter and has no transfer stage. 95% "
+        f"intervals by bootstrap over windows; differences and ratios paired per window. Adapters: {folders}."
     )

@@ -64,10 +64,12 @@ def _against_control(run: dict, controls: list[dict]) -> str:
     """The run against a dense-tuned control on the same windows (``docs/results/control-smollm2.json``),
     when one was measured for this run; else empty."""
     for c in controls:
-        if c["atp_run"]["settings"] == run["settings"]:
-            vs = next(r for r in c["rows"] if "vs_control" in r)["vs_control"]
-            pts = interval(vs["top1_minus_reference"], tuple(vs["top1_minus_reference_ci"]), 1, 100)
-            return f"; {pts} pt against a model tuned the same way with dense attention"
+        folders = {r["folder"]: r["settings"] for r in c["atp_runs"]}
+        for row in c["rows"]:
+            if "vs_control" in row and folders.get(row["run"]) == run["settings"]:
+                vs = row["vs_control"]
+                pts = interval(vs["top1_minus_reference"], tuple(vs["top1_minus_reference_ci"]), 1, 100)
+                return f"; {pts} pt against a model tuned the same way with dense attention"
     return ""
 
 

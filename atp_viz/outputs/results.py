@@ -172,7 +172,7 @@ RESULTS: tuple[Result, ...] = (
         "--json docs/results/prefill-smollm2-windowW.json",
         75,
     ),  # fmt: skip
-    _measured("control-smollm2", control.render_control_smollm2, 16, control.measure_control_smollm2),
+    _measured("control-smollm2", control.render_control_smollm2, 24, control.measure_control_smollm2),
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     _measured("window-smollm2", window.render_window, 11, window.measure_window_smollm2),
     Result(
