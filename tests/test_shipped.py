@@ -54,3 +54,17 @@ def test_a_shipped_minilm_run_gains_over_untuned_what_its_json_says(run):
         # the same texts without them must score lower.
         bare = embeddings(dataclasses.replace(tuned, atp_params={}), cfg, texts, s["max_tokens"])
         assert now > float(np.mean((bare * dense).sum(-1))), "the form's trained parameters changed nothing"
+
+
+def test_the_shipped_control_matches_the_recipe_of_the_runs_it_is_measured_against():
+    """``results --measure control-smollm2`` pairs the shipped SmolLM2 runs with one dense-tuned control;
+    it refuses a control whose recipe (steps, learning rate, windows, seed...) differs from a run's."""
+    from atp_viz.hf.tuned import read_settings
+    from atp_viz.outputs import result_control as rc
+
+    control = read_settings(rc.SHIPPED / rc.CONTROL_RUN)["settings"]
+    runs = {name: read_settings(rc.SHIPPED / name)["settings"] for name in rc.ATP_RUNS}
+    rc.check_control(control, runs)
+    for key, value in (("steps", 150), ("seed", 1), ("attention", "atp")):
+        with pytest.raises(ValueError, match=rc.CONTROL_RUN):
+            rc.check_control({**control, key: value}, runs)

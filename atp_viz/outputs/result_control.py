@@ -33,6 +33,16 @@ def files() -> tuple[str, ...]:
     return ("docs/results/control-smollm2.json",) if path.is_file() else ()
 
 
+def check_control(control: dict, runs: dict[str, dict]) -> None:
+    """Raise ValueError unless ``control`` (settings) is a dense run with each ATP run's recipe."""
+    if control.get("attention") != "dense":
+        raise ValueError(f"{CONTROL_RUN} was not trained with dense attention.")
+    for name, s in runs.items():
+        differ = [k for k in SAME_RECIPE if control.get(k) != s.get(k)]
+        if differ:
+            raise ValueError(f"{CONTROL_RUN} is not a dense control of {name} (differs in {differ}).")
+
+
 def measure_control_smollm2(out: Path) -> dict:
     """Top-1 and perplexity of the original model, the dense-tuned control and each ATP-tuned run (under
     its own rank, form and basis) on every held-out window, each against the original and against the
@@ -42,13 +52,9 @@ def measure_control_smollm2(out: Path) -> dict:
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import read_settings
 
-    control_meta = read_settings(SHIPPED / CONTROL_RUN)
-    c = control_meta["settings"]
+    c = read_settings(SHIPPED / CONTROL_RUN)["settings"]
     runs = {name: read_settings(SHIPPED / name)["settings"] for name in ATP_RUNS}
-    for name, s in runs.items():
-        differ = [k for k in SAME_RECIPE if c.get(k) != s.get(k)]
-        if c.get("attention") != "dense" or differ:
-            raise ValueError(f"{CONTROL_RUN} is not a dense control of {name} (differs in {differ}).")
+    check_control(c, runs)
     base = load_model("smollm2")
     windows = protocol.heldout_windows(base.tokenizer, c["seq_len"])
     dense = {"rank": None, "form": "exact"}  # the past exact: the model's own attention
@@ -86,7 +92,7 @@ def _iv(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def _runs_line(runs: list[dict]) -> str:
-    """'ATP: exact form, r = L/2 (effective), basis from keys, 80 transfer steps; ...' for each run."""
+    """'exact form, r = L/2 (effective), basis from keys, 80 layer-wise transfer steps first; ...'."""
     return "; ".join(
         f"{s['form']} form, r = {_share(s)} ({s['rank_mode']}), basis from {s.get('basis_from', 'input')}, "
         f"{s['transfer_steps']} layer-wise transfer steps first"
