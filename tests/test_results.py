@@ -95,6 +95,28 @@ def test_runs_table_marks_an_encoder_run_on_longer_texts():
     assert "another set" not in render_runs([run(128)])
 
 
+def test_runs_table_names_a_changed_recipe_setting():
+    """Two runs of one form, rank and steps that differ in the adapter rank or the hidden-state weight
+    get different labels in the runs table and on the scoreboard; a default recipe gets none."""
+    from atp_viz.outputs.result_goals import render_goals
+    from atp_viz.outputs.result_tuning import render_runs
+
+    def run(cosine, **recipe):
+        rows = {n: {"cosine_mean": cosine, "cosine_mean_ci": [cosine - 0.01, cosine + 0.01]}
+                for n in ("dense", "dense_tuned_weights", "atp_untuned", "atp_tuned")}  # fmt: skip
+        settings = {"model": "minilm", "rank": 0.5, "form": "exact", "steps": 2, "transfer_steps": 1,
+                    "lora_r": 8, "lora_alpha": 16, "hidden_weight": 1.0, **recipe}  # fmt: skip
+        metrics = {"rows": rows, "what": "texts"}
+        return {"settings": settings, "train_seconds": 60.0, "skipped_steps": 0, "metrics": metrics}
+
+    table = render_runs([run(0.9), run(0.95, lora_r=32, lora_alpha=64), run(0.96, hidden_weight=4.0)])
+    labels = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| exact")]
+    assert sorted(labels) == ["| exact", "| exact, LoRA r = 32", "| exact, hidden-state weight 4.0"]
+    assert "| exact, hidden-state weight 4.0, 1 + 2 steps |" in render_goals(
+        [run(0.9), run(0.96, hidden_weight=4.0)]
+    )
+
+
 def test_a_table_without_files_says_so(monkeypatch):
     """An installed copy without docs/ finds no run file: the app says so instead of showing an empty
     scoreboard."""

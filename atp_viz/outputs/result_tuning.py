@@ -212,6 +212,27 @@ def texts_of(s: dict) -> int:
     return int(s.get("max_tokens", PROTOCOL_TOKENS))
 
 
+# Recipe settings a runs table does not show in its own columns: a run that changed one says so next to
+# its form, so two rows with the same form, rank and steps are never told apart by nothing.
+_RECIPE = {
+    "lr": "lr {}", "transfer_lr": "stage-1 lr {}", "hidden_weight": "hidden-state weight {}",
+    "kl_weight": "KL weight {}", "lora_r": "LoRA r = {}", "batch": "batch {}",
+    "seq_len": "windows of {} tokens", "chunk": "chunks of {}", "seed": "seed {}",
+}  # fmt: skip
+
+
+def recipe_note(s: dict) -> str:
+    """', LoRA r = 32, hidden-state weight 4' for the recipe settings that differ from the defaults of
+    ``finetune`` (empty for a default recipe); LoRA alpha only when it is not the CLI's 2 x r."""
+    from atp_viz.analysis.finetune.config import TuneConfig
+
+    default = TuneConfig()
+    parts = [label.format(s[k]) for k, label in _RECIPE.items() if k in s and s[k] != getattr(default, k)]
+    if "lora_alpha" in s and s["lora_alpha"] != 2 * s.get("lora_r", default.lora_r):
+        parts.append(f"LoRA alpha {s['lora_alpha']}")
+    return "".join(f", {p}" for p in parts)
+
+
 def _rank(s: dict) -> str:
     mode = s.get("rank_mode", "past")
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
@@ -246,6 +267,7 @@ def render_runs(data: list[dict]) -> str:
         row = [
             forms.get(s["form"]).name
             + ("" if basis == "input" else f", basis from {basis}")
+            + recipe_note(s)
             + (" (metrics re-measured: `finetune --reevaluate`)" if run.get("reevaluated") else ""),
             _rank(s)
             + ("" if decoder or texts_of(s) == PROTOCOL_TOKENS else f", texts <= {texts_of(s)} tokens"),
