@@ -66,9 +66,10 @@ def test_compare_decoder_json_with_continuation_and_sweep(tmp_path, text_file):
 
     loaded = load_model("tiny-llama")
     tok = tokenize(loaded.tokenizer, text_file.read_text(), loaded.info.max_tokens)
-    p = torch.log_softmax(torch.from_numpy(compare.forward(loaded, tok).next_logits).double(), -1)
+    p = torch.log_softmax(torch.tensor(compare.forward(loaded, tok).next_logits, dtype=torch.float64), -1)
     q = torch.log_softmax(
-        torch.from_numpy(compare.forward(loaded, tok, ATPConfig(4, "linear")).next_logits).double(), -1
+        torch.tensor(compare.forward(loaded, tok, ATPConfig(4, "linear")).next_logits, dtype=torch.float64),
+        -1,
     )
     assert d["next_token_kl_dense_to_atp"] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-6)
     top = [t["p"] for t in d["top10_dense"]]
