@@ -34,6 +34,7 @@ class Family:
     pooling: str  # "mean" (masked mean + L2 norm, sentence-transformers) or "last" (next token)
     lora_targets: tuple[str, ...]  # leaf names of the linear layers that get LoRA adapters
     lora_exclude: str = ""  # regex of module paths never adapted (e.g. BERT's unused pooler)
+    lora_fan_in_fan_out: bool = False  # the targets store weights (in, out) (GPT-2's Conv1D), not (out, in)
 
     def lora_regex(self) -> str:
         """peft ``target_modules`` regex: the target leaves, minus ``lora_exclude``."""
@@ -78,7 +79,8 @@ FAMILIES: tuple[Family, ...] = (
         qkv=("c_attn",),  # one fused Conv1D: [q | k | v]
         mlp="mlp",
         pooling="last",
-        lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers: peft adapts them with fan_in_fan_out
+        lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers
+        lora_fan_in_fan_out=True,  # peft would set it itself, with a warning on every run
     ),
 )
 

@@ -41,6 +41,7 @@ from atp_viz.analysis.finetune.objectives import (
 from atp_viz.analysis.finetune.transfer import qk_parameters, transfer_loss
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn, within
+from atp_viz.hf import families
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
 from atp_viz.hf.models import load_model
 from atp_viz.hf.tuned import SETTINGS_FILE, save_params
@@ -85,6 +86,7 @@ def _with_adapters(cfg: TuneConfig, loaded: LoadedModel):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0,
         target_modules=lora_target_regex(loaded.model),
+        fan_in_fan_out=families.family_of(loaded.model).lora_fan_in_fan_out,
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):
