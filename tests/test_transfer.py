@@ -58,7 +58,7 @@ def test_exact_form_at_full_rank_has_nothing_to_transfer(cfg):
     loss = transfer.transfer_loss(tm, _item(tm, cfg), cfg, params, teacher)
     assert float(loss.detach()) < 1e-10
     half = TuneConfig(**{**cfg.__dict__, "rank": 0.25})
-    assert float(transfer.transfer_loss(tm, _item(tm, half), half, params, teacher)) > 1e-4
+    assert transfer.transfer_loss(tm, _item(tm, half), half, params, teacher).item() > 1e-4
 
 
 def test_teacher_forcing_isolates_the_layers():
@@ -162,7 +162,7 @@ def test_the_basis_source_reaches_both_stages_and_the_evaluation(model, monkeypa
         tm, params, teacher = _tuned(cfg)
         item = _item(tm, cfg)
         with torch.no_grad():
-            stage1 = float(transfer.transfer_loss(tm, item, cfg, params, teacher))
+            stage1 = transfer.transfer_loss(tm, item, cfg, params, teacher).item()
             stage2 = float(training._stage2_loss(cfg, tm, item, params, teacher))
         rows = evaluation.evaluate(models.load_model(model), tm, cfg)["rows"]
         key = "top1" if tm.info.is_decoder else "cosine_mean"
