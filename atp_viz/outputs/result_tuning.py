@@ -213,7 +213,7 @@ def texts_of(s: dict) -> int:
 
 
 # Recipe settings a runs table does not show in its own columns: a run that changed one says so next to
-# its form, so two rows with the same form, rank and steps are never told apart by nothing.
+# its form, so two rows with the same form, rank and steps always show how they differ.
 _RECIPE = {
     "lr": "lr {}", "transfer_lr": "stage-1 lr {}", "hidden_weight": "hidden-state weight {}",
     "kl_weight": "KL weight {}", "lora_r": "LoRA r = {}", "batch": "batch {}",
