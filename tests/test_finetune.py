@@ -159,8 +159,9 @@ def _tok(model):
 
 
 def test_bad_settings_and_folders(tmp_path):
-    with pytest.raises(ValueError, match="share of L"):
-        TuneConfig(rank=64)
+    for bad in (1.5, 0, 0.0):  # an int (principal keys of the past) is a decoder rank: test_window_tuning
+        with pytest.raises(ValueError, match="share of L"):
+            TuneConfig(rank=bad)
     with pytest.raises(ValueError, match="form"):
         TuneConfig(form="fast")
     with pytest.raises(ValueError, match="chunk"):

@@ -53,14 +53,16 @@ class MomentStore:
         Hkv, C, dh = k.shape
         kf = k.transpose(0, 1).reshape(C, Hkv * dh)
         vf = v.transpose(0, 1).reshape(C, Hkv * dh)
-        S = kf if self.basis_from == "keys" else x
+        # The basis source is a constant under autograd, as U_r is on the recomputed path
+        # (core.basis.principal_basis): gradients reach K' and V' through the keys and values only.
+        S = (kf if self.basis_from == "keys" else x).detach()
         parts = (S.mT @ S, S.mT @ kf, S.mT @ vf, S.sum(dim=0))  # float32 GEMMs, float64 sums
         if self.G is None:
             self.G, self.SK, self.SV, self.s1 = (p.double() for p in parts)
             self.shape, self.dtype = (Hkv, dh), k.dtype
-        else:
+        else:  # out of place: an earlier chunk's past() may still be in the autograd graph
             for name, p in zip(("G", "SK", "SV", "s1"), parts, strict=True):
-                getattr(self, name).add_(p.double())
+                setattr(self, name, getattr(self, name) + p.double())
         self.n += C
 
     @property

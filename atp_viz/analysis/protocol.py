@@ -210,10 +210,12 @@ def score_decoder(
     rank_mode: str = "past",
     basis_from: str = "input",
     keep=None,
+    basis_update: str = "recompute",
     progress: ProgressFn | None = None,
 ) -> DecoderScores:
     """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact;
-    ``keep``: sinks and a window read exactly, :class:`atp_viz.analysis.serving.ExactKeep`)."""
+    ``keep``: sinks and a window read exactly, :class:`atp_viz.analysis.serving.ExactKeep`;
+    ``basis_update``: as in :func:`atp_viz.analysis.serving.chunked_logits`)."""
     from atp_viz.analysis import serving
 
     if rank_mode not in RANK_MODES:
@@ -224,7 +226,7 @@ def score_decoder(
             with torch.inference_mode():
                 logits = serving.chunked_logits(
                     loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                    basis_from=basis_from, keep=keep,
+                    basis_from=basis_from, keep=keep, basis_update=basis_update,
                 )  # fmt: skip
         except NonFiniteError:
             out.broken += 1

@@ -30,7 +30,6 @@ def arg_type(parse):
 
 
 rank_arg = arg_type(ranks.parse_rank)
-fraction_arg = arg_type(ranks.parse_fraction)
 rank_list_arg = arg_type(ranks.parse_rank_list)
 
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from atp_viz.cli.common import MODEL_HELP, add_form, fraction_arg
+from atp_viz.cli.common import MODEL_HELP, add_exact_window, add_form, rank_arg
 from atp_viz.core.progress import stderr_progress
 from atp_viz.core.ranks import RANK_MODES
 from atp_viz.hf.engine import BASIS_SOURCES
@@ -27,7 +27,10 @@ def register(sub) -> None:
         ),
     )
     f.add_argument("--model", default=d.model, help=MODEL_HELP)
-    f.add_argument("--rank", type=fraction_arg, default=d.rank, help="ATP rank as a share of L (0.5, 0.25)")
+    f.add_argument(
+        "--rank", type=rank_arg, default=d.rank,
+        help="ATP rank: a share of L (0.5, 0.25, L/4); decoders also an int (principal keys of the past)",
+    )  # fmt: skip
     add_form(f, default=d.form)
     f.add_argument(
         "--rank-mode", choices=RANK_MODES, default=d.rank_mode,
@@ -68,6 +71,12 @@ def register(sub) -> None:
         "--eval-windows", type=int, default=d.eval_windows, help="decoder: held-out windows (0: all)"
     )
     f.add_argument("--seed", type=int, default=d.seed)
+    add_exact_window(f)
+    f.add_argument(
+        "--basis-update", choices=("recompute", "moments"), default=d.basis_update,
+        help="decoders: recompute the past's basis for every chunk (every form), or keep running sums of "
+        "the past (moments: linear-cost forms, the cost that does not grow with the past)",
+    )  # fmt: skip
     f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
     f.add_argument(
         "--reevaluate", metavar="DIR",
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,
         chunk=args.chunk, eval_texts=args.eval_texts, eval_windows=args.eval_windows, seed=args.seed,
+        window=args.window, sinks=args.sinks, basis_update=args.basis_update,
     )  # fmt: skip
     res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
     from atp_viz.analysis.finetune.evaluation import metrics_table

@@ -11,6 +11,11 @@ output changes when a basis vector changes sign (u -> -u flips a principal key b
 weight). It is not dense attention at r = L (softmax is not invariant under the rotation U), so it only
 stands in for dense after training. Causal: the token weights are masked to j <= i (a causal linear
 attention over the reconstructed values, in blocks).
+
+Per-head parameters: ``t``, a temperature, and ``b``, a log-weight that the streaming step adds to the
+compressed past's logits next to exact keys (the chunk itself, sinks and a sliding window): how much a
+head trusts the middle's principal keys against the tokens it reads exactly, learned as LoLCATs learns
+its per-head window factor. Over principal keys alone ``b`` adds the same to every logit and cancels.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class PrincipalSoftmaxForm(AttentionForm):
     positive = False  # positive on principal keys, but the token weights have both signs
     normalised = False  # the token weights do not sum to 1
     full_rank = None
-    param_defaults = {"t": 1.0}
+    param_defaults = {"t": 1.0, "b": 0.0}
 
     def _attend(self, q, k, v, U, km, c, causal, return_maps, *, params):
         B, H, L, dh = q.shape
@@ -88,7 +93,7 @@ class PrincipalSoftmaxForm(AttentionForm):
 
     def _stream(self, q, k, v, past: PrincipalPast | None, c, *, params):
         """The chunk's queries attend by one softmax over the past's principal keys (values V'/sqrt(n), each
-        key standing for n / r past tokens: log(n / r) added to its logit) and the exact keys (causal)."""
+        key standing for n / r past tokens: log(n / r) + b added to its logit) and the exact keys (causal)."""
         H, C, dh = q.shape
         Hkv, n_exact = k.shape[0], k.shape[1]
         G = H // Hkv
@@ -99,7 +104,8 @@ class PrincipalSoftmaxForm(AttentionForm):
         values = [v]
         if past is not None:
             r = past.kp.shape[1]
-            pl = t * c * torch.einsum("hgcd,hrd->hgcr", qg, past.kp) + math.log(max(past.n, 1) / r)
+            b = params["b"].reshape(Hkv, G, 1, 1)
+            pl = t * c * torch.einsum("hgcd,hrd->hgcr", qg, past.kp) + math.log(max(past.n, 1) / r) + b
             logits.insert(0, pl)
             values.insert(0, past.vp / math.sqrt(max(past.n, 1)))
         w = torch.cat(logits, dim=-1).softmax(dim=-1)

@@ -78,6 +78,9 @@ def basis_of(key: str) -> str:
 def tuned_label(meta: dict) -> str:
     s = meta["settings"]
     basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"
+    if s.get("window"):  # trained behind an exact window: the rank counts the middle's principal keys
+        sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
+        basis += f", exact window {s['window']}{sinks}, {s.get('basis_update', 'recompute')}"
     if s.get("attention", "atp") == "dense":
         what = f"compare with ATP r={s['rank']:g}, {s['form']}{basis}"
         return f"{s['model'].upper()} + dense-tuned control ({what})"

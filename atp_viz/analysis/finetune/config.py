@@ -26,7 +26,8 @@ class TuneConfig:
     """One fine-tuning run. Defaults are the ones the README's table was measured with."""
 
     model: str = "minilm"
-    rank: float = 0.5  # share of L (encoders: of each text; decoders: see rank_mode)
+    rank: float | int = 0.5  # share of L (encoders: of each text; decoders: see rank_mode); decoders also
+    # take an int: a fixed number of principal keys for the past (the paper's speed setting, r = 128 at 8K)
     form: str = "exact"  # a name in atp_viz.forms
     rank_mode: str = "past"  # decoders: "past" (share of the compressed past) or "effective" (core.ranks)
     basis_from: str = "input"  # what U_r decomposes: "input" (X, the paper) or "keys" (engine.BASIS_SOURCES)
@@ -46,11 +47,36 @@ class TuneConfig:
     eval_texts: int = 0  # encoder: held-out texts evaluated (0: all, from every held-out module)
     eval_windows: int = 0  # decoder: held-out windows evaluated (0: all; fewer are spread evenly)
     seed: int = 0
+    # Decoders: the past tokens every chunk reads exactly (serving.ExactKeep; LoLCATs' sliding window next
+    # to a cheap form), only the rest (the middle) compressed; and how the middle's basis is updated
+    # ("moments": running sums, the cost that does not grow with the past; linear-cost forms only).
+    window: int = 0
+    sinks: int = 0
+    basis_update: str = "recompute"
 
     def __post_init__(self) -> None:
-        forms.get(self.form)  # ValueError naming the registered forms
-        if not (isinstance(self.rank, float) and 0.0 < self.rank <= 1.0):
-            raise ValueError(f"rank must be a share of L in (0, 1], e.g. 0.5 or 0.25; got {self.rank!r}")
+        form = forms.get(self.form)  # ValueError naming the registered forms
+        fixed = isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
+        if not (fixed or (isinstance(self.rank, float) and 0.0 < self.rank <= 1.0)):
+            raise ValueError(
+                "rank must be a share of L in (0, 1], e.g. 0.5 or 0.25 (decoders also take an int >= 1, "
+                f"principal keys of the past); got {self.rank!r}"
+            )
+        if self.window < 0 or self.sinks < 0 or (self.sinks and not self.window):
+            raise ValueError(
+                "window and sinks are token counts >= 0 and sinks need a window; "
+                f"got {self.window} and {self.sinks}"
+            )
+        if self.window and self.rank_mode != "past":
+            raise ValueError(
+                "With a window read exactly, rank_mode must be 'past' (the rank counts the middle's keys)."
+            )
+        if self.basis_update not in ("recompute", "moments"):
+            raise ValueError(f"basis_update must be 'recompute' or 'moments', got {self.basis_update!r}")
+        if self.basis_update == "moments" and form.needs_basis_rows:
+            raise ValueError(
+                f"The {self.form} form rebuilds every past key from U_r: use basis_update='recompute'."
+            )
         if self.steps < 0 or self.transfer_steps < 0 or self.batch < 1 or self.lora_r < 1:
             raise ValueError("steps and transfer_steps must be >= 0, batch and lora_r >= 1")
         if self.hidden_weight < 0 or self.kl_weight < 0 or not self.transfer_lr > 0:
@@ -75,6 +101,21 @@ class TuneConfig:
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
 
+    @property
+    def keep(self):
+        """The exact sinks and window (:class:`~atp_viz.analysis.serving.ExactKeep`), or None."""
+        from atp_viz.analysis.serving import ExactKeep
+
+        return ExactKeep(self.sinks, self.window) if self.window else None
+
+    def stream_options(self) -> dict:
+        """The strictly causal chunked mode of a decoder run, as ``serving.chunked_logits`` takes it (one
+        place: training, stage 1 and the evaluation all read it)."""
+        return {
+            "form": self.form, "chunk": self.chunk, "rank_mode": self.rank_mode,
+            "basis_from": self.basis_from, "basis_update": self.basis_update, "keep": self.keep,
+        }  # fmt: skip
+
     def atp_config(self) -> ATPConfig:
         """The whole-sequence ATP setting of this run (encoders; decoders use the chunked mode)."""
         return ATPConfig(rank=self.rank, form=self.form, basis_source=self.basis_from)
@@ -82,9 +123,16 @@ class TuneConfig:
     def label(self) -> str:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
         basis = "" if self.basis_from == "input" else f", basis from {self.basis_from}"
+        basis += "" if self.basis_update == "recompute" else f", {self.basis_update}"
+        basis += (
+            f", exact window {self.window}" + (f" + {self.sinks} sinks" if self.sinks else "")
+            if self.window
+            else ""
+        )
+        rank = f"{self.rank:g}L" if isinstance(self.rank, float) else str(self.rank)
         if self.attention == "dense":
-            return f"dense-tuned control (evaluated with ATP r={self.rank:g}L, {self.form}{mode}{basis})"
-        return f"ATP-tuned r={self.rank:g}L ({self.form}{mode}{basis})"
+            return f"dense-tuned control (evaluated with ATP r={rank}, {self.form}{mode}{basis})"
+        return f"ATP-tuned r={rank} ({self.form}{mode}{basis})"
 
 
 @dataclass

@@ -49,8 +49,12 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
         "atp_viz": __version__,
         "schema": 2,  # 2: dense decoder rows are the softmax whatever the form (1 ran its kernel)
     }  # fmt: skip
+    if cfg.window or cfg.basis_update != "recompute":  # only then: earlier runs' cached scores stay valid
+        key.update(window=cfg.window, sinks=cfg.sinks, basis_update=cfg.basis_update)
     if setting == "dense":
         key.update(rank=None, form=None, rank_mode=None, basis_from=None)
+        for k in ("window", "sinks", "basis_update"):
+            key.pop(k, None)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "eval" / f"{cfg.model}-{setting}-{digest}.npz"
 
@@ -130,10 +134,7 @@ def _decoder_scores(
             hits=list(np.split(z["hits"], split)), nll=list(np.split(z["nll"], split)),
             modules=list(np.split(z["modules"], split)), shares=[float(z["share"])], broken=int(z["broken"]),
         )  # fmt: skip
-    s = protocol.score_decoder(
-        loaded, windows, rank=rank, form=cfg.form, chunk=cfg.chunk, rank_mode=cfg.rank_mode,
-        basis_from=cfg.basis_from, progress=progress,
-    )  # fmt: skip
+    s = protocol.score_decoder(loaded, windows, rank=rank, progress=progress, **cfg.stream_options())
     if path is not None and s.hits:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(
@@ -168,6 +169,11 @@ def _decoder_rows(
         f"windows of {cfg.seq_len} tokens ({n} predictions), rank mode '{cfg.rank_mode}'; 95% intervals by "
         "bootstrap over windows, differences paired"
     )
+    if cfg.window:
+        note += (
+            f"; each chunk reads {cfg.sinks} sink tokens and the {cfg.window} tokens before it exactly, "
+            f"the rest of its past compressed to r = {cfg.rank} principal keys ({cfg.basis_update})"
+        )
     return rows, note
 
 

@@ -97,14 +97,15 @@ def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def decoder_losses(
     loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
-    with_logits: bool = False, basis_from: str = "input",
+    with_logits: bool = False, basis_from: str = "input", basis_update: str = "recompute", keep=None,
 ):  # fmt: skip
     """The decoder objective: per-position next-token losses ``[L - chunk - 1]`` of the predictions
     made at positions chunk .. L-2 (entry j: the logits at position chunk + j, which attend to the
     compressed past, predict token chunk + j + 1), and the top-1 hits among them (and those logits,
     ``[L - chunk - 1, V]``, with ``with_logits``).
 
-    Strictly causal (``serving.chunked_logits``); ``tests/test_finetune.py`` perturbs later tokens.
+    Strictly causal (``serving.chunked_logits``, whose ``basis_update`` and ``keep`` these are);
+    ``tests/test_finetune.py`` perturbs later tokens.
     """
     logits = serving.chunked_logits(
         loaded,
@@ -115,6 +116,8 @@ def decoder_losses(
         rank_mode=rank_mode,
         params=params,
         basis_from=basis_from,
+        basis_update=basis_update,
+        keep=keep,
     )  # (L, V)
     target = ids[0, chunk + 1 :].to(logits.device)
     pred = logits[chunk:-1]  # logits at i predict token i + 1; i >= chunk has a compressed past
@@ -143,8 +146,9 @@ def decoder_distillation(
         target = ids[0, cfg.chunk + 1 :].to(pred.device)
         losses = torch.nn.functional.cross_entropy(pred.float(), target, reduction="none")
     else:
+        o = cfg.stream_options()
         losses, _, pred = decoder_losses(
-            tuned, ids, cfg.rank, cfg.form, cfg.chunk, cfg.rank_mode, params, True, basis_from=cfg.basis_from
+            tuned, ids, cfg.rank, o.pop("form"), o.pop("chunk"), o.pop("rank_mode"), params, True, **o
         )
     loss = losses.mean()
     if kl_weight:

@@ -257,6 +257,11 @@ def train(
             "A dense control is for decoders: an encoder's objective distils toward its own dense "
             "embedding, which dense attention already matches (zero loss, nothing to learn)."
         )
+    if not is_dec and (isinstance(cfg.rank, int) or cfg.window or cfg.basis_update != "recompute"):
+        raise ValueError(
+            "A fixed number of principal keys, an exact window and running-sum bases are for decoders (a "
+            "past read in chunks); an encoder takes the rank as a share of each text."
+        )
     result = _fit(cfg, loaded, data, out, say, on_step, stop)
     meta = _run_record(cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=is_dec)
     meta["command"] = list(command) if command else None

@@ -115,16 +115,7 @@ def transfer_loss(tuned: LoadedModel, item, cfg, params, teacher) -> torch.Tenso
         ids = item.to(tuned.device)
         xs, target = _teacher(model, lambda: dense_logits(model, ids), teacher)
         with _hooks(model, xs, student):
-            serving.chunked_logits(
-                tuned,
-                ids,
-                rank=cfg.rank,
-                form=cfg.form,
-                chunk=cfg.chunk,
-                rank_mode=cfg.rank_mode,
-                basis_from=cfg.basis_from,
-                params=params,
-            )
+            serving.chunked_logits(tuned, ids, rank=cfg.rank, params=params, **cfg.stream_options())
         keep = torch.zeros(1, ids.shape[1], 1, device=ids.device)
         keep[:, cfg.chunk :] = 1.0  # positions whose past is compressed
         return _layer_loss(student, target, keep)

@@ -1,0 +1,140 @@
+"""Fine-tuning a decoder in the paper's speed setting: a fixed number of principal keys for the middle of the
+past, behind an exact window and sinks (LoLCATs' recipe), the middle's basis kept as running sums."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atp_viz.analysis import serving
+from atp_viz.analysis.finetune import objectives, training
+from atp_viz.analysis.finetune.config import TuneConfig
+from atp_viz.hf import models, tuned
+
+SHORT = " ".join(
+    [
+        "Return the sum of a list of numbers, or zero when the list is empty.",
+        "Open a file and read its lines, stripping the trailing newline of each one.",
+        "Split the path into its directory and base name; an empty directory means the current one.",
+        "Parse a date in ISO format and return it as a tuple of year, month and day.",
+    ]
+    * 4
+)
+
+
+def _ids(seed: int, n: int = 96) -> torch.Tensor:
+    return torch.randint(5, 1000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_running_sums_backpropagate_like_the_recomputed_basis(load):
+    """Under autograd the running sums treat the basis as a constant, as the recomputed SVD does: the
+    sign-invariant linear form gets the same gradient on a layer's projections either way (an in-place
+    sum breaks backward; a sum that let gradients through the basis source gives another gradient)."""
+    loaded = load("tiny-llama")
+    ids = _ids(4)
+    layer = loaded.model.model.layers[0].self_attn
+    weights = [layer.k_proj.weight, layer.v_proj.weight, layer.q_proj.weight]
+    keep = serving.ExactKeep(sinks=2, window=16)
+    grads = []
+    for update in ("moments", "recompute"):
+        logits = serving.chunked_logits(
+            loaded, ids, rank=5, form="linear", chunk=16, basis_from="keys", method="exact",
+            basis_update=update, keep=keep,
+        )  # fmt: skip
+        loss = logits[16:].float().log_softmax(-1)[:, 7].mean()
+        grads.append(torch.autograd.grad(loss, weights))
+    for a, b in zip(*grads, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
+
+
+def test_the_middle_gate_spans_window_alone_to_untrained(load):
+    """pksoftmax's per-head ``b`` weighs the middle's principal keys against the exact window: at 0 it is
+    the untrained form, and far below 0 the middle gets no weight, which is the window alone."""
+    loaded = load("tiny-llama")
+    ids = _ids(5)
+    keep = serving.ExactKeep(sinks=2, window=16)
+    kw = dict(rank=4, form="pksoftmax", chunk=16, basis_from="keys", basis_update="moments")
+    n, H = loaded.info.n_layers, loaded.info.n_heads
+    with torch.no_grad():
+        untrained = serving.chunked_logits(loaded, ids, keep=keep, **kw)
+        zero = {i: {"b": torch.zeros(H)} for i in range(n)}
+        shut = {i: {"b": torch.full((H,), -1e4)} for i in range(n)}
+        alone = serving.chunked_logits(loaded, ids, rank=None, chunk=16, keep=serving.ExactKeep(2, 16, True))
+        torch.testing.assert_close(
+            serving.chunked_logits(loaded, ids, keep=keep, params=zero, **kw), untrained
+        )
+        torch.testing.assert_close(
+            serving.chunked_logits(loaded, ids, keep=keep, params=shut, **kw), alone, rtol=1e-4, atol=1e-4
+        )
+    assert not torch.allclose(untrained, alone, atol=1e-3)  # the middle is read at b = 0
+
+
+def test_window_objective_reads_no_later_token(load):
+    """The stage-2 loss with a window, sinks and running sums, gradients on: perturbing tokens from p on
+    leaves every loss predicting a token before p unchanged."""
+    loaded = load("tiny-llama")
+    ids = _ids(6)
+    other = ids.clone()
+    p = 70
+    other[0, p:] = torch.randint(5, 1000, (ids.shape[1] - p,), generator=torch.Generator().manual_seed(7))
+    cfg = TuneConfig(
+        model="tiny-llama", rank=4, form="pksoftmax", window=16, sinks=2, basis_update="moments",
+        basis_from="keys", seq_len=96, chunk=16,
+    )  # fmt: skip
+    o = cfg.stream_options()
+    f, c, m = o.pop("form"), o.pop("chunk"), o.pop("rank_mode")
+    a, _ = objectives.decoder_losses(loaded, ids, cfg.rank, f, c, m, None, False, **o)
+    b, _ = objectives.decoder_losses(loaded, other, cfg.rank, f, c, m, None, False, **o)
+    assert a.requires_grad
+    o.pop("keep")  # the same loss without the window: the options really carry it
+    assert not torch.allclose(
+        a, objectives.decoder_losses(loaded, ids, cfg.rank, f, c, m, None, False, **o)[0]
+    )
+    n = p - c - 1
+    torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[n:], b[n:])
+
+
+def test_a_window_run_trains_the_gate_saves_and_reloads(tmp_path):
+    """Both stages with a window, sinks, a fixed rank and running sums: the gate ``b`` is trained and
+    saved, the JSON and the sidebar label say the setting, and the reloaded folder reproduces the metrics
+    under that same setting."""
+    from atp_viz.analysis.finetune import evaluation
+
+    cfg = TuneConfig(
+        model="tiny-llama", rank=4, form="pksoftmax", window=16, sinks=2, basis_update="moments",
+        basis_from="keys", seq_len=96, chunk=16, transfer_steps=2, steps=2, eval_windows=2, lr=3e-2,
+    )  # fmt: skip
+    res = training.train(cfg, tmp_path / "run", texts=[SHORT])
+    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    s = meta["settings"]
+    assert (s["rank"], s["window"], s["sinks"], s["basis_update"]) == (4, 16, 2, "moments")
+    assert (
+        "the 16 tokens before it exactly" in meta["metrics"]["what"]
+        and "r = 4 principal keys" in meta["metrics"]["what"]
+    )
+    params = tuned.load_params(tmp_path / "run")["pksoftmax"]
+    assert any(float(p["b"].abs().max()) > 0 for p in params.values())  # the gate moved
+    loaded = models.load_model(f"tuned:{tmp_path / 'run'}")
+    assert "window 16" in loaded.info.label
+    again = evaluation.evaluate(models.load_model("tiny-llama"), loaded, cfg)["rows"]
+    for name in ("atp_untuned", "atp_tuned"):
+        assert again[name]["perplexity"] == pytest.approx(res.metrics["rows"][name]["perplexity"], rel=1e-5)
+    assert again["atp_tuned"]["perplexity"] != pytest.approx(again["atp_untuned"]["perplexity"], rel=1e-6)
+
+
+def test_window_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="sinks need a window"):
+        TuneConfig(sinks=4)
+    with pytest.raises(ValueError, match="rank_mode must be 'past'"):
+        TuneConfig(window=64, rank_mode="effective")
+    with pytest.raises(ValueError, match="recompute"):
+        TuneConfig(form="exact", basis_update="moments")
+    with pytest.raises(ValueError, match="share of L"):
+        TuneConfig(rank=0)
+    for bad in (dict(rank=8), dict(window=16), dict(basis_update="moments", form="linear")):
+        with pytest.raises(ValueError, match="for decoders"):
+            training.train(TuneConfig(model="tiny-bert", steps=1, **bad), tmp_path / "enc")
