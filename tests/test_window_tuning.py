@@ -138,3 +138,64 @@ def test_window_settings_are_checked(tmp_path):
     for bad in (dict(rank=8), dict(window=16), dict(basis_update="moments", form="linear")):
         with pytest.raises(ValueError, match="for decoders"):
             training.train(TuneConfig(model="tiny-bert", steps=1, **bad), tmp_path / "enc")
+
+
+def test_at_e_one_half_a_past_of_one_repeated_token_is_read_as_dense_attention_reads_it():
+    """n copies of one key/value compressed to r = 1 principal key: K' = sqrt(n) k, V' / sqrt(n) = v. With
+    the logit scale t / n^e at e = 1/2 and the mass log(n / r), the streaming step weighs the past exactly
+    as a softmax over the n copies does; at e = 0 (the untrained form) its logit is sqrt(n) times too
+    large."""
+    from atp_viz import forms
+
+    g = torch.Generator().manual_seed(8)
+    Hkv, G, C, dh, n = 2, 2, 5, 8, 40
+    q = torch.randn(Hkv * G, C, dh, generator=g, dtype=torch.float64)
+    k = torch.randn(Hkv, C, dh, generator=g, dtype=torch.float64)
+    v = torch.randn(Hkv, C, dh, generator=g, dtype=torch.float64)
+    kp = torch.randn(Hkv, 1, dh, generator=g, dtype=torch.float64)
+    vp = torch.randn(Hkv, 1, dh, generator=g, dtype=torch.float64)
+    past = forms.compress(
+        torch.full((n, 1), n**-0.5, dtype=torch.float64), kp.expand(Hkv, n, dh), vp.expand(Hkv, n, dh)
+    )
+    keys, vals = torch.cat([kp.expand(Hkv, n, dh), k], 1), torch.cat([vp.expand(Hkv, n, dh), v], 1)
+    dense = forms.get("exact").stream(q, keys, vals, None, scaling=dh**-0.5)  # the n copies read exactly
+    f, H = forms.get("pksoftmax"), Hkv * G
+    half = f.stream(q, k, v, past, scaling=dh**-0.5, params={"e": torch.full((H,), 0.5, dtype=torch.float64)})
+    torch.testing.assert_close(half, dense, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(f.stream(q, k, v, past, scaling=dh**-0.5), dense, atol=1e-3)
+
+
+def test_form_init_sets_where_the_parameters_start(load):
+    cfg = TuneConfig(model="tiny-llama", form="pksoftmax", form_init="e=0.5, b=-2")
+    assert cfg.initial_params() == {"e": 0.5, "b": -2.0}
+    params = training._form_parameters(cfg, load("tiny-llama"))
+    first = params[0]
+    assert torch.all(first["e"] == 0.5) and torch.all(first["b"] == -2.0) and torch.all(first["t"] == 1.0)
+    assert first["e"].requires_grad and len(params) == load("tiny-llama").info.n_layers
+    with pytest.raises(ValueError, match="no parameter 'm'"):
+        TuneConfig(form="pksoftmax", form_init="m=1")
+    with pytest.raises(ValueError, match="name=number"):
+        TuneConfig(form="pksoftmax", form_init="e=half")
+    with pytest.raises(ValueError, match="none"):
+        TuneConfig(form="exact", form_init="e=0.5")
+
+
+def test_at_e_one_half_the_whole_text_form_reads_a_text_written_twice_as_the_text():
+    """Over the whole text: every token written twice doubles n and scales K' by sqrt(2) (U_r becomes
+    [U_r; U_r] / sqrt(2)), so at e = 1/2 the principal keys' logits and V' / sqrt(n) are unchanged and so is
+    each query's output; at e = 0 the logits grow by sqrt(2)."""
+    from atp_viz import forms
+    from atp_viz.core.basis import principal_basis
+
+    g = torch.Generator().manual_seed(9)
+    B, H, Hkv, n, dh, d, r = 1, 4, 2, 12, 8, 10, 4
+    x = torch.randn(B, n, d, generator=g, dtype=torch.float64)
+    q = torch.randn(B, H, n, dh, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, n, dh, generator=g, dtype=torch.float64) for _ in range(2))
+    f, half = forms.get("pksoftmax"), {"e": torch.full((H,), 0.5, dtype=torch.float64)}
+    twice = torch.cat([x, x], 1), torch.cat([q, q], 2), torch.cat([k, k], 2), torch.cat([v, v], 2)
+    one = f.attend(q, k, v, principal_basis(x, r), params=half)
+    two = f.attend(*twice[1:], principal_basis(twice[0], r), params=half)
+    torch.testing.assert_close(two[:, :, :n], one, rtol=1e-8, atol=1e-10)
+    base = f.attend(q, k, v, principal_basis(x, r))
+    assert not torch.allclose(f.attend(*twice[1:], principal_basis(twice[0], r))[:, :, :n], base, atol=1e-4)

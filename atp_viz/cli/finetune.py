@@ -73,6 +73,10 @@ def register(sub) -> None:
     f.add_argument("--seed", type=int, default=d.seed)
     add_exact_window(f)
     f.add_argument(
+        "--form-init", default=d.form_init, metavar="NAME=VALUE,...",
+        help="where the form's per-head parameters start (e.g. e=0.5,b=-2; default: the untrained form)",
+    )  # fmt: skip
+    f.add_argument(
         "--basis-update", choices=("recompute", "moments"), default=d.basis_update,
         help="decoders: recompute the past's basis for every chunk (every form), or keep running sums of "
         "the past (moments: linear-cost forms, the cost that does not grow with the past)",
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,
         chunk=args.chunk, eval_texts=args.eval_texts, eval_windows=args.eval_windows, seed=args.seed,
-        window=args.window, sinks=args.sinks, basis_update=args.basis_update,
+        window=args.window, sinks=args.sinks, basis_update=args.basis_update, form_init=args.form_init,
     )  # fmt: skip
     res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
     from atp_viz.analysis.finetune.evaluation import metrics_table

@@ -53,6 +53,9 @@ class TuneConfig:
     window: int = 0
     sinks: int = 0
     basis_update: str = "recompute"
+    # Where the form's per-head parameters start, e.g. "e=0.5,b=-2" (empty: the form's defaults, its
+    # untrained self); every head of every layer starts at the same value.
+    form_init: str = ""
 
     def __post_init__(self) -> None:
         form = forms.get(self.form)  # ValueError naming the registered forms
@@ -77,6 +80,7 @@ class TuneConfig:
             raise ValueError(
                 f"The {self.form} form rebuilds every past key from U_r: use basis_update='recompute'."
             )
+        self.initial_params()  # ValueError for a name the form does not have or a value that is no number
         if self.steps < 0 or self.transfer_steps < 0 or self.batch < 1 or self.lora_r < 1:
             raise ValueError("steps and transfer_steps must be >= 0, batch and lora_r >= 1")
         if self.hidden_weight < 0 or self.kl_weight < 0 or not self.transfer_lr > 0:
@@ -100,6 +104,24 @@ class TuneConfig:
             )
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
+
+    def initial_params(self) -> dict[str, float]:
+        """``form_init`` read: {parameter: starting value}, checked against the form's parameters."""
+        out: dict[str, float] = {}
+        names = forms.get(self.form).param_defaults
+        for part in filter(None, (p.strip() for p in self.form_init.split(","))):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in names:
+                raise ValueError(
+                    f"form_init: the {self.form} form has no parameter {name!r}; "
+                    f"it has {sorted(names) or 'none'}."
+                )
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ValueError(f"form_init: {part!r} is not name=number (e.g. e=0.5,b=-2).") from None
+        return out
 
     @property
     def keep(self):

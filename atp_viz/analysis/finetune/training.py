@@ -97,13 +97,15 @@ def _with_adapters(cfg: TuneConfig, loaded: LoadedModel):
 
 
 def _form_parameters(cfg: TuneConfig, loaded: LoadedModel) -> dict[int, dict[str, torch.nn.Parameter]]:
-    """The form's per-head parameters, one set per layer, at their untrained values (trainable)."""
+    """The form's per-head parameters, one set per layer, at their untrained values or where
+    ``cfg.form_init`` says (trainable)."""
     form = forms.get(cfg.form)
     if cfg.attention == "dense":  # a control trains no ATP parameter
         return {}
+    start = cfg.initial_params()
     return {
         layer: {
-            k: torch.nn.Parameter(v.to(loaded.device))
+            k: torch.nn.Parameter(torch.full_like(v, start[k]) if k in start else v.to(loaded.device))
             for k, v in form.init_params(loaded.info.n_heads).items()
         }
         for layer in range(loaded.info.n_layers)
