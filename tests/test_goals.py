@@ -158,3 +158,17 @@ def test_a_dense_tuned_control_is_quoted_for_its_own_run_only():
     table = render_goals([*runs, control])
     assert "tuned the same way" not in _row(table, "SmolLM2, r = L/2, any form")
     assert "-4.9 [-5.5, -4.3] pt against" in _row(table, "SmolLM2, r = L/4, any form")
+
+
+@pytest.mark.parametrize(("original_hi", "met"), [(1.09, True), (1.12, False)])
+def test_a_tuned_long_context_run_must_also_hold_against_the_original_dense_model(original_hi, met):
+    """A tuned model's prefill is within the perplexity bound of its own dense prefill and of the original
+    model's (tuning on docstrings moves the dense model too); the row says both, and its exact window."""
+    d = _prefill(1.6, 1.8, 1.05)
+    run = d["runs"][0]
+    run.update(model="tuned:data/tuned/x", exact_window=512, exact_sinks=4, middle="principal keys")
+    run["perplexity_ratio_to_original_dense"] = original_hi - 0.01
+    run["perplexity_ratio_to_original_dense_ci"] = [original_hi - 0.02, original_hi]
+    row = _row(render_goals([d]), "SmolLM2 prefill at 8192 tokens (tuned)")
+    assert row.endswith("| **met** |" if met else "| not met |")
+    assert "exact window 512 + 4 sinks" in row and f"(original dense: x{original_hi - 0.01:.2f}" in row

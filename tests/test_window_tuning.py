@@ -199,3 +199,26 @@ def test_at_e_one_half_the_whole_text_form_reads_a_text_written_twice_as_the_tex
     torch.testing.assert_close(two[:, :, :n], one, rtol=1e-8, atol=1e-10)
     base = f.attend(q, k, v, principal_basis(x, r))
     assert not torch.allclose(f.attend(*twice[1:], principal_basis(twice[0], r))[:, :, :n], base, atol=1e-4)
+
+
+def test_prefill_of_a_tuned_run_is_also_scored_against_the_original_dense_model(tmp_path):
+    """``bench --prefill --model tuned:DIR`` times the tuned model dense against ATP and scores its ATP
+    prefill against the untouched base model's dense prefill on the same positions as well: that original
+    perplexity is the base model's own dense perplexity there."""
+    from atp_viz.analysis.bench import prefill
+    from atp_viz.cli import main
+
+    cfg = TuneConfig(model="tiny-llama", rank=4, seq_len=96, chunk=16, steps=1, eval_windows=1, lr=3e-2)
+    training.train(cfg, tmp_path / "run", texts=[SHORT])
+    out = tmp_path / "prefill.json"
+    argv = ["bench", "--prefill", "--model", f"tuned:{tmp_path / 'run'}", "--tokens", "64", "--form", "exact"]
+    argv += ["--rank", "4", "--chunk", "16", "--repeats", "1", "--max-repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    base = prefill.run_prefill(models.load_model("tiny-llama"), 64, form="exact", rank=4, chunk=16, repeats=1,
+                               max_repeats=1)  # fmt: skip
+    assert r["original_dense_perplexity"] == pytest.approx(base["dense_perplexity"], rel=1e-5)
+    assert r["dense_perplexity"] != pytest.approx(base["dense_perplexity"], rel=1e-6)  # the tuned weights
+    want = r["atp_perplexity"] / r["original_dense_perplexity"]
+    assert r["perplexity_ratio_to_original_dense"] == pytest.approx(want, rel=1e-5)
+    assert "perplexity_ratio_to_original_dense" not in base

@@ -154,18 +154,22 @@ def run_prefill(args: argparse.Namespace) -> int:
     import torch
 
     from atp_viz.hf.models import load_model
+    from atp_viz.hf.tuned import base_model_of
 
     keep = exact_keep(args)
     lengths = args.tokens or (2048, 4096, 8192)
     repeats = args.repeats or prefill.DEFAULT_REPEATS
     max_repeats = max(repeats, args.max_repeats or prefill.DEFAULT_MAX_REPEATS)
-    loaded = load_model(args.model, device=None if args.device == "cpu" else args.device)
+    device = None if args.device == "cpu" else args.device
+    loaded = load_model(args.model, device=device)
+    base = base_model_of(args.model)  # a tuned run is also scored against its untouched model
+    original = load_model(base, device=device) if base else None
     runs = []
     for L in lengths:
         run = prefill.run_prefill(
             loaded, L, form=args.form, rank=args.rank, chunk=args.chunk, basis_from=args.basis_from,
             method=args.basis_method, basis_update=args.basis_update, repeats=repeats,
-            max_repeats=max_repeats, keep=keep, progress=_say(args),
+            max_repeats=max_repeats, keep=keep, original=original, progress=_say(args),
         )  # fmt: skip
         run["machine"] = timing.machine_info(args.device)
         run["threads"] = torch.get_num_threads()

@@ -236,6 +236,10 @@ def recipe_note(s: dict) -> str:
 
 def _rank(s: dict) -> str:
     mode = s.get("rank_mode", "past")
+    if isinstance(s["rank"], int):  # a fixed number of principal keys, behind an exact window if any
+        sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
+        window = f", exact window {s['window']}{sinks}" if s.get("window") else ""
+        return f"r = {s['rank']}{window}, {s.get('basis_update', 'recompute')}"
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
 
 
@@ -261,7 +265,12 @@ def render_runs(data: list[dict]) -> str:
     decoder = "top1" in data[0]["metrics"]["rows"]["dense"]
     key = "top1" if decoder else "cosine_mean"
     rows = []
-    for run in sorted(data, key=lambda r: (r["settings"]["form"], -r["settings"]["rank"])):
+
+    def order(run: dict) -> tuple:  # by form, shares of L from the largest, then fixed ranks
+        r = run["settings"]["rank"]
+        return run["settings"]["form"], isinstance(r, int), -r
+
+    for run in sorted(data, key=order):
         s, m = run["settings"], run["metrics"]["rows"]
         tuned = m["atp_tuned"]
         basis = s.get("basis_from", "input")
@@ -297,8 +306,9 @@ def render_runs(data: list[dict]) -> str:
         head += ["tuned - dense, pt", "perplexity / dense", "dense perplexity", "windows (predictions)"]
     head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
              "skipped steps", "adapters in data/tuned"]  # fmt: skip
-    what = next((d["metrics"]["what"] for d in data if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS),
-                data[0]["metrics"]["what"])  # fmt: skip
+    plain = [d for d in data if not d["settings"].get("window")]  # a window run's note says more than its row
+    usual = [d for d in plain if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS]
+    what = (usual or data)[0]["metrics"]["what"]
     if not decoder and any(texts_of(d["settings"]) != PROTOCOL_TOKENS for d in data):
         what += (
             "; a run marked 'texts <= N tokens' trained and is scored on the held-out modules' texts cut at "
@@ -338,6 +348,14 @@ def _prefill_setting(r: dict) -> str:
     return f"{window}, the rest: {setting}" if r.get("middle") else setting
 
 
+def _vs_original(r: dict) -> str:
+    """A tuned model's ATP perplexity over the original model's dense one (empty for an untuned run)."""
+    if "perplexity_ratio_to_original_dense" not in r:
+        return ""
+    ratio = r["perplexity_ratio_to_original_dense"], tuple(r["perplexity_ratio_to_original_dense_ci"])
+    return f"x{interval(ratio[0], ratio[1], 2)} (original {r['original_dense_perplexity']:.2f})"
+
+
 def render_prefill(data: list[dict]) -> str:
     rows = []
     for d in data:
@@ -355,6 +373,7 @@ def render_prefill(data: list[dict]) -> str:
                     interval(r["dense_perplexity"], tuple(r["dense_perplexity_ci"]), 2),
                     interval(r["atp_perplexity"], tuple(r["atp_perplexity_ci"]), 2),
                     interval(r["top1_agreement"], tuple(r["top1_agreement_ci"])),
+                    _vs_original(r),
                 ]
             )
     head = [
@@ -369,13 +388,16 @@ def render_prefill(data: list[dict]) -> str:
         "dense ppl",
         "ATP ppl",
         "top-1 agrees",
+        "tuned: ATP ppl / original dense",
     ]
     return _md(head, rows) + (
         "\n\nMedians of interleaved runs on one held-out window per length; chunks of "
         f"{data[0].get('chunk', data[0].get('runs', [{}])[0].get('chunk'))} tokens, the past compressed to r "
         "principal keys with the basis timed; per round: the smallest and largest dense / ATP ratio of the "
         "rounds (each round runs both back to back); perplexities on the same positions (those with a "
-        "compressed past), intervals by bootstrap over blocks of positions of that one window."
+        "compressed past), intervals by bootstrap over blocks of positions of that one window. A tuned "
+        "model's dense and ATP runs use its tuned weights; the last column compares its ATP perplexity with "
+        "the original model's dense perplexity on the same positions (not timed)."
         if data
         else ""
     )

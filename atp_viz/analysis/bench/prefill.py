@@ -120,12 +120,13 @@ def _blocks(a: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def accuracy(
-    dense: dict, atp: dict, window: protocol.Windows, chunk: int, rank: int, keep=None
+    dense: dict, atp: dict, window: protocol.Windows, chunk: int, rank: int, keep=None, original=None
 ) -> dict[str, Any]:
     """Perplexities, top-1 and the top-1 agreement of ATP with dense on the same positions, with 95%
     intervals by bootstrap over blocks of ``chunk`` consecutive positions (one text: the blocks are
     not independent texts, so the intervals are a guide, not a guarantee). ``keep``: the exact sinks and
-    window of the ATP run (its attended share counts them)."""
+    window of the ATP run (its attended share counts them). ``original``: for a tuned model, the original
+    model's dense scores on the same positions (tuning on docstrings also changes the dense model)."""
     if keep is not None and keep.drop_rest:
         rank = None  # no principal key: the window alone
     owner = window.module_of[0][chunk + 1 :]
@@ -138,6 +139,17 @@ def accuracy(
 
     d = protocol.decoder_summary(scores(dense), window)
     a = protocol.decoder_summary(scores(atp), window, scores(dense))
+    extra = {}
+    if original is not None:
+        o = protocol.decoder_summary(scores(original), window)
+        vs = protocol.decoder_summary(scores(atp), window, scores(original))
+        extra = {
+            "original_dense_perplexity": o["perplexity"], "original_dense_perplexity_ci": o["perplexity_ci"],
+            "perplexity_ratio_to_original_dense": vs["perplexity_ratio_to_reference"],
+            "perplexity_ratio_to_original_dense_ci": vs["perplexity_ratio_to_reference_ci"],
+            "top1_minus_original_dense": vs["top1_minus_reference"],
+            "top1_minus_original_dense_ci": vs["top1_minus_reference_ci"],
+        }  # fmt: skip
     agree = _blocks((dense["pred"] == atp["pred"]).astype(np.float64), chunk)
     share = protocol.ratio_of_sums(agree)
     return {
@@ -150,7 +162,7 @@ def accuracy(
         "top1_agreement": share(np.arange(len(agree))),
         "top1_agreement_ci": protocol.bootstrap(share, len(agree)),
         "attended_share": a["attended_share"], "n_scored": d["n_scored"],
-        "scored_per_module": d["scored_per_module"],
+        "scored_per_module": d["scored_per_module"], **extra,
     }  # fmt: skip
 
 
@@ -167,12 +179,15 @@ def run_prefill(
     repeats: int = DEFAULT_REPEATS,
     max_repeats: int = DEFAULT_MAX_REPEATS,
     keep=None,
+    original: LoadedModel | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Dense and ATP prefill of one held-out window of L tokens, timed in interleaved rounds (warmed up
     on a short prefix), and the last run of each scored on the same positions. ``keep``
     (:class:`atp_viz.analysis.serving.ExactKeep`): sinks and a window read exactly, only the middle
-    compressed (or, with ``drop_rest``, left out: the window alone, whatever ``form`` says)."""
+    compressed (or, with ``drop_rest``, left out: the window alone, whatever ``form`` says).
+    ``original``: for a tuned model, the untouched base model, whose dense prefill is scored on the same
+    positions too (not timed)."""
     from atp_viz.analysis import serving
 
     if not loaded.info.is_decoder:
@@ -223,6 +238,10 @@ def run_prefill(
         {"dense": dense, "atp": atp}, repeats, 0, str(loaded.device), max_repeats=max_repeats, keep=record
     )
     d, a = timing.summary(times["dense"]), timing.summary(times["atp"])
+    if original is not None:
+        say(0.96, f"prefill {L}: the original model, dense")
+        with torch.inference_mode(), backend.activate(original.model):
+            kept["original"] = _scored(original.model(input_ids=ids, use_cache=False).logits, ids, chunk)
     macs = counted_macs(
         loaded, L, rank=rank, form=form, chunk=chunk, basis_from=basis_from, method=method,
         basis_update=basis_update, keep=keep,
@@ -236,7 +255,7 @@ def run_prefill(
         "speedup": d["median_s"] / a["median_s"],
         "ceiling": macs["dense_total"] / macs["atp_total"],
         "dense_timing": d, "atp_timing": a, "macs": macs,
-        **accuracy(kept["dense"], kept["atp"], window, chunk, rank, keep),
+        **accuracy(kept["dense"], kept["atp"], window, chunk, rank, keep, kept.get("original")),
         "text": f"held-out window of {L} tokens (atp_viz.analysis.protocol.heldout_windows, max_windows=1)",
         "dense_how": "one forward of the whole window, the model's causal attention through torch SDPA",
         "atp_how": _how(keep, chunk, rank, basis_from, basis_update, method),
