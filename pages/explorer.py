@@ -167,11 +167,17 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
     trained = meta["settings"]
     basis = trained.get("basis_from", "input")
     st.markdown(
-        f"**Before / after fine-tuning** (this model was tuned at r = {trained['rank']:g} L, "
+        f"**Before / after fine-tuning** (this model was tuned at {tuned.trained_setting(trained)}, "
         f"{trained['form']} form, basis from {BASIS_SOURCES.get(basis, basis)}; the current setting is "
         f"{config.label()}). Every row is measured against the *original* model's dense run on this text."
     )
-    if basis != config.basis_source or trained["form"] != config.form:
+    if trained.get("window"):
+        st.info(
+            "This model was tuned in the strictly causal chunked mode, with an exact window and the rest of "
+            "the past compressed; the rows here run ATP over the whole text at once. The Serving page's "
+            "perplexity (exact window and sinks as it was tuned) measures the setting it was trained for."
+        )
+    elif basis != config.basis_source or trained["form"] != config.form:
         st.info(
             "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
             "setting it never trained for: pick the tuned ones above to see what training did."

@@ -11,7 +11,7 @@ from atp_viz.core.progress import within
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
-from atp_viz.hf.tuned import basis_of
+from atp_viz.hf.tuned import basis_of, chunked_mode_of
 from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
@@ -147,21 +147,29 @@ rank_mode = p4.radio(
     "exactly on top); 'effective' makes the attended share of the key set equal it on average (the paper's "
     "r = L/2). Ints are numbers of principal keys either way.",
 )
-q1, q2, q3 = st.columns(3)
+trained = chunked_mode_of(sel.model_key)  # a tuned model starts out read the way it was tuned
+q1, q2, q3, q4 = st.columns(4)
 basis_from = q1.radio(
     "Basis from", ["input", "keys"], index=["input", "keys"].index(basis_of(sel.model_key)), key="ppl_basis",
     horizontal=True, help="the past's attention inputs X (the paper's) or its keys (default: what a tuned "
     "model was tuned with)",
 )  # fmt: skip
 window = q2.number_input(
-    "Exact window (tokens)", 0, 8192, 0, 16, key="ppl_window",
+    "Exact window (tokens)", 0, 8192, int(trained["window"]), 16, key="ppl_window",
     help="each chunk also reads the last N past tokens exactly, and only the rest of its past (the middle) "
     "is compressed; a row 'middle dropped' then shows the window alone, so you see what the principal keys "
     "add",
 )  # fmt: skip
 sinks = q3.number_input(
-    "Exact sinks (first tokens)", 0, 64, 0, 1, key="ppl_sinks", disabled=not window,
+    "Exact sinks (first tokens)", 0, 64, int(trained["sinks"]), 1, key="ppl_sinks", disabled=not window,
     help="with a window: the first N tokens are read exactly too (attention sinks)",
+)  # fmt: skip
+UPDATES = {"recompute": "recompute (SVD per chunk)", "moments": "running sums"}
+basis_update = q4.radio(
+    "Basis update", list(UPDATES), index=list(UPDATES).index(trained["basis_update"]), key="ppl_update",
+    format_func=UPDATES.get, help="running sums of the past keep its basis at a cost that does not grow with "
+    "the past; only linear and pksoftmax can use them (exact and taylor2 rebuild past keys from U_r and "
+    "recompute; each row says which it used). Default: what a tuned model was tuned with",
 )  # fmt: skip
 form_names = st.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
 ranks = st.multiselect(
@@ -175,7 +183,7 @@ ranks = st.multiselect(
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _perplexity(
     model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str,
-    basis_from: str = "input", keep: serving.ExactKeep | None = None,
+    basis_from: str = "input", keep: serving.ExactKeep | None = None, basis_update: str = "recompute",
 ):  # fmt: skip
     m = runtime.get_model(model_key)
     if text is None:
@@ -184,8 +192,9 @@ def _perplexity(
         windows = protocol.text_windows(m.tokenizer, text, seq_len, label="sidebar text")
     with runtime.heavy_job("perplexity grid"), widgets.progress("Perplexity...") as bar:
         rows = protocol.perplexity_grid(
-            m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep, progress=bar
-        )
+            m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep,
+            basis_update=basis_update, progress=bar,
+        )  # fmt: skip
     return len(windows.ids), rows
 
 
@@ -204,6 +213,7 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
             rank_mode,
             basis_from,
             keep,
+            basis_update,
         )
     except (ValueError, TextError) as err:
         st.error(str(err))

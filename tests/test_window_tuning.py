@@ -124,6 +124,22 @@ def test_a_window_run_trains_the_gate_saves_and_reloads(tmp_path):
     for name in ("atp_untuned", "atp_tuned"):
         assert again[name]["perplexity"] == pytest.approx(res.metrics["rows"][name]["perplexity"], rel=1e-5)
     assert again["atp_tuned"]["perplexity"] != pytest.approx(again["atp_untuned"]["perplexity"], rel=1e-6)
+    # `perplexity --model tuned:DIR` reads the run as it was tuned (window, sinks, running sums) by default:
+    # its pksoftmax row is the run's own tuned figure; exact cannot use running sums and recomputes.
+    from atp_viz.cli import main
+
+    out = tmp_path / "ppl.json"
+    argv = ["perplexity", "--model", f"tuned:{tmp_path / 'run'}", "--windows", "2", "--seq-len", "96"]
+    assert (
+        main([*argv, "--chunk", "16", "--ranks", "4", "--forms", "pksoftmax,exact", "--json", str(out)]) == 0
+    )
+    ppl = json.loads(out.read_text())
+    assert (ppl["exact_window"], ppl["exact_sinks"], ppl["basis_update"]) == (16, 2, "moments")
+    rows = {r["form"]: r for r in ppl["rows"] if r["rank"] == 4}
+    assert rows["pksoftmax"]["perplexity"] == pytest.approx(
+        res.metrics["rows"]["atp_tuned"]["perplexity"], rel=1e-5
+    )
+    assert (rows["pksoftmax"]["basis_update"], rows["exact"]["basis_update"]) == ("moments", "recompute")
 
 
 def test_window_settings_are_checked(tmp_path):
@@ -222,3 +238,37 @@ def test_prefill_of_a_tuned_run_is_also_scored_against_the_original_dense_model(
     want = r["atp_perplexity"] / r["original_dense_perplexity"]
     assert r["perplexity_ratio_to_original_dense"] == pytest.approx(want, rel=1e-5)
     assert "perplexity_ratio_to_original_dense" not in base
+
+
+def test_the_serving_page_reads_a_window_run_as_it_was_tuned(tmp_path, monkeypatch):
+    """Selecting a run tuned behind an exact window, the Serving page's perplexity starts from its window,
+    sinks and basis update, and each row says whether it used running sums."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from atp_viz.hf.model_info import TUNED_PREFIX
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    cfg = TuneConfig(
+        model="tiny-llama", rank=4, form="pksoftmax", window=16, sinks=2, basis_update="moments",
+        seq_len=96, chunk=16, steps=1, eval_windows=1,
+    )  # fmt: skip
+    run = training.train(cfg, texts=[SHORT]).out_dir
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.switch_page("pages/serving.py")
+    at.query_params["model"] = f"{TUNED_PREFIX}{run}"
+    at.run()
+    assert not at.exception, at.exception
+    assert (at.number_input(key="ppl_window").value, at.number_input(key="ppl_sinks").value) == (16, 2)
+    assert at.radio(key="ppl_update").value == "moments"
+    at.number_input(key="ppl_windows").set_value(1).run()
+    at.number_input(key="ppl_seq").set_value(96).run()
+    at.number_input(key="ppl_chunk").set_value(16).run()
+    at.multiselect(key="ppl_ranks").set_value([8]).run()
+    at.multiselect(key="ppl_forms").set_value(["pksoftmax", "exact"]).run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    by_form = dict(zip(table["form"], table["rank"], strict=False))
+    assert by_form["pksoftmax"].endswith("(running sums)") and not by_form["exact"].endswith("(running sums)")

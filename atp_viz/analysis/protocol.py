@@ -361,6 +361,7 @@ def perplexity_grid(
     keep=None,
     progress: ProgressFn | None = None,
     original=None,
+    basis_update: str = "recompute",
 ) -> list[dict]:
     """Dense, then each ``(rank, form)`` setting, on the same windows and scored positions: top-1 and
     perplexity with intervals, and each setting's paired difference to dense. One row per setting.
@@ -369,7 +370,12 @@ def perplexity_grid(
 
     ``original`` (a fine-tuned model's base model): its dense scores come first as the row "original
     dense", and every row also gets its paired difference to it (``top1_minus_original_dense``,
-    ``perplexity_ratio_to_original_dense``), so a tuned model is checked against the untouched one."""
+    ``perplexity_ratio_to_original_dense``), so a tuned model is checked against the untouched one.
+
+    ``basis_update="moments"`` (running sums of the past) applies to the forms that can use it (``linear``,
+    ``pksoftmax``); a form that rebuilds past keys from U_r recomputes its basis, and each row says which
+    it used (``basis_update``)."""
+    from atp_viz import forms
     from atp_viz.core.progress import within
 
     if not loaded.info.is_decoder:
@@ -394,12 +400,15 @@ def perplexity_grid(
                 loaded, windows, rank=None, form=form, chunk=chunk, keep=drop, progress=sub
             )
         else:
+            update = "recompute" if rank is None or forms.get(form).needs_basis_rows else basis_update
             scores = score_decoder(
                 loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                basis_from=basis_from, keep=keep, progress=sub,
+                basis_from=basis_from, keep=keep, basis_update=update, progress=sub,
             )  # fmt: skip
         dense = scores if rank is None else dense
         row = {"rank": "dense" if rank is None else rank, "form": "-" if rank in (None, "window") else form}
+        if rank not in (None, "window"):
+            row["basis_update"] = update
         if keep is not None and rank is not None:
             row.update(
                 sinks=keep.sinks,
@@ -422,6 +431,7 @@ def grid_table(rows: Sequence[dict]) -> list[dict]:
     out = []
     for r in rows:
         exact = f" + sinks {r['sinks']}, window {r['window']} exact" if "window" in r else ""
+        exact += " (running sums)" if r.get("basis_update") == "moments" else ""
         flat = {
             "rank": ("middle dropped" if r["rank"] == "window" else str(r["rank"])) + exact,
             "form": r["form"],

@@ -59,18 +59,21 @@ def add_basis_method(parser: argparse.ArgumentParser, default: str = "exact") ->
     parser.add_argument("--basis-method", choices=basis.METHODS, default=default, help="how U_r is computed")
 
 
-def add_exact_window(parser, *, drop_middle: bool = False) -> None:
+def add_exact_window(parser, *, drop_middle: bool = False, tuned_default: bool = False) -> None:
     """``--window`` and ``--sinks`` (and ``--drop-middle``): past tokens read exactly, only the rest of the
-    past compressed (:class:`atp_viz.analysis.serving.ExactKeep`); read back with :func:`exact_keep`."""
+    past compressed (:class:`atp_viz.analysis.serving.ExactKeep`); read back with :func:`exact_keep`.
+    ``tuned_default``: both default to None, for the command to fill in a tuned model's own."""
+    default = "how a tuned model was tuned, else 0" if tuned_default else "0"
     parser.add_argument(
-        "--window", type=int, default=0,
+        "--window", type=int, default=None if tuned_default else 0,
         help="read the last N past tokens before each chunk exactly (their own keys, under the form's "
         "weighting of exact keys: a softmax for exact and pksoftmax) and compress only the rest of the past "
-        "(the middle); default 0: compress all of it",
+        f"(the middle); default {default} (0: compress all of it)",
     )  # fmt: skip
     parser.add_argument(
-        "--sinks", type=int, default=0, help="with --window: also read the first N tokens exactly"
-    )
+        "--sinks", type=int, default=None if tuned_default else 0,
+        help=f"with --window: also read the first N tokens exactly (default {default})",
+    )  # fmt: skip
     if drop_middle:
         parser.add_argument(
             "--drop-middle", action="store_true",

@@ -42,7 +42,12 @@ def register(sub) -> None:
         help="basis source of the past: attention inputs X or the keys (default: a tuned model's own, "
         "else input)",
     )  # fmt: skip
-    add_exact_window(pp)
+    add_exact_window(pp, tuned_default=True)
+    pp.add_argument(
+        "--basis-update", choices=("recompute", "moments"), default=None,
+        help="the past's basis: an SVD per chunk, or running sums (moments; linear and pksoftmax, the other "
+        "forms recompute). Default, with --window and --sinks: how a tuned model was tuned, else recompute",
+    )  # fmt: skip
     add_form(pp, many=True)
     pp.add_argument("--json")
     pp.set_defaults(func=run)
@@ -52,10 +57,16 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import protocol
     from atp_viz.core.progress import stderr_progress
     from atp_viz.hf.models import load_model
-    from atp_viz.hf.tuned import base_model_of, basis_of
+    from atp_viz.hf.tuned import base_model_of, basis_of, chunked_mode_of
 
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
+    trained = chunked_mode_of(args.model)  # a tuned model is read as it was tuned unless told otherwise
+    if args.window is None:
+        args.window = trained["window"]
+        args.sinks = trained["sinks"] if args.sinks is None else args.sinks
+    args.sinks = 0 if args.sinks is None else args.sinks
+    basis_update = args.basis_update or trained["basis_update"]
     keep = exact_keep(args)
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
@@ -76,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
     rows = protocol.perplexity_grid(
         loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, basis_from=basis_from,
-        keep=keep,
+        keep=keep, basis_update=basis_update,
         progress=stderr_progress(), original=load_model(base) if base else None,
     )  # fmt: skip
     for row in protocol.grid_table(rows):
@@ -93,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             "basis_from": basis_from,
             "exact_sinks": args.sinks,
             "exact_window": args.window,
+            "basis_update": basis_update,
             "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",

@@ -68,11 +68,38 @@ def base_model_of(key: str) -> str | None:
     return read_settings(key[len(TUNED_PREFIX) :])["base_model"]
 
 
+def settings_of(key: str) -> dict:
+    """The training settings of a ``tuned:<folder>`` model ({} for any other model)."""
+    if not key.startswith(TUNED_PREFIX):
+        return {}
+    return read_settings(key[len(TUNED_PREFIX) :])["settings"]
+
+
 def basis_of(key: str) -> str:
     """The basis source a ``tuned:<folder>`` model was trained with ("input", X, for any other model)."""
-    if not key.startswith(TUNED_PREFIX):
-        return "input"
-    return read_settings(key[len(TUNED_PREFIX) :])["settings"].get("basis_from", "input")
+    return settings_of(key).get("basis_from", "input")
+
+
+def chunked_mode_of(key: str) -> dict:
+    """How a tuned model read its past in training (exact sinks and window, basis update), as the
+    perplexity defaults: {"sinks", "window", "basis_update"} (zeros and "recompute" for any other model)."""
+    s = settings_of(key)
+    return {
+        "sinks": s.get("sinks", 0),
+        "window": s.get("window", 0),
+        "basis_update": s.get("basis_update", "recompute"),
+    }
+
+
+def trained_setting(s: dict) -> str:
+    """How a run's settings read in a sentence: 'r = 0.5 L', or for a fixed rank behind an exact window
+    'r = 128 principal keys of the middle, exact window 512 + 4 sinks'."""
+    if not isinstance(s["rank"], int):
+        return f"r = {s['rank']:g} L"
+    if not s.get("window"):
+        return f"r = {s['rank']} principal keys of the past"
+    sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
+    return f"r = {s['rank']} principal keys of the middle, exact window {s['window']}{sinks}"
 
 
 def tuned_label(meta: dict) -> str:
