@@ -68,3 +68,34 @@ def test_the_shipped_control_matches_the_recipe_of_the_runs_it_is_measured_again
     for key, value in (("steps", 150), ("seed", 1), ("attention", "atp")):
         with pytest.raises(ValueError, match=rc.CONTROL_RUN):
             rc.check_control({**control, key: value}, runs)
+
+
+WINDOW_RUNS = [p for p in RUNS if json.loads((p / "atp_tuning.json").read_text())["settings"].get("window")]
+
+
+@pytest.mark.parametrize("run", WINDOW_RUNS, ids=[p.name for p in WINDOW_RUNS])
+def test_a_shipped_window_run_predicts_better_in_its_own_setting_than_untuned(run):
+    """A run tuned behind an exact window (the long-context prefill's setting), read as it was tuned on one
+    held-out window of 1024 tokens: lower loss than the original model in that setting, and lower than
+    the tuned weights with the form's untrained parameters (a run loaded without its trained t, e, b, which
+    at e = 0 saturate on a long middle, does much worse)."""
+    import torch
+
+    from atp_viz.analysis import protocol, serving
+    from atp_viz.hf.models import load_model
+
+    s = json.loads((run / "atp_tuning.json").read_text())["settings"]
+    base, tuned = load_model(s["model"]), load_model(f"tuned:{run}")
+    ids = protocol.heldout_windows(base.tokenizer, 1024, max_windows=1).ids[0]
+    keep = serving.ExactKeep(s["sinks"], s["window"])
+    kw = dict(rank=s["rank"], form=s["form"], chunk=s["chunk"], basis_from=s["basis_from"], keep=keep,
+              basis_update=s["basis_update"])  # fmt: skip
+
+    def loss(model, params=None) -> float:
+        with torch.inference_mode():
+            logits = serving.chunked_logits(model, ids, params=params, **kw)
+        return float(torch.nn.functional.cross_entropy(logits[s["chunk"] : -1], ids[0, s["chunk"] + 1 :]))
+
+    bare = {i: {} for i in range(tuned.info.n_layers)}  # the form's defaults: its untrained self
+    now = loss(tuned)
+    assert now < loss(base) and now < loss(tuned, bare), now

@@ -169,8 +169,12 @@ RESULTS: tuple[Result, ...] = (
         "--basis-from keys --basis-update moments|recompute --threads 1 "
         "--json docs/results/prefill-smollm2-FORM.json; the exact window alone: --tokens 8192 "
         "--window W --sinks 4 --drop-middle --basis-from keys --threads 1 "
-        "--json docs/results/prefill-smollm2-windowW.json",
-        75,
+        "--json docs/results/prefill-smollm2-windowW.json; the tuned run: --model "
+        "tuned:data/tuned/smollm2-pksoftmax-r128-window512-two-stage --form pksoftmax --rank 128 "
+        "--window 512 --sinks 4 --basis-from keys --basis-update moments [--tokens 8192 --drop-middle] "
+        "--threads 1 --json docs/results/prefill-smollm2-tuned-pksoftmax-window512.json "
+        "(-tuned-window512-dropped.json)",
+        105,
     ),  # fmt: skip
     _measured("control-smollm2", control.render_control_smollm2, 24, control.measure_control_smollm2),
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
