@@ -194,6 +194,8 @@ def test_form_init_sets_where_the_parameters_start(load):
         TuneConfig(form="pksoftmax", form_init="e=half")
     with pytest.raises(ValueError, match="none"):
         TuneConfig(form="exact", form_init="e=0.5")
+    with pytest.raises(ValueError, match="dense control"):
+        TuneConfig(form="pksoftmax", attention="dense", form_init="e=0.5")
 
 
 def test_at_e_one_half_the_whole_text_form_reads_a_text_written_twice_as_the_text():

@@ -97,6 +97,8 @@ class TuneConfig:
             raise ValueError("lr must be > 0, max_tokens >= 8 and seq_len >= 4")
         if self.attention not in TRAIN_ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(TRAIN_ATTENTION)}, got {self.attention!r}")
+        if self.attention == "dense" and self.form_init:
+            raise ValueError("A dense control trains no form parameter; drop form_init.")
         if self.attention == "dense" and self.transfer_steps:
             raise ValueError(
                 "A dense control has no stage 1 (layer-wise transfer fits ATP to dense); "

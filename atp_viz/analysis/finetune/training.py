@@ -105,7 +105,7 @@ def _form_parameters(cfg: TuneConfig, loaded: LoadedModel) -> dict[int, dict[str
     start = cfg.initial_params()
     return {
         layer: {
-            k: torch.nn.Parameter(torch.full_like(v, start[k]) if k in start else v.to(loaded.device))
+            k: torch.nn.Parameter((torch.full_like(v, start[k]) if k in start else v).to(loaded.device))
             for k, v in form.init_params(loaded.info.n_heads).items()
         }
         for layer in range(loaded.info.n_layers)
