@@ -491,12 +491,11 @@ def test_low_precision_dtypes_run_in_that_dtype(form):
 
 
 def test_the_one_rank_parser():
-    from atp_viz.core.ranks import parse_fraction, parse_rank, parse_rank_list
+    from atp_viz.core.ranks import describe_window, parse_rank, parse_rank_list
 
     assert parse_rank("64") == 64 and isinstance(parse_rank("64"), int)
     assert parse_rank("0.5") == 0.5 and parse_rank("1.0") == 1.0 and parse_rank(" l/8 ") == 0.125
     assert parse_rank_list("4,16, 0.25,L/4") == [4, 16, 0.25, 0.25]
-    assert parse_fraction("L/4") == 0.25
     for bad, match in (
         ("0", "at least 1"),
         ("1.5", r"\(0, 1\]"),
@@ -505,10 +504,12 @@ def test_the_one_rank_parser():
     ):
         with pytest.raises(ValueError, match=match):
             parse_rank(bad)
-    with pytest.raises(ValueError, match="share of L"):
-        parse_fraction("64")
     with pytest.raises(ValueError, match="at least one"):
         parse_rank_list(" , ")
+    assert (
+        describe_window(512, 4) == "exact window 512 + 4 sinks" and describe_window(64) == "exact window 64"
+    )
+    assert describe_window(0, 4) == ""  # no window, nothing read exactly
     assert parse_rank("0", check=False) == 0  # a caller with its own range says what is wrong
     # The fractional-rank message quotes no made-up token count (it once said "the 1000000 tokens").
     with pytest.raises(ValueError) as err:

@@ -156,6 +156,20 @@ def test_window_settings_are_checked(tmp_path):
             training.train(TuneConfig(model="tiny-bert", steps=1, **bad), tmp_path / "enc")
 
 
+def test_run_labels_name_the_window_one_way():
+    """A run's sidebar label, its config label and its sentence name the exact window the same way, and a
+    dense control's label leads with what it is (its rank is only where its ATP rows start)."""
+    s = {"model": "smollm2", "rank": 128, "form": "pksoftmax", "basis_from": "keys", "window": 512,
+         "sinks": 4, "basis_update": "moments"}  # fmt: skip
+    cfg = TuneConfig(model="smollm2", rank=128, form="pksoftmax", basis_from="keys", window=512, sinks=4,
+                     basis_update="moments")  # fmt: skip
+    for text in (tuned.tuned_label({"settings": s}), cfg.label(), tuned.trained_setting(s)):
+        assert "exact window 512 + 4 sinks" in text, text
+    control = {"model": "smollm2", "rank": 0.5, "form": "exact", "attention": "dense"}
+    label = tuned.tuned_label({"settings": control})
+    assert label.startswith("SMOLLM2 + dense-tuned control (trained without ATP"), label
+
+
 def test_at_e_one_half_a_past_of_one_repeated_token_is_read_as_dense_attention_reads_it():
     """n copies of one key/value compressed to r = 1 principal key: K' = sqrt(n) k, V' / sqrt(n) = v. With
     the logit scale t / n^e at e = 1/2 and the mass log(n / r), the streaming step weighs the past exactly

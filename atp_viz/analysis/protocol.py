@@ -32,7 +32,7 @@ import torch
 
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn
-from atp_viz.core.ranks import RANK_MODES, attended_share, chunk_rank
+from atp_viz.core.ranks import RANK_MODES, attended_share, chunk_rank, describe_window
 from atp_viz.text import corpus
 
 BOOTSTRAP = 2000
@@ -430,7 +430,7 @@ def grid_table(rows: Sequence[dict]) -> list[dict]:
     """The grid as flat rows for display and export: figures with their intervals as text and numbers."""
     out = []
     for r in rows:
-        exact = f" + sinks {r['sinks']}, window {r['window']} exact" if "window" in r else ""
+        exact = f", {describe_window(r['window'], r['sinks'])}" if "window" in r else ""
         exact += " (running sums)" if r.get("basis_update") == "moments" else ""
         flat = {
             "rank": ("middle dropped" if r["rank"] == "window" else str(r["rank"])) + exact,

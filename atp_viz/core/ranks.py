@@ -85,15 +85,6 @@ def parse_rank(text: str, *, check: bool = True) -> Rank:
     return check_rank(value) if check else value
 
 
-def parse_fraction(text: str) -> float:
-    """A rank that must be a share of L (``"0.5"``, ``"L/4"``), e.g. for fine-tuning over texts of many
-    lengths; ValueError otherwise."""
-    value = parse_rank(text)
-    if not isinstance(value, float):
-        raise ValueError(f"The rank must be a share of L such as 0.5 or L/4 here, got {text!r}.")
-    return value
-
-
 def parse_rank_list(text: str) -> list[Rank]:
     """``"4,16,0.25,L/8"`` -> ``[4, 16, 0.25, 0.125]`` (order kept); ValueError on any bad item."""
     items = [t for t in str(text).split(",") if t.strip()]
@@ -105,6 +96,14 @@ def parse_rank_list(text: str) -> list[Rank]:
 def describe(rank: Rank) -> str:
     """``r = 64`` or ``r = 0.5 L``: how a rank is printed everywhere."""
     return f"r = {rank:g} L" if isinstance(rank, float) else f"r = {rank}"
+
+
+def describe_window(window: int, sinks: int = 0) -> str:
+    """``exact window 512 + 4 sinks``: how the past tokens a chunk reads exactly next to its compressed
+    middle (``serving.ExactKeep``) are printed everywhere; empty without a window."""
+    if not window:
+        return ""
+    return f"exact window {window}" + (f" + {sinks} sinks" if sinks else "")
 
 
 # Rank of a compressed past (decoders read in chunks). Two definitions, stated wherever a rank is shown:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from atp_viz.core.progress import ProgressFn
+from atp_viz.core.ranks import describe_window
 from atp_viz.hf import checkpoints
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir
 
@@ -98,18 +99,18 @@ def trained_setting(s: dict) -> str:
         return f"r = {s['rank']:g} L"
     if not s.get("window"):
         return f"r = {s['rank']} principal keys of the past"
-    sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
-    return f"r = {s['rank']} principal keys of the middle, exact window {s['window']}{sinks}"
+    return f"r = {s['rank']} principal keys of the middle, {describe_window(s['window'], s.get('sinks', 0))}"
 
 
 def tuned_label(meta: dict) -> str:
     s = meta["settings"]
     basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"
     if s.get("window"):  # trained behind an exact window: the rank counts the middle's principal keys
-        sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
-        basis += f", exact window {s['window']}{sinks}, {s.get('basis_update', 'recompute')}"
+        basis += f", {describe_window(s['window'], s.get('sinks', 0))}, {s.get('basis_update', 'recompute')}"
     if s.get("attention", "atp") == "dense":
-        what = f"compare with ATP r={s['rank']:g}, {s['form']}{basis}"
+        # It trained no ATP parameter, so the rank and form are only the default of its ATP rows (any
+        # rank can be compared against it): the label leads with what it is.
+        what = f"trained without ATP; ATP rows default to r={s['rank']:g}, {s['form']}{basis}"
         return f"{s['model'].upper()} + dense-tuned control ({what})"
     return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']}{basis})"
 

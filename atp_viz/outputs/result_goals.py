@@ -23,6 +23,7 @@ from functools import partial
 
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
+from atp_viz.core.ranks import describe_window
 from atp_viz.outputs.result_tuning import PROTOCOL_TOKENS, _md, recipe_note, texts_of
 
 MINILM_GOAL = {0.5: 0.99, 0.25: 0.97}  # cosine to the original dense model
@@ -154,9 +155,7 @@ def _speed_rows(prefill: list[dict]) -> list[list[str]]:
                 and all(r[f"{k}_ci"][1] <= PERPLEXITY_GOAL for _, k in ratios)
             )
             window = (
-                f", exact window {r['exact_window']} + {r['exact_sinks']} sinks"
-                if r.get("exact_window")
-                else ""
+                ", " + describe_window(r["exact_window"], r["exact_sinks"]) if r.get("exact_window") else ""
             )
             setting = f"{r['form']}, r = {r['rank']}, {r.get('basis_update', 'recompute')}{window}"
             speed = f"{r['speedup']:.2f}x of a {r['ceiling']:.2f}x ceiling"

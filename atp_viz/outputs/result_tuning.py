@@ -11,6 +11,7 @@ import numpy as np
 
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
+from atp_viz.core.ranks import describe_window
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS_DIR = ROOT / "docs" / "finetune-runs"
@@ -237,8 +238,7 @@ def recipe_note(s: dict) -> str:
 def _rank(s: dict) -> str:
     mode = s.get("rank_mode", "past")
     if isinstance(s["rank"], int):  # a fixed number of principal keys, behind an exact window if any
-        sinks = f" + {s['sinks']} sinks" if s.get("sinks") else ""
-        window = f", exact window {s['window']}{sinks}" if s.get("window") else ""
+        window = ", " + describe_window(s["window"], s.get("sinks", 0)) if s.get("window") else ""
         return f"r = {s['rank']}{window}, {s.get('basis_update', 'recompute')}"
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
 
@@ -340,7 +340,7 @@ def _round_ratios(run: dict) -> str:
 
 def _prefill_setting(r: dict) -> str:
     """The ATP column of a prefill run: form, rank, basis, and the exact sinks and window if any."""
-    window = f"sinks {r.get('exact_sinks', 0)} + window {r.get('exact_window', 0)} exact"
+    window = describe_window(r.get("exact_window", 0), r.get("exact_sinks", 0))
     if r.get("middle") == "dropped":
         return f"{window}, the rest dropped (no ATP)"
     basis = f"basis from {r.get('basis_from', '?')} ({r.get('basis_update', 'recompute')})"

@@ -305,13 +305,11 @@ def report(runs: list[dict]) -> str:
         )
     if runs:
         r = runs[0]
+        window = _ranks.describe_window(r.get("exact_window", 0), r.get("exact_sinks", 0))
         if r.get("middle") == "dropped":
-            setting = f"window {r['exact_window']} + {r['exact_sinks']} sinks alone"
+            setting = f"{window} alone"
         else:
-            window = (
-                f", window {r['exact_window']} + {r['exact_sinks']} sinks exact" if r.get("middle") else ""
-            )
-            setting = f"form {r['form']}, r = {r['rank']}{window}"
+            setting = f"form {r['form']}, r = {r['rank']}" + (f", {window}" if r.get("middle") else "")
         lines.append(f"{r['label']}, {setting}, chunk {r['chunk']}.")
         cross = crossover(runs)
         lines.append(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atp_viz import forms
-from atp_viz.core.ranks import RANK_MODES
+from atp_viz.core.ranks import RANK_MODES, describe_window
 from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig
 from atp_viz.hf.model_info import cache_dir
 
@@ -148,11 +148,7 @@ class TuneConfig:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
         basis = "" if self.basis_from == "input" else f", basis from {self.basis_from}"
         basis += "" if self.basis_update == "recompute" else f", {self.basis_update}"
-        basis += (
-            f", exact window {self.window}" + (f" + {self.sinks} sinks" if self.sinks else "")
-            if self.window
-            else ""
-        )
+        basis += f", {describe_window(self.window, self.sinks)}" if self.window else ""
         rank = f"{self.rank:g}L" if isinstance(self.rank, float) else str(self.rank)
         if self.attention == "dense":
             return f"dense-tuned control (evaluated with ATP r={rank}, {self.form}{mode}{basis})"
