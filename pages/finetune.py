@@ -127,7 +127,7 @@ with st.form("tune_form"):
     attention = e3.radio(
         "Train with", list(TRAIN_ATTENTION), key="tune_attention", format_func=TRAIN_ATTENTION.get,
         help="Decoders: 'dense' trains the same adapters with the same data and loss but dense attention "
-        "(set stage 1 to 0). It is the control for an ATP run: it shows how much of a tuned run's score "
+        "(it has no stage 1). It is the control for an ATP run: it shows how much of a tuned run's score "
         "comes from adapting to docstrings. It is evaluated like a run (ATP at the rank above on its "
         "weights).",
     )  # fmt: skip
@@ -139,6 +139,13 @@ with st.form("tune_form"):
     )
     start = st.form_submit_button("Start fine-tuning", disabled=busy, type="primary")
 if start:
+    if attention == "dense" and transfer_steps:
+        # the form's default of 200 would make every control fail; say what is dropped instead
+        st.info(
+            f"A dense control has no stage 1 (layer-wise transfer fits ATP to dense attention): its "
+            f"{int(transfer_steps)} stage-1 steps are not run."
+        )
+        transfer_steps = 0
     try:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),

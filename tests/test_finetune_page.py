@@ -35,9 +35,10 @@ def test_a_run_refused_by_the_heavy_job_cap_leaves_no_progress_bar(tmp_path, mon
     assert not at.get("progress")  # once showed a "Starting... (0 s)" bar that never went away
 
 
-def test_the_page_passes_the_dense_control_on_and_refuses_its_bad_settings(tmp_path, monkeypatch):
-    """'Train with dense attention' reaches the run's settings; with stage 1 left on, the page says why
-    it cannot start and keeps running."""
+def test_the_page_passes_the_dense_control_on_without_stage_1(tmp_path, monkeypatch):
+    """'Train with dense attention' reaches the run's settings. Stage 1 (on by default) has no meaning for a
+    control: the page says its steps are not run and starts the control without them (it once refused
+    every control started from the defaults)."""
     monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
     original = tuned.find_runs
     monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
@@ -45,16 +46,15 @@ def test_the_page_passes_the_dense_control_on_and_refuses_its_bad_settings(tmp_p
     at.switch_page("pages/finetune.py").run()
     at.selectbox(key="tune_model").set_value("tiny-llama")
     at.radio(key="tune_attention").set_value("dense")
-    at.button[0].click().run()  # stage 1 defaults to 200 steps: refused
-    assert not at.exception, at.exception
-    assert any("no stage 1" in e.value for e in at.error)
-    assert "tune_job" not in at.session_state
-    at.number_input(key="tune_transfer_steps").set_value(0)
     at.number_input(key="tune_steps").set_value(0)
     with heavy_job("rank sweep"):  # the job starts and is refused at once: nothing is trained here
-        at.button[0].click().run()
+        at.button[0].click().run()  # stage 1 left at its default of 200 steps
+        assert not at.exception, at.exception
+        assert not at.error, [e.value for e in at.error]
+        assert any("200 stage-1 steps are not run" in i.value for i in at.info)
         job = at.session_state["tune_job"]
         deadline = time.time() + 60
         while job.running and time.time() < deadline:
             time.sleep(0.1)
-    assert job.cfg.attention == "dense" and "dense-tuned control" in job.cfg.label()
+    assert job.cfg.attention == "dense" and job.cfg.transfer_steps == 0
+    assert "dense-tuned control" in job.cfg.label()
