@@ -25,6 +25,15 @@ def test_heldout_windows_come_from_every_module_and_are_deterministic(load):
     assert spread[-1] > len(w.ids) // 2
 
 
+def test_training_split_windows_hold_no_heldout_module(load):
+    """Windows of the training split (where a setting may be chosen) come from its modules only."""
+    tok = load("tiny-llama").tokenizer
+    train = protocol.module_windows(tok, corpus.TRAIN_MODULES, 512, max_windows=4)
+    assert len(train.ids) == 4
+    seen = {train.module_names[k] for owner in train.module_of for k in owner}
+    assert seen and seen <= set(corpus.TRAIN_MODULES) and not seen & set(corpus.HELDOUT_MODULES)
+
+
 def test_heldout_texts_interleave_every_module(load):
     tok = load("tiny-bert").tokenizer
     texts, modules = protocol.heldout_texts(tok, max_texts=30)

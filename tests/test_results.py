@@ -124,3 +124,31 @@ def test_a_table_without_files_says_so(monkeypatch):
     monkeypatch.setattr(results, "RESULTS", (empty,))
     with pytest.raises(ValueError, match="no file behind"):
         results.table("goals")
+
+
+def test_gate_table_picks_the_shift_on_the_training_split_and_marks_it():
+    from atp_viz.outputs import result_gate
+
+    def row(setting, ppl):
+        return {"setting": setting, "perplexity": ppl, "perplexity_ci": (ppl - 1, ppl + 1), "top1": 0.5,
+                "n_scored": 10, "ratio_to_dense": 1.2, "ratio_to_dense_ci": (1.1, 1.3),
+                "ratio_to_dropped": 0.99, "ratio_to_dropped_ci": (0.98, 1.0)}  # fmt: skip
+
+    train = [row("dense", 8.0), row("dropped", 9.0), row("b-2", 8.9), row("b+0", 9.4), row("b+1", 8.95)]
+    assert result_gate.best_shift(train) == -2.0  # dense is lowest but is not a way to read the middle
+    short = [row("dense", 8.0), row("dropped", 9.0), row("b-2", 8.9), row("b+0", 8.7)]
+    data = {"run": "RUN", "form": "pksoftmax", "rank": 128, "chunk": 256, "sinks": 4, "window": 512,
+            "trained_b_mean": -4.0, "shift_chosen_on_training_split": -2.0,
+            "parts": [{"text": "training split", "tokens": 2048, "windows": 6, "rows": short},
+                      {"text": "training split", "tokens": 8192, "windows": 2, "rows": train},
+                      {"text": "held-out", "tokens": 8192, "windows": 1, "rows": train[:4]}]}  # fmt: skip
+    text = result_gate.render_gate([data])
+    lines = [line for line in text.splitlines() if line.startswith("| held-out")]
+    assert any("b -2 (chosen on the training split)" in line for line in lines)
+    assert any("b +0 (trained) |" in line for line in lines)
+    short_lines = [line for line in text.splitlines() if "6 x 2048" in line]
+    assert any("b +0 (trained) (lowest here)" in line for line in short_lines)  # each length its own best
+    assert not any("b -2 (" in line for line in short_lines)
+    dense = next(line for line in lines if "dense" in line)
+    assert dense.endswith("|  |  |")  # dense has no ratio to itself or to the window
+    assert "0.018 of its n / r tokens" in text  # exp(-4)

@@ -71,7 +71,15 @@ def heldout_windows(tokenizer, seq_len: int, *, max_windows: int | None = None, 
     """Non-overlapping windows of ``seq_len`` tokens over every held-out module's docstrings (one stream,
     modules in a seeded order, so windows cross module boundaries); ``max_windows`` keeps an evenly
     spread subset. The last partial window is dropped."""
-    names = _module_order(corpus.HELDOUT_MODULES, seed)
+    return module_windows(tokenizer, corpus.HELDOUT_MODULES, seq_len, max_windows=max_windows, seed=seed)
+
+
+def module_windows(
+    tokenizer, modules: Sequence[str], seq_len: int, *, max_windows: int | None = None, seed: int = SEED
+) -> Windows:
+    """:func:`heldout_windows` over other modules (e.g. the training split, where a setting may be chosen
+    without looking at held-out text)."""
+    names = _module_order(modules, seed)
     ids, owner = [], []
     for i, name in enumerate(names):
         text = "\n\n".join(corpus.module_docstrings(name))

@@ -19,6 +19,7 @@ from typing import Any
 
 from atp_viz.outputs import result_app as app_tables
 from atp_viz.outputs import result_control as control
+from atp_viz.outputs import result_gate as gate
 from atp_viz.outputs import result_goals as goals
 from atp_viz.outputs import result_tables as tables
 from atp_viz.outputs import result_tuning as tuning
@@ -179,6 +180,8 @@ RESULTS: tuple[Result, ...] = (
     _measured("control-smollm2", control.render_control_smollm2, 24, control.measure_control_smollm2),
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     _measured("window-smollm2", window.render_window, 11, window.measure_window_smollm2),
+    _measured("gate-smollm2", gate.render_gate, 22, gate.measure_gate_smollm2),
+    _measured("window-ceilings-smollm2", gate.render_window_ceilings, 1, gate.measure_window_ceilings),
     Result(
         "bench-layer",
         ("docs/bench-reference.json",),
