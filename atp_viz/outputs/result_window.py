@@ -17,16 +17,20 @@ from pathlib import Path
 from atp_viz.outputs.result_tuning import _md
 
 L, CHUNK, RANK, SINKS = 8192, 256, 128, 4
-# (window, form or None for the middle dropped, basis update); one held-out window, untuned.
+# (window, form or None for the middle dropped, basis update, basis source); one held-out window, untuned.
+# The keys' basis is the cheap one (d_s = H_kv d_h = 192 for SmolLM2, its running sums small); the
+# attention inputs X are the paper's (d = 576), whose basis also spans what the values need.
 SETTINGS = (
-    (512, None, "recompute"),
-    (512, "exact", "recompute"),
-    (512, "linear", "moments"),
-    (512, "pksoftmax", "moments"),
-    (1024, None, "recompute"),
-    (1024, "exact", "recompute"),
-    (2048, None, "recompute"),
-    (2048, "exact", "recompute"),
+    (512, None, "recompute", "keys"),
+    (512, "exact", "recompute", "keys"),
+    (512, "exact", "recompute", "input"),
+    (512, "linear", "moments", "keys"),
+    (512, "pksoftmax", "moments", "keys"),
+    (1024, None, "recompute", "keys"),
+    (1024, "exact", "recompute", "keys"),
+    (1024, "exact", "recompute", "input"),
+    (2048, None, "recompute", "keys"),
+    (2048, "exact", "recompute", "keys"),
 )
 
 
@@ -64,23 +68,24 @@ def measure_window_smollm2(out: Path) -> dict:
     _say("dense (chunks, exact past)")
     dense, dense_s = run("dense", rank=None)
     rows = []
-    for w, form, update in SETTINGS:
+    for w, form, update, source in SETTINGS:
         keep = serving.ExactKeep(SINKS, w, drop_rest=form is None)
-        label = f"window {w}, middle {form or 'dropped'}"
+        label = f"window {w}, middle {form or 'dropped'}, basis from {source}"
         _say(label)
         kw = {"rank": None} if form is None else {"rank": RANK, "form": form, "basis_update": update}
-        scored, seconds = run(label, keep=keep, basis_from="keys", method="randomized", **kw)
+        scored, seconds = run(label, keep=keep, basis_from=source, method="randomized", **kw)
         macs = prefill.counted_macs(
-            loaded, L, rank=RANK, form=form or "exact", chunk=CHUNK, basis_from="keys", method="randomized",
+            loaded, L, rank=RANK, form=form or "exact", chunk=CHUNK, basis_from=source, method="randomized",
             basis_update=update, keep=keep,
         )  # fmt: skip
         rows.append({
-            "window": w, "sinks": SINKS, "middle": form, "basis_update": update, "seconds": seconds,
+            "window": w, "sinks": SINKS, "middle": form, "basis_update": update, "basis_from": source,
+            "seconds": seconds,
             "ceiling": macs["dense_total"] / macs["atp_total"], "macs": macs,
             **prefill.accuracy(dense, scored, window, CHUNK, RANK, keep),
         })  # fmt: skip
     return {
-        "model": "smollm2", "tokens": L, "chunk": CHUNK, "rank": RANK, "sinks": SINKS, "basis_from": "keys",
+        "model": "smollm2", "tokens": L, "chunk": CHUNK, "rank": RANK, "sinks": SINKS,
         "basis_method": "randomized", "dense_seconds": dense_s, "rows": rows,
         "text": f"held-out window of {L} tokens (atp_viz.analysis.protocol.heldout_windows, max_windows=1)",
         "timing_note": "seconds: one pass of each setting while other work ran, not a benchmark",
@@ -95,7 +100,12 @@ def render_window(data: list[dict]) -> str:
     (d,) = data
     rows = []
     for r in d["rows"]:
-        middle = "dropped" if r["middle"] is None else f"{r['middle']}, r = {d['rank']} ({r['basis_update']})"
+        source = "X" if r.get("basis_from", "keys") == "input" else "the keys"
+        middle = (
+            "dropped"
+            if r["middle"] is None
+            else f"{r['middle']}, r = {d['rank']}, basis from {source} ({r['basis_update']})"
+        )
         rows.append([
             r["window"], middle, _ci(r["atp_perplexity"], r["atp_perplexity_ci"]),
             _ci(r["perplexity_ratio"], r["perplexity_ratio_ci"]),
@@ -115,8 +125,9 @@ def render_window(data: list[dict]) -> str:
         f"\n\nSmolLM2, one held-out window of {d['tokens']} tokens, strictly causal chunks of {d['chunk']}: "
         f"each chunk reads the first {d['sinks']} tokens (sinks) and the window before it exactly, and the "
         f"rest of its past (the middle) dropped or compressed to r = {d['rank']} principal keys of the "
-        "middle's keys (recompute: a randomized SVD of the middle for every chunk; moments: running sums of "
-        "the tokens that left the window); untuned. Dense perplexity on the same positions "
+        "middle (basis from the middle's keys, or from its attention inputs X as in the paper; recompute: a "
+        "randomized SVD of the middle for every chunk; moments: running sums of the tokens that left the "
+        "window); untuned. Dense perplexity on the same positions "
         f"{_ci(dense['dense_perplexity'], dense['dense_perplexity_ci'])}; intervals by bootstrap over blocks "
         "of positions of that one window, so a guide only. Ceiling: counted multiply-adds dense / this "
         "setting (the window's exact keys, the middle's basis and attention, projections, MLP and LM head), "
