@@ -101,16 +101,20 @@ if cap.n_tokens > MAX_TOKENS_SHOWN:
 
 
 @st.cache_data(show_spinner=False, ttl=600)
-def _scoreboard() -> str:
-    """The claims table, read from the committed run files once, not on every rerun of the page."""
-    return results.table("goals")
+def _scoreboard() -> tuple[str, str]:
+    """The claims table, read from the committed run files once, not on every rerun of the page, and the
+    README's account of why the open goals stay open."""
+    return results.table("goals"), results.readme_part("why-open")
 
 
 with st.expander("Does ATP hold up? The paper's claims against this project's measurements"):
     try:
-        st.markdown(_scoreboard())
-    except ValueError as err:  # an installed copy without the repository's docs/
+        board, why = _scoreboard()
+    except ValueError as err:  # an installed copy without the repository's docs/ or README
         st.info(f"The measured runs are not in this copy: {err}")
+    else:
+        st.markdown(board)
+        st.markdown(why)
     st.caption(
         "From the committed fine-tuning and long-context runs (held-out text, 95% intervals); the README "
         "lists every run and the command that made it. A tuned run appears in the sidebar when its adapters "

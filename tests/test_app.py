@@ -33,6 +33,7 @@ def test_home_runs_on_default_model():
     (board,) = [e for e in at.expander if e.label.startswith("Does ATP hold up?")]
     text = "\n".join(m.value for m in board.markdown)
     assert "| MiniLM, r = L/2, any form | cosine >= 0.99 |" in text and "goal met?" in text
+    assert "Where the open goals stand, and why" in text  # the README's account, next to the table
 
 
 def test_spectra_page_charts_and_length_study():

@@ -152,3 +152,13 @@ def test_gate_table_picks_the_shift_on_the_training_split_and_marks_it():
     dense = next(line for line in lines if "dense" in line)
     assert dense.endswith("|  |  |")  # dense has no ratio to itself or to the window
     assert "0.018 of its n / r tokens" in text  # exp(-4)
+
+
+def test_a_readme_part_is_read_between_its_markers(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "README", tmp_path / "README.md")
+    with pytest.raises(ValueError, match="not in this copy"):
+        results.readme_part("why-open")
+    (tmp_path / "README.md").write_text("a\n<!-- part:why-open -->\nwhy\n\n<!-- /part:why-open -->\nb\n")
+    assert results.readme_part("why-open") == "why"
+    with pytest.raises(ValueError, match="no part 'other'"):
+        results.readme_part("other")

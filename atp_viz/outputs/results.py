@@ -223,3 +223,17 @@ def table(name: str) -> str:
     if not result.files:
         raise ValueError(f"no file behind the {name!r} table was found (docs/ is not in this copy?).")
     return rendered(result)
+
+
+def readme_part(name: str) -> str:
+    """A stretch of the README's prose between ``<!-- part:NAME -->`` and ``<!-- /part:NAME -->``, for the
+    app to show what the README says next to a table (written once, in the README, where its figures'
+    tables are). ValueError when this copy has no README or the README no such part."""
+    try:
+        text = README.read_text()
+    except FileNotFoundError:
+        raise ValueError("the README is not in this copy") from None
+    found = re.search(rf"<!-- part:{re.escape(name)} -->\n(.*?)<!-- /part:{re.escape(name)} -->", text, re.S)
+    if found is None:
+        raise ValueError(f"the README has no part {name!r}")
+    return found.group(1).strip()
