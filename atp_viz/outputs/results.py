@@ -180,7 +180,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("control-smollm2", control.render_control_smollm2, 24, control.measure_control_smollm2),
     _measured("ceilings-smollm2", tuning.render_prefill_ceilings, 1, tuning.measure_prefill_ceilings),
     _measured("window-smollm2", window.render_window, 11, window.measure_window_smollm2),
-    _measured("gate-smollm2", gate.render_gate, 22, gate.measure_gate_smollm2),
+    _measured("gate-smollm2", gate.render_gate, 16, gate.measure_gate_smollm2),
     _measured("window-ceilings-smollm2", gate.render_window_ceilings, 1, gate.measure_window_ceilings),
     Result(
         "bench-layer",
