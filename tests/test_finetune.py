@@ -37,6 +37,22 @@ def test_split_is_by_module_and_disjoint():
     assert not train & held  # no docstring in both splits
 
 
+def test_the_wider_training_text_adds_modules_and_holds_out_the_same(load):
+    """``train_text="wider"`` trains on the training split and more modules, none of them held out; the
+    run's data and its recorded split follow the setting."""
+    wider = corpus.TRAIN_TEXTS["wider"]
+    assert set(corpus.TRAIN_MODULES) < set(wider) and not set(wider) & set(corpus.HELDOUT_MODULES)
+    assert TuneConfig(train_text="wider").train_modules == wider
+    loaded = load("tiny-bert")
+    narrow = training._training_data(TuneConfig(model="tiny-bert"), loaded, None)
+    more = training._training_data(TuneConfig(model="tiny-bert", train_text="wider"), loaded, None)
+    assert len(more) > 1.2 * len(narrow) and set(narrow) <= set(more)
+    held = set(corpus.docstrings(corpus.HELDOUT_MODULES))
+    assert not set(corpus.docstrings(wider)) & held
+    with pytest.raises(ValueError, match="train_text must be one of docstrings, wider"):
+        TuneConfig(train_text="web")
+
+
 @pytest.mark.parametrize(
     "model,kw",
     [

@@ -15,6 +15,7 @@ from atp_viz.hf.engine import BASIS_SOURCES
 
 def register(sub) -> None:
     from atp_viz.analysis.finetune.config import TRAIN_ATTENTION, TuneConfig
+    from atp_viz.text.corpus import TRAIN_TEXTS
 
     d = TuneConfig()
     f = sub.add_parser(
@@ -81,6 +82,11 @@ def register(sub) -> None:
         help="decoders: recompute the past's basis for every chunk (every form), or keep running sums of "
         "the past (moments: linear-cost forms, the cost that does not grow with the past)",
     )  # fmt: skip
+    f.add_argument(
+        "--train-text", choices=list(TRAIN_TEXTS), default=d.train_text,
+        help="what the adapters train on: the training split's docstrings, or those and 51 more "
+        "standard-library modules (wider); the held-out split is the same",
+    )  # fmt: skip
     f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
     f.add_argument(
         "--reevaluate", metavar="DIR",
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,
         chunk=args.chunk, eval_texts=args.eval_texts, eval_windows=args.eval_windows, seed=args.seed,
         window=args.window, sinks=args.sinks, basis_update=args.basis_update, form_init=args.form_init,
+        train_text=args.train_text,
     )  # fmt: skip
     res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
     from atp_viz.analysis.finetune.evaluation import metrics_table

@@ -219,7 +219,7 @@ _RECIPE = {
     "lr": "lr {}", "transfer_lr": "stage-1 lr {}", "hidden_weight": "hidden-state weight {}",
     "kl_weight": "KL weight {}", "lora_r": "LoRA r = {}", "batch": "batch {}",
     "seq_len": "windows of {} tokens", "chunk": "chunks of {}", "seed": "seed {}",
-    "form_init": "form parameters from {}",
+    "form_init": "form parameters from {}", "train_text": "{} training text",
 }  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 Deterministic for a given Python version, needs no download, and splits naturally by module, which
 gives a train / held-out split with no shared text. Three named uses read it:
 
-- :data:`TRAIN_MODULES` / :data:`HELDOUT_MODULES`: fine-tuning and its held-out evaluation;
+- :data:`TRAIN_MODULES` / :data:`HELDOUT_MODULES`: fine-tuning and its held-out evaluation
+  (:data:`WIDER_TRAIN_MODULES`: more varied training text, the same held-out split);
 - :data:`PERPLEXITY_MODULES`: the text of ``python -m atp_viz perplexity`` and the Serving page's grid;
 - :data:`BENCH_MODULES`: the text of the whole-model benchmark.
 
@@ -46,6 +47,22 @@ TRAIN_MODULES: tuple[str, ...] = (
     "numbers", "plistlib", "abc", "io", "weakref", "warnings", "trace", "hashlib", "sysconfig",
     "filecmp", "copy", "hmac",
 )  # fmt: skip
+# More varied training text (``finetune --train-text wider``): every other standard-library module with at
+# least 2,000 characters of docstrings (no private, test, GUI, codec or ctypes module), none of them held
+# out. The held-out split is the same, so runs on either training text are scored on the same texts.
+WIDER_TRAIN_MODULES: tuple[str, ...] = TRAIN_MODULES + (
+    "aifc", "asyncio.base_events", "asyncio.futures", "asyncio.locks", "asyncio.protocols",
+    "asyncio.runners", "asyncio.selector_events", "asyncio.sslproto", "asyncio.timeouts",
+    "asyncio.transports", "asyncio.unix_events", "bdb", "cgi", "chunk", "collections.abc", "compileall",
+    "concurrent.futures.process", "email.charset", "email.generator", "email.parser", "email.quoprimime",
+    "fileinput", "http.cookies", "imp", "importlib.abc", "importlib.util", "logging.config",
+    "logging.handlers", "multiprocessing.managers", "multiprocessing.shared_memory", "nntplib", "ntpath",
+    "os", "pickletools", "pipes", "pkgutil", "py_compile", "runpy", "shelve", "site", "smtpd", "sunau",
+    "symtable", "telnetlib", "unittest.loader", "wsgiref.headers", "wsgiref.validate",
+    "xml.dom.expatbuilder", "xml.sax.handler", "xml.sax.xmlreader", "xmlrpc.server",
+)  # fmt: skip
+# The training texts ``finetune`` offers, by name.
+TRAIN_TEXTS: dict[str, tuple[str, ...]] = {"docstrings": TRAIN_MODULES, "wider": WIDER_TRAIN_MODULES}
 PERPLEXITY_MODULES: tuple[str, ...] = (
     "collections", "functools", "itertools", "json", "re", "pathlib", "typing", "dataclasses",
     "argparse", "logging", "subprocess", "threading", "asyncio", "unittest", "inspect", "textwrap",

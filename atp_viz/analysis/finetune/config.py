@@ -10,6 +10,7 @@ from atp_viz import forms
 from atp_viz.core.ranks import RANK_MODES, describe_window
 from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig
 from atp_viz.hf.model_info import cache_dir
+from atp_viz.text.corpus import TRAIN_TEXTS
 
 # What the attention layers run while the adapters train. "dense" is a control, not an ATP run: the same
 # recipe (data, steps, adapters, token loss + KL) with the model's own attention, so what a run gains from
@@ -56,6 +57,9 @@ class TuneConfig:
     # Where the form's per-head parameters start, e.g. "e=0.5,b=-2" (empty: the form's defaults, its
     # untrained self); every head of every layer starts at the same value.
     form_init: str = ""
+    # What the adapters train on: a name in corpus.TRAIN_TEXTS ("docstrings": the training split's
+    # modules; "wider": those and 51 more standard-library modules). The held-out split is the same.
+    train_text: str = "docstrings"
 
     def __post_init__(self) -> None:
         form = forms.get(self.form)  # ValueError naming the registered forms
@@ -104,8 +108,15 @@ class TuneConfig:
                 "A dense control has no stage 1 (layer-wise transfer fits ATP to dense); "
                 "set transfer_steps to 0."
             )
+        if self.train_text not in TRAIN_TEXTS:
+            raise ValueError(f"train_text must be one of {', '.join(TRAIN_TEXTS)}, got {self.train_text!r}")
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
+
+    @property
+    def train_modules(self) -> tuple[str, ...]:
+        """The standard-library modules whose docstrings the adapters train on."""
+        return TRAIN_TEXTS[self.train_text]
 
     def initial_params(self) -> dict[str, float]:
         """``form_init`` read: {parameter: starting value}, checked against the form's parameters."""

@@ -45,7 +45,7 @@ from atp_viz.hf import families
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
 from atp_viz.hf.models import load_model
 from atp_viz.hf.tuned import SETTINGS_FILE, save_params
-from atp_viz.text.corpus import HELDOUT_MODULES, TRAIN_MODULES
+from atp_viz.text.corpus import HELDOUT_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _training_data(cfg: TuneConfig, loaded: LoadedModel, texts: Sequence[str] | 
     """Windows of ``seq_len`` tokens (decoders) or texts (encoders) of the training split or ``texts``."""
     if loaded.info.is_decoder:
         data = (
-            token_windows(TRAIN_MODULES, loaded.tokenizer, cfg.seq_len)
+            token_windows(cfg.train_modules, loaded.tokenizer, cfg.seq_len)
             if texts is None
             else windows_of("\n\n".join(texts), loaded.tokenizer, cfg.seq_len)
         )
@@ -64,7 +64,7 @@ def _training_data(cfg: TuneConfig, loaded: LoadedModel, texts: Sequence[str] | 
             raise ValueError(f"The training text gives no window of {cfg.seq_len} tokens; lower seq_len.")
         return data
     data = (
-        encoder_texts(TRAIN_MODULES, loaded.tokenizer, max_tokens=cfg.max_tokens)
+        encoder_texts(cfg.train_modules, loaded.tokenizer, max_tokens=cfg.max_tokens)
         if texts is None
         else list(texts)
     )
@@ -320,7 +320,7 @@ def _run_record(
     """What ``atp_tuning.json`` says about the run before its metrics are known."""
     split = {
         "source": f"Python {platform.python_version()} standard-library docstrings, split by module",
-        "train_modules": "custom texts given to train()" if custom else list(TRAIN_MODULES),
+        "train_modules": "custom texts given to train()" if custom else list(cfg.train_modules),
         "heldout_modules": list(HELDOUT_MODULES),
         "n_train_items": n_train,
         "train_items": "windows of seq_len tokens" if is_dec else "texts of at most max_tokens tokens",
