@@ -9,6 +9,7 @@ from atp_app import navigation, runtime, state, widgets
 from atp_app.sidebar import page_inputs
 from atp_viz import forms
 from atp_viz.analysis import compare, token_view
+from atp_viz.analysis.allocation import format_layer_shares
 from atp_viz.core.basis import METHOD_LABELS, METHODS, NonFiniteError
 from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
@@ -176,6 +177,14 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
             "This model was tuned in the strictly causal chunked mode, with an exact window and the rest of "
             "the past compressed; the rows here run ATP over the whole text at once. The Serving page's "
             "perplexity (exact window and sinks as it was tuned) measures the setting it was trained for."
+        )
+    elif trained.get("layer_ranks"):
+        shares, mean = format_layer_shares(trained["layer_ranks"]), f"{trained['rank']:g}"
+        st.info(
+            f"This model was tuned with one rank per layer ({shares} of L, mean {mean}); the rows here "
+            "run the sidebar's one rank in every layer. Its run's JSON holds the held-out figures with its "
+            f"own ranks, and `python -m atp_viz compare --rank {mean} --layer-ranks {shares}` checks any "
+            "text with them."
         )
     elif basis != config.basis_source or trained["form"] != config.form:
         st.info(

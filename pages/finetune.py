@@ -8,7 +8,7 @@ import streamlit as st
 from atp_app import navigation, runtime, widgets
 from atp_viz import forms
 from atp_viz.analysis.finetune import evaluation
-from atp_viz.analysis.finetune.config import TRAIN_ATTENTION, TuneConfig
+from atp_viz.analysis.finetune.config import LAYER_RANK_CHOICES, TRAIN_ATTENTION, TuneConfig
 from atp_viz.analysis.finetune.job import TuneJob
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES
 from atp_viz.deploy import jobs
@@ -131,6 +131,14 @@ with st.form("tune_form"):
         "comes from adapting to docstrings. It is evaluated like a run (ATP at the rank above on its "
         "weights).",
     )  # fmt: skip
+    layer_ranks_from = st.radio(
+        "Encoders: ranks per layer", list(LAYER_RANK_CHOICES), horizontal=True, key="tune_layer_ranks",
+        format_func=LAYER_RANK_CHOICES.get,
+        help="One rank for every layer, or one per layer under the same budget (mean r / L), chosen on "
+        "training texts when the run starts: by what each layer's rank costs the output (measured: each "
+        "layer alone at 8 shares of L, about a minute on MiniLM), or by the energy each layer's spectrum "
+        "keeps. Decoders take one rank for every layer.",
+    )  # fmt: skip
     st.caption(
         "The committed runs (one torch thread while another run used the other core; the README lists them "
         "with their JSON): MiniLM 2-3 s per step (16 texts), SmolLM2 8-11 s per step with the exact form "
@@ -151,6 +159,7 @@ if start:
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
             lora_r=int(lora_r), lora_alpha=2 * int(lora_r), transfer_steps=int(transfer_steps),
             rank_mode=rank_mode, basis_from=basis_from, attention=attention,
+            layer_ranks_from=layer_ranks_from,
         )  # fmt: skip
     except ValueError as err:
         st.error(str(err))

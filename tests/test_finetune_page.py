@@ -58,3 +58,23 @@ def test_the_page_passes_the_dense_control_on_without_stage_1(tmp_path, monkeypa
             time.sleep(0.1)
     assert job.cfg.attention == "dense" and job.cfg.transfer_steps == 0
     assert "dense-tuned control" in job.cfg.label()
+
+
+def test_the_page_passes_per_layer_ranks_on(tmp_path, monkeypatch):
+    """'Ranks per layer: measured' reaches the run's settings, to be chosen when the run starts."""
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    original = tuned.find_runs
+    monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.switch_page("pages/finetune.py").run()
+    at.selectbox(key="tune_model").set_value("tiny-bert")
+    at.radio(key="tune_layer_ranks").set_value("measured")
+    with heavy_job("rank sweep"):  # the job starts and is refused at once: nothing is trained here
+        at.button[0].click().run()
+        assert not at.exception, at.exception
+        job = at.session_state["tune_job"]
+        deadline = time.time() + 60
+        while job.running and time.time() < deadline:
+            time.sleep(0.1)
+    assert job.cfg.layer_ranks_from == "measured" and job.cfg.layer_ranks_pending
+    assert "per layer (measured)" in job.cfg.label()

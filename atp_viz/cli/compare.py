@@ -16,6 +16,10 @@ def register(sub) -> None:
     c.add_argument("--rank", type=rank_arg, default=0.5, help="int (principal keys), fraction of L, or L/k")
     add_form(c)
     c.add_argument("--layers", default="all", help="'all', '3', '0-5' or '1,3,7'")
+    c.add_argument(
+        "--layer-ranks", metavar="HOW",
+        help="one rank per layer, mean --rank (a share): shares (0.375,0.125,...), 'measured' or 'spectrum'",
+    )  # fmt: skip
     c.add_argument("--basis", choices=tuple(BASIS_SOURCES), default="input", help="basis from X or from K")
     add_basis_method(c)
     c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         basis_source=args.basis,
         lowrank_linear=args.lowrank_linear,
         basis_method=args.basis_method,
+        layer_ranks=_layer_ranks(args, loaded),
     )
     dense = compare.forward(loaded, tok)
     run_ = compare.forward(loaded, tok, config)
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             "agreement": cont.agreement,
         }
     _against_original(args.model, loaded, tok, run_, result)
-    _warn_if_not_as_tuned(args, result)
+    _warn_if_not_as_tuned(args, result, config)
     if args.sweep:
         sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
         result["sweep"] = {
@@ -84,8 +89,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict) -> None:
-    """A tuned model run under another form or basis than it was tuned with: say so (and in the JSON)."""
+def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
+    if not args.layer_ranks:
+        return None
+    from atp_viz.analysis.allocation import choose_layer_ranks
+
+    shares, _ = choose_layer_ranks(
+        args.layer_ranks, loaded, args.rank, form=args.form, basis_source=args.basis
+    )
+    return shares
+
+
+def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> None:
+    """A tuned model run under another form, basis or choice of per-layer ranks than it was tuned with:
+    say so (and in the JSON)."""
     from atp_viz.hf.model_info import TUNED_PREFIX
     from atp_viz.hf.tuned import read_settings
 
@@ -93,11 +110,25 @@ def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict) -> None:
         return
     trained = read_settings(args.model[len(TUNED_PREFIX) :])["settings"]
     basis = trained.get("basis_from", "input")
+    from atp_viz.analysis.allocation import format_layer_shares
+
+    tuned_ranks = format_layer_shares(trained.get("layer_ranks") or ())
+    given = format_layer_shares(config.layer_ranks or ())
+    note = ""
     if trained["form"] != args.form or basis != args.basis:
         note = (
             f"this model was tuned with the {trained['form']} form and the basis from {basis}; this run uses "
             f"{args.form} and the basis from {args.basis} (pass --form {trained['form']} --basis {basis})"
         )
+    if tuned_ranks != given:
+        note += "; " if note else ""
+        note += (
+            f"this model was tuned with per-layer ranks {tuned_ranks} (pass --rank {trained['rank']:g} "
+            f"--layer-ranks {tuned_ranks})"
+            if tuned_ranks
+            else "this model was tuned with one rank for every layer; this run uses per-layer ranks"
+        )
+    if note:
         result["not_as_tuned"] = note
         print(f"note: {note}", file=sys.stderr)
 

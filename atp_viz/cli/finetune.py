@@ -15,7 +15,6 @@ from atp_viz.hf.engine import BASIS_SOURCES
 
 def register(sub) -> None:
     from atp_viz.analysis.finetune.config import TRAIN_ATTENTION, TuneConfig
-    from atp_viz.text.corpus import TRAIN_TEXTS
 
     d = TuneConfig()
     f = sub.add_parser(
@@ -42,10 +41,28 @@ def register(sub) -> None:
         help="what the basis U_r decomposes: the attention input X (the paper) or the keys",
     )  # fmt: skip
     f.add_argument(
+        "--layer-ranks", metavar="HOW", dest="layer_ranks_how",
+        help="encoders: one rank per layer with mean --rank: 'measured' (by what each layer's rank costs the "
+        "output on training texts), 'spectrum' (by each layer's spectrum), or shares (0.375,0.125,...)",
+    )  # fmt: skip
+    f.add_argument(
         "--attention", choices=list(TRAIN_ATTENTION), default=d.attention,
         help="what the layers run while training: 'atp' (the run) or 'dense' (decoders: a control with the "
         "same recipe and no ATP, evaluated like a run)",
     )  # fmt: skip
+    _add_training(f, d)
+    f.add_argument("--json-copy", help="also copy the run's JSON here (e.g. docs/finetune-runs/NAME.json)")
+    _add_data(f, d)
+    f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
+    f.add_argument(
+        "--reevaluate", metavar="DIR",
+        help="train nothing: measure the finished run in DIR again with the current code and update its JSON",
+    )  # fmt: skip
+    f.set_defaults(func=run)
+
+
+def _add_training(f, d) -> None:
+    """The two stages' steps, rates and loss weights."""
     f.add_argument("--steps", type=int, default=d.steps, help="stage 2: end-to-end tuning steps")
     f.add_argument("--lr", type=float, default=d.lr)
     f.add_argument(
@@ -61,7 +78,12 @@ def register(sub) -> None:
         "--kl-weight", type=float, default=d.kl_weight,
         help="decoders, stage 2: weight of KL(original dense || ATP) next to the token loss",
     )  # fmt: skip
-    f.add_argument("--json-copy", help="also copy the run's JSON here (e.g. docs/finetune-runs/NAME.json)")
+
+
+def _add_data(f, d) -> None:
+    """Adapters, texts and windows, evaluation size, and how a decoder reads its past."""
+    from atp_viz.text.corpus import TRAIN_TEXTS
+
     f.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank")
     f.add_argument("--batch", type=int, default=d.batch, help="encoder texts per step")
     f.add_argument("--max-tokens", type=int, default=d.max_tokens, help="encoder: longest text")
@@ -87,12 +109,6 @@ def register(sub) -> None:
         help="what the adapters train on: the training split's docstrings, or those and 51 more "
         "standard-library modules (wider); the held-out split is the same",
     )  # fmt: skip
-    f.add_argument("--out", help="output folder (default: <cache>/tuned/<model>-r<rank>-<form>-<time>)")
-    f.add_argument(
-        "--reevaluate", metavar="DIR",
-        help="train nothing: measure the finished run in DIR again with the current code and update its JSON",
-    )  # fmt: skip
-    f.set_defaults(func=run)
 
 
 def _reevaluate(args: argparse.Namespace) -> int:
@@ -106,6 +122,7 @@ def _reevaluate(args: argparse.Namespace) -> int:
     d = TuneConfig()
     given = [f"--{k.replace('_', '-')}" for k in vars(d) if getattr(args, k, getattr(d, k)) != getattr(d, k)]
     given += ["--out"] if args.out else []
+    given += ["--layer-ranks"] if args.layer_ranks_how else []
     if given:
         print(
             f"--reevaluate measures the run with its own settings; drop {', '.join(given)}.", file=sys.stderr
@@ -120,6 +137,19 @@ def _reevaluate(args: argparse.Namespace) -> int:
     for row in metrics_table({"metrics": metrics}):
         print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
     return 0
+
+
+def _layer_ranks(args: argparse.Namespace) -> dict:
+    """--layer-ranks read into the config's two fields ({} without it); 'measured' and 'spectrum' are
+    chosen when training starts, on training-split texts."""
+    how = (args.layer_ranks_how or "").strip()
+    if not how:
+        return {}
+    if how in ("measured", "spectrum"):
+        return {"layer_ranks_from": how}
+    from atp_viz.analysis.allocation import parse_layer_shares
+
+    return {"layer_ranks": parse_layer_shares(how), "layer_ranks_from": "given"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,
         chunk=args.chunk, eval_texts=args.eval_texts, eval_windows=args.eval_windows, seed=args.seed,
         window=args.window, sinks=args.sinks, basis_update=args.basis_update, form_init=args.form_init,
-        train_text=args.train_text,
+        train_text=args.train_text, **_layer_ranks(args),
     )  # fmt: skip
     res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
     from atp_viz.analysis.finetune.evaluation import metrics_table

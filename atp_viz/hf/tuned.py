@@ -95,6 +95,8 @@ def chunked_mode_of(key: str) -> dict:
 def trained_setting(s: dict) -> str:
     """How a run's settings read in a sentence: 'r = 0.5 L', or for a fixed rank behind an exact window
     'r = 128 principal keys of the middle, exact window 512 + 4 sinks'."""
+    if s.get("layer_ranks"):
+        return f"r = {s['rank']:g} L on average, per layer ({', '.join(f'{x:g}' for x in s['layer_ranks'])})"
     if not isinstance(s["rank"], int):
         return f"r = {s['rank']:g} L"
     if not s.get("window"):
@@ -112,6 +114,8 @@ def tuned_label(meta: dict) -> str:
         # rank can be compared against it): the label leads with what it is.
         what = f"trained without ATP; ATP rows default to r={s['rank']:g}, {s['form']}{basis}"
         return f"{s['model'].upper()} + dense-tuned control ({what})"
+    if s.get("layer_ranks"):
+        basis += f", per-layer ranks ({s.get('layer_ranks_from', 'given')})"
     return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']}{basis})"
 
 

@@ -32,7 +32,8 @@ def _md(header: list[str], rows: list[list]) -> str:
 
 def measure_forms_minilm(out: Path) -> dict:
     """Cosine to dense of every form at L/2 and L/4 on all held-out texts, with one rank for every
-    layer and with per-layer ranks from the training split's spectra under the same budget."""
+    layer and with per-layer ranks under the same budget, chosen two ways on training-split texts: from
+    the spectra, and by what each layer's rank costs the output (measured per form)."""
     from atp_viz.analysis import allocation, protocol
     from atp_viz.analysis.finetune.evaluation import embeddings
     from atp_viz.hf.engine import ATPConfig
@@ -41,24 +42,35 @@ def measure_forms_minilm(out: Path) -> dict:
     loaded = load_model("minilm")
     texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
     dense = embeddings(loaded, None, texts, PROTOCOL_TOKENS)
+    calibration = allocation.calibration_texts(loaded)
+    losses = {form: allocation.layer_losses(loaded, calibration, form=form) for form in forms.names()}
+
+    def cosine(cfg: ATPConfig) -> np.ndarray:
+        return (embeddings(loaded, cfg, texts, PROTOCOL_TOKENS) * dense).sum(-1)
+
     rows = []
     for share in FRACTIONS:
-        layer_ranks = allocation.calibrated_layer_ranks(loaded, share)
+        layer_ranks = allocation.calibrated_layer_ranks(loaded, share, calibration)
         for form in forms.names():
-            one = ATPConfig(rank=share, form=form)
-            uniform = (embeddings(loaded, one, texts, PROTOCOL_TOKENS) * dense).sum(-1)
-            cfg = ATPConfig(rank=share, form=form, layer_ranks=layer_ranks)
-            per_layer = (embeddings(loaded, cfg, texts, PROTOCOL_TOKENS) * dense).sum(-1)
+            measured = allocation.allocate_measured(losses[form], share)
+            uniform = cosine(ATPConfig(rank=share, form=form))
+            per_layer = cosine(ATPConfig(rank=share, form=form, layer_ranks=layer_ranks))
+            by_loss = cosine(ATPConfig(rank=share, form=form, layer_ranks=measured))
             rows.append(
                 {
                     "form": form,
                     "rank": share,
                     "layer_ranks": list(layer_ranks),
+                    "measured_layer_ranks": list(measured),
                     "uniform": protocol.encoder_summary(uniform, modules),
                     "per_layer": protocol.encoder_summary(per_layer, modules, reference=uniform),
+                    "measured": protocol.encoder_summary(by_loss, modules, reference=uniform),
                 }
             )
-    return {"model": "minilm", "n_texts": len(texts), "calibration": "32 training-split texts", "rows": rows}
+    return {
+        "model": "minilm", "n_texts": len(texts), "calibration": f"{len(calibration)} training-split texts",
+        "measured_grid": allocation.MEASURED_GRID, "rows": rows,
+    }  # fmt: skip
 
 
 def render_forms_minilm(data: list[dict]) -> str:
@@ -66,20 +78,35 @@ def render_forms_minilm(data: list[dict]) -> str:
     rows = []
     for r in d["rows"]:
         u, p = r["uniform"], r["per_layer"]
-        rows.append(
-            [
-                forms.get(r["form"]).display_name,
-                f"L/{round(1 / r['rank'])}",
-                interval(u["cosine_mean"], u["cosine_mean_ci"]),
-                interval(p["cosine_mean"], p["cosine_mean_ci"]),
-                interval(p["cosine_minus_reference"], p["cosine_minus_reference_ci"]),
-                " ".join(f"{x:.2f}" for x in r["layer_ranks"]),
+        row = [
+            forms.get(r["form"]).display_name,
+            f"L/{round(1 / r['rank'])}",
+            interval(u["cosine_mean"], u["cosine_mean_ci"]),
+            interval(p["cosine_minus_reference"], p["cosine_minus_reference_ci"]),
+            " ".join(f"{x:.2f}" for x in r["layer_ranks"]),
+        ]
+        if "measured" in r:
+            m = r["measured"]
+            row += [
+                interval(m["cosine_minus_reference"], m["cosine_minus_reference_ci"]),
+                " ".join(f"{x:g}" for x in r["measured_layer_ranks"]),
             ]
-        )
-    head = ["form (untuned)", "budget", "one rank per layer", "per-layer ranks", "difference", "shares"]
+        rows.append(row)
+    head = [
+        "form (untuned)",
+        "budget",
+        "one rank per layer",
+        "spectrum's per-layer ranks: difference",
+        "shares",
+    ]
+    if "measured" in d["rows"][0]:
+        head += ["measured per-layer ranks: difference", "shares"]
     return _md(head, rows) + (
         f"\n\nMiniLM, sentence-embedding cosine to dense, mean and 95% interval over {d['n_texts']} held-out "
-        f"texts; per-layer ranks from {d['calibration']}' spectra (same mean share), difference paired."
+        "texts; per-layer ranks under the same budget (mean share), chosen on "
+        f"{d['calibration']}: from the spectra (the energy each layer keeps), and measured (each layer "
+        f"alone at shares 1/{d.get('measured_grid', 8)} ... 1 of L, the others dense, 1 - cosine to dense "
+        "averaged; the split with the least summed loss). Differences to one rank per layer, paired."
     )
 
 
@@ -220,6 +247,7 @@ _RECIPE = {
     "kl_weight": "KL weight {}", "lora_r": "LoRA r = {}", "batch": "batch {}",
     "seq_len": "windows of {} tokens", "chunk": "chunks of {}", "seed": "seed {}",
     "form_init": "form parameters from {}", "train_text": "{} training text",
+    "layer_ranks_from": "per-layer ranks ({})",
 }  # fmt: skip
 
 
@@ -240,6 +268,8 @@ def _rank(s: dict) -> str:
     if isinstance(s["rank"], int):  # a fixed number of principal keys, behind an exact window if any
         window = ", " + describe_window(s["window"], s.get("sinks", 0)) if s.get("window") else ""
         return f"r = {s['rank']}{window}, {s.get('basis_update', 'recompute')}"
+    if s.get("layer_ranks"):  # one budget, shared out over the layers
+        return f"L/{round(1 / s['rank'])} on average ({', '.join(f'{x:g}' for x in s['layer_ranks'])})"
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
 
 

@@ -21,6 +21,17 @@ TRAIN_ATTENTION = {
     "dense": "dense attention (control: same recipe, no ATP)",
 }
 
+# How a run's per-layer ranks were chosen (TuneConfig.layer_ranks_from; analysis.allocation chooses them),
+# and what the Fine-tuning page offers: one rank, or per-layer ranks chosen when training starts.
+LAYER_RANK_SOURCES = {
+    "measured": "measured on training texts (what each layer's rank costs the output)",
+    "spectrum": "from the spectra of training texts (the energy each layer keeps)",
+    "given": "given by the user",
+}
+LAYER_RANK_CHOICES = {"": "one rank for every layer"} | {
+    k: f"per layer, {LAYER_RANK_SOURCES[k].split(' (')[0]}" for k in ("measured", "spectrum")
+}
+
 
 @dataclass(frozen=True)
 class TuneConfig:
@@ -60,9 +71,16 @@ class TuneConfig:
     # What the adapters train on: a name in corpus.TRAIN_TEXTS ("docstrings": the training split's
     # modules; "wider": those and 51 more standard-library modules). The held-out split is the same.
     train_text: str = "docstrings"
+    # Encoders: one share of L per layer, mean ``rank`` (the same budget), used in both stages and in the
+    # evaluation's ATP rows; empty: ``rank`` for every layer. ``layer_ranks_from`` says how they were
+    # chosen (a key of allocation.LAYER_RANK_SOURCES); "measured" or "spectrum" without ranks: training
+    # chooses them when it starts, on training-split texts, and records them here.
+    layer_ranks: tuple[float, ...] = ()
+    layer_ranks_from: str = ""
 
     def __post_init__(self) -> None:
         form = forms.get(self.form)  # ValueError naming the registered forms
+        self._check_layer_ranks()
         fixed = isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
         if not (fixed or (isinstance(self.rank, float) and 0.0 < self.rank <= 1.0)):
             raise ValueError(
@@ -113,6 +131,28 @@ class TuneConfig:
         if self.chunk >= self.seq_len:
             raise ValueError(f"chunk ({self.chunk}) must be smaller than seq_len ({self.seq_len})")
 
+    def _check_layer_ranks(self) -> None:
+        # A run's JSON gives a list back: keep a tuple, so the config stays hashable and compares equal.
+        object.__setattr__(self, "layer_ranks", tuple(float(x) for x in self.layer_ranks))
+        names = ", ".join(LAYER_RANK_SOURCES)
+        if (self.layer_ranks or self.layer_ranks_from) and self.layer_ranks_from not in LAYER_RANK_SOURCES:
+            raise ValueError(f"layer_ranks_from must be one of {names}, got {self.layer_ranks_from!r}")
+        if self.layer_ranks_from and not isinstance(self.rank, float):
+            raise ValueError(
+                "Per-layer ranks share a budget given as a share of L (e.g. 0.25), not key counts."
+            )
+        if not self.layer_ranks:
+            if self.layer_ranks_from == "given":
+                raise ValueError("layer_ranks_from='given' needs the ranks: give layer_ranks.")
+            return
+        if not all(0.0 < x <= 1.0 for x in self.layer_ranks):
+            raise ValueError("Per-layer ranks are shares of L in (0, 1].")
+        mean = sum(self.layer_ranks) / len(self.layer_ranks)
+        if abs(mean - self.rank) > 0.02:
+            raise ValueError(
+                f"The per-layer ranks' mean ({mean:.3f}) must be the rank ({self.rank:g}): one budget."
+            )
+
     @property
     def train_modules(self) -> tuple[str, ...]:
         """The standard-library modules whose docstrings the adapters train on."""
@@ -151,9 +191,18 @@ class TuneConfig:
             "basis_from": self.basis_from, "basis_update": self.basis_update, "keep": self.keep,
         }  # fmt: skip
 
+    @property
+    def layer_ranks_pending(self) -> bool:
+        """Per-layer ranks to be chosen when training starts (``layer_ranks_from`` without the ranks)."""
+        return bool(self.layer_ranks_from) and not self.layer_ranks
+
     def atp_config(self) -> ATPConfig:
         """The whole-sequence ATP setting of this run (encoders; decoders use the chunked mode)."""
-        return ATPConfig(rank=self.rank, form=self.form, basis_source=self.basis_from)
+        if self.layer_ranks_pending:  # never silently one rank for every layer instead
+            raise ValueError(f"The per-layer ranks ({self.layer_ranks_from}) are not chosen yet.")
+        return ATPConfig(
+            rank=self.rank, form=self.form, basis_source=self.basis_from, layer_ranks=self.layer_ranks or None
+        )
 
     def label(self) -> str:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
@@ -161,6 +210,8 @@ class TuneConfig:
         basis += "" if self.basis_update == "recompute" else f", {self.basis_update}"
         basis += f", {describe_window(self.window, self.sinks)}" if self.window else ""
         rank = f"{self.rank:g}L" if isinstance(self.rank, float) else str(self.rank)
+        if self.layer_ranks_from:
+            rank += f" on average, per layer ({self.layer_ranks_from})"
         if self.attention == "dense":
             return f"dense-tuned control (evaluated with ATP r={rank}, {self.form}{mode}{basis})"
         return f"ATP-tuned r={rank} ({self.form}{mode}{basis})"

@@ -51,9 +51,11 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
     }  # fmt: skip
     if cfg.window or cfg.basis_update != "recompute":  # only then: earlier runs' cached scores stay valid
         key.update(window=cfg.window, sinks=cfg.sinks, basis_update=cfg.basis_update)
+    if cfg.layer_ranks:  # likewise: the untuned row runs the run's own per-layer ranks
+        key.update(layer_ranks=list(cfg.layer_ranks))
     if setting == "dense":
         key.update(rank=None, form=None, rank_mode=None, basis_from=None)
-        for k in ("window", "sinks", "basis_update"):
+        for k in ("window", "sinks", "basis_update", "layer_ranks"):
             key.pop(k, None)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "eval" / f"{cfg.model}-{setting}-{digest}.npz"
@@ -120,6 +122,10 @@ def _encoder_rows(
         f"sentence embeddings of {len(texts)} held-out texts from {len(set(modules))} modules, cosine to "
         "the original dense model's; 95% intervals by bootstrap over texts"
     )
+    if cfg.layer_ranks:
+        note += (
+            f"; ATP rows with the run's per-layer ranks ({', '.join(f'{x:g}' for x in cfg.layer_ranks)} of L)"
+        )
     return rows, note
 
 
@@ -195,6 +201,7 @@ def evaluate(
         rows, note = _encoder_rows(reference, tuned, cfg, progress, cache=cache)
     return {
         "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "basis_from": cfg.basis_from,
+        **({"layer_ranks": list(cfg.layer_ranks)} if cfg.layer_ranks else {}),
         "trained_with": cfg.attention, "what": note + _control_note(cfg), "rows": rows,
         "protocol": "atp_viz.analysis.protocol (held-out modules: atp_viz.text.corpus.HELDOUT_MODULES)",
     }  # fmt: skip

@@ -23,7 +23,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -254,16 +254,8 @@ def train(
         raise ValueError("The held-out split gives nothing to evaluate with these settings; lower seq_len.")
     targets = lora_targets(loaded.model)
     is_dec = loaded.info.is_decoder
-    if cfg.attention == "dense" and not is_dec:
-        raise ValueError(
-            "A dense control is for decoders: an encoder's objective distils toward its own dense "
-            "embedding, which dense attention already matches (zero loss, nothing to learn)."
-        )
-    if not is_dec and (isinstance(cfg.rank, int) or cfg.window or cfg.basis_update != "recompute"):
-        raise ValueError(
-            "A fixed number of principal keys, an exact window and running-sum bases are for decoders (a "
-            "past read in chunks); an encoder takes the rank as a share of each text."
-        )
+    _check_fits(cfg, loaded)
+    cfg = _choose_layer_ranks(cfg, loaded, within(say, 0.02, 0.05, "Choosing per-layer ranks: "))
     result = _fit(cfg, loaded, data, out, say, on_step, stop)
     meta = _run_record(cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=is_dec)
     meta["command"] = list(command) if command else None
@@ -284,6 +276,43 @@ def train(
     _write_json(out / SETTINGS_FILE, meta)
     say(1.0, "Done.")
     return result
+
+
+def _check_fits(cfg: TuneConfig, loaded: LoadedModel) -> None:
+    """The settings that only one kind of model takes (ValueError with a sentence otherwise)."""
+    is_dec = loaded.info.is_decoder
+    if cfg.attention == "dense" and not is_dec:
+        raise ValueError(
+            "A dense control is for decoders: an encoder's objective distils toward its own dense "
+            "embedding, which dense attention already matches (zero loss, nothing to learn)."
+        )
+    if not is_dec and (isinstance(cfg.rank, int) or cfg.window or cfg.basis_update != "recompute"):
+        raise ValueError(
+            "A fixed number of principal keys, an exact window and running-sum bases are for decoders (a "
+            "past read in chunks); an encoder takes the rank as a share of each text."
+        )
+    if (cfg.layer_ranks or cfg.layer_ranks_from) and is_dec:
+        raise ValueError(
+            "Per-layer ranks are for encoders: a decoder's strictly causal chunked mode takes one rank for "
+            "every layer."
+        )
+    if cfg.layer_ranks and len(cfg.layer_ranks) != loaded.info.n_layers:
+        raise ValueError(
+            f"{len(cfg.layer_ranks)} per-layer ranks given; {cfg.model} has {loaded.info.n_layers} layers."
+        )
+
+
+def _choose_layer_ranks(cfg: TuneConfig, loaded: LoadedModel, say: ProgressFn) -> TuneConfig:
+    """The config with its per-layer ranks chosen on training-split texts, if it asks for that."""
+    if not cfg.layer_ranks_pending:
+        return cfg
+    from atp_viz.analysis.allocation import choose_layer_ranks
+
+    shares, _ = choose_layer_ranks(
+        cfg.layer_ranks_from, loaded, cfg.rank, form=cfg.form, basis_source=cfg.basis_from, progress=say
+    )
+    logger.info("per-layer ranks (%s): %s", cfg.layer_ranks_from, shares)
+    return replace(cfg, layer_ranks=shares)
 
 
 def reevaluate(

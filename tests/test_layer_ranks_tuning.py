@@ -1,0 +1,164 @@
+"""Per-layer ranks chosen by what each layer's rank costs the output, and fine-tuning with them: the
+choice is the best split of the budget, each layer is measured alone, and a run trains, evaluates and
+labels itself with its own per-layer ranks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from atp_viz.analysis import allocation
+from atp_viz.analysis.finetune import evaluation, training
+from atp_viz.analysis.finetune.config import TuneConfig
+from atp_viz.cli import main
+from atp_viz.hf import tuned
+from atp_viz.hf.engine import ATPConfig
+from atp_viz.outputs.result_tuning import render_runs
+
+TEXTS = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "Open the file and return a stream; raise OSError when the file cannot be opened.",
+    "The queue is thread safe: put and get may be called from several threads at once.",
+    "Split the string at the separator and return a list of the pieces, left to right.",
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_measured_allocation_is_the_best_split_of_the_budget(seed):
+    """Brute force over every split with the same total, on curves of any shape (not concave, not even
+    falling): none costs less. A greedy step-by-step choice fails on such curves."""
+    rng = np.random.default_rng(seed)
+    n_layers, grid = 3, 5
+    losses = rng.random((n_layers, grid))
+    for share in (0.2, 0.4, 0.6, 1.0):
+        shares = allocation.allocate_measured(losses, share)
+        steps = [round(x * grid) for x in shares]
+        total = round(share * grid * n_layers)
+        assert sum(steps) == total and min(steps) >= 1 and max(steps) <= grid
+        best = min(
+            sum(losses[i, k - 1] for i, k in enumerate(split))
+            for split in itertools.product(range(1, grid + 1), repeat=n_layers)
+            if sum(split) == total
+        )
+        assert sum(losses[i, k - 1] for i, k in enumerate(steps)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="budget"):
+        allocation.allocate_measured(losses, 0.0)
+
+
+def test_layer_losses_run_one_layer_at_a_time(load):
+    loaded = load("minilm")
+    losses = allocation.layer_losses(loaded, TEXTS, grid=2)
+    assert losses.shape == (loaded.info.n_layers, 2)
+    assert np.all(np.abs(losses[:, -1]) < 1e-5)  # the exact form at full rank is dense
+    dense = evaluation.embeddings(loaded, None, TEXTS, 128)
+
+    def loss(cfg):
+        return 1 - float((evaluation.embeddings(loaded, cfg, TEXTS, 128) * dense).sum(-1).mean())
+
+    alone = loss(ATPConfig(rank=0.5, layers=(1,)))
+    assert losses[1, 0] == pytest.approx(alone, rel=1e-6) and alone > 1e-4
+    assert loss(ATPConfig(rank=0.5)) > 2 * alone  # every layer at once is not what was measured
+    with pytest.raises(ValueError, match="encoders"):
+        allocation.layer_losses(load("tiny-llama"), TEXTS)
+
+
+def test_choosing_per_layer_ranks_reads_and_refuses(load):
+    loaded = load("tiny-bert")
+    assert allocation.choose_layer_ranks("0.5, L/4", loaded, 0.375) == ((0.5, 0.25), "given")
+    shares, source = allocation.choose_layer_ranks("measured", loaded, 0.25)
+    assert source == "measured" and len(shares) == 2 and np.mean(shares) == pytest.approx(0.25)
+    for bad, match in (("3,4", "not key counts"), ("0.5", "2 layers"), ("half", "Cannot read")):
+        with pytest.raises(ValueError, match=match):
+            allocation.choose_layer_ranks(bad, loaded, 0.5)
+    with pytest.raises(ValueError, match="share of L"):
+        allocation.choose_layer_ranks("measured", loaded, 16)
+
+
+def test_the_config_keeps_one_budget_and_keys_its_cached_scores_by_the_ranks():
+    cfg = TuneConfig(rank=0.375, layer_ranks=[0.5, 0.25], layer_ranks_from="given")  # a JSON list
+    assert cfg.layer_ranks == (0.5, 0.25) and hash(cfg)
+    assert cfg.atp_config().layer_ranks == (0.5, 0.25) and "per layer" in cfg.label()
+    assert TuneConfig(**json.loads(json.dumps(vars(cfg)))) == cfg  # how --reevaluate reads it back
+    uniform = TuneConfig(rank=0.375)
+    assert uniform.atp_config().layer_ranks is None
+    # an untuned score cached by a uniform run must not stand in for a per-layer one (and vice versa)
+    assert evaluation._cache_path(cfg, "atp_untuned", 8) != evaluation._cache_path(uniform, "atp_untuned", 8)
+    assert evaluation._cache_path(cfg, "dense", 8) == evaluation._cache_path(uniform, "dense", 8)
+    with pytest.raises(ValueError, match="one budget"):
+        TuneConfig(rank=0.5, layer_ranks=(0.5, 0.25), layer_ranks_from="given")
+    with pytest.raises(ValueError, match="needs the ranks"):
+        TuneConfig(layer_ranks_from="given")
+    with pytest.raises(ValueError, match="layer_ranks_from"):
+        TuneConfig(rank=0.5, layer_ranks=(0.5, 0.5))
+    with pytest.raises(ValueError, match="not key counts"):
+        TuneConfig(model="tiny-llama", rank=64, layer_ranks_from="measured")
+    pending = TuneConfig(model="tiny-bert", rank=0.25, layer_ranks_from="measured")
+    with pytest.raises(ValueError, match="not chosen yet"):  # never one rank for every layer instead
+        pending.atp_config()
+
+
+def test_training_chooses_measured_ranks_when_it_starts(load):
+    pending = TuneConfig(model="tiny-bert", rank=0.25, layer_ranks_from="measured")
+    cfg = training._choose_layer_ranks(pending, load("tiny-bert"), lambda f, m: None)
+    assert cfg.layer_ranks_from == "measured" and len(cfg.layer_ranks) == 2
+    assert np.mean(cfg.layer_ranks) == pytest.approx(0.25) and cfg.atp_config().layer_ranks == cfg.layer_ranks
+    chosen = TuneConfig(model="tiny-bert", rank=0.375, layer_ranks=(0.5, 0.25), layer_ranks_from="given")
+    assert training._choose_layer_ranks(chosen, load("tiny-bert"), lambda f, m: None) is chosen
+
+
+def test_a_run_trains_and_evaluates_with_its_per_layer_ranks(tmp_path, monkeypatch):
+    seen = []
+    real = training.encoder_distillation
+
+    def spy(tuned_model, texts, atp, *a, **kw):
+        seen.append(atp)
+        return real(tuned_model, texts, atp, *a, **kw)
+
+    monkeypatch.setattr(training, "encoder_distillation", spy)
+    shares = (1.0, 0.25, 0.25, 0.25, 0.25, 0.25)
+    cfg = TuneConfig(
+        model="minilm", rank=0.375, layer_ranks=shares, layer_ranks_from="given", steps=1, batch=4,
+        eval_texts=4,
+    )  # fmt: skip
+    res = training.train(cfg, tmp_path / "run", texts=TEXTS)
+    assert seen and all(a.layer_ranks == shares for a in seen)
+    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    assert meta["settings"]["layer_ranks"] == list(shares) == meta["metrics"]["layer_ranks"]
+    assert "per-layer ranks" in meta["metrics"]["what"]
+    assert "per-layer ranks (given)" in tuned.tuned_label(meta)
+    assert tuned.trained_setting(meta["settings"]).startswith("r = 0.375 L on average, per layer")
+    row = render_runs([meta]).splitlines()[2]  # the README's runs table
+    assert "per-layer ranks (given)" in row and "on average (1, 0.25, 0.25, 0.25, 0.25, 0.25)" in row
+    # the untuned row ran the run's per-layer ranks, not the one rank
+    cos = res.metrics["rows"]["atp_untuned"]["cosine_mean"]
+    base = training.load_model("minilm")
+    one_rank = TuneConfig(model="minilm", rank=0.375, eval_texts=4)
+    uniform = evaluation.evaluate(base, base, one_rank, cache=False)["rows"]["atp_untuned"]["cosine_mean"]
+    assert abs(cos - uniform) > 1e-6
+    # compare checks any text with the run's ranks, and says when it is run without them
+    text, out = tmp_path / "t.txt", tmp_path / "c.json"
+    text.write_text(TEXTS[0])
+    argv = ["compare", "--model", f"tuned:{tmp_path / 'run'}", "--text-file", str(text), "--rank", "0.375"]
+    assert main([*argv, "--json", str(out)]) == 0
+    typed = "1.0,0.25,0.25,0.25,0.25,0.25"
+    assert f"--layer-ranks {typed}" in json.loads(out.read_text())["not_as_tuned"]
+    assert main([*argv, "--layer-ranks", typed, "--json", str(out)]) == 0
+    assert "not_as_tuned" not in json.loads(out.read_text())
+
+
+def test_per_layer_ranks_are_refused_where_they_do_not_apply(tmp_path):
+    with pytest.raises(ValueError, match="for encoders"):
+        training.train(
+            TuneConfig(model="tiny-llama", rank=0.5, layer_ranks=(0.5, 0.5), layer_ranks_from="given",
+                       seq_len=48, chunk=16), tmp_path / "dec",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="has 2 layers"):
+        training.train(
+            TuneConfig(model="tiny-bert", rank=0.5, layer_ranks=(0.5,) * 3, layer_ranks_from="given"),
+            tmp_path / "enc",
+        )
+    # --reevaluate measures a run with its own ranks: a --layer-ranks next to it would be ignored
+    assert main(["finetune", "--reevaluate", str(tmp_path), "--layer-ranks", "measured"]) == 2
