@@ -13,21 +13,33 @@ from atp_viz.hf import tuned
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-def test_a_run_refused_by_the_heavy_job_cap_leaves_no_progress_bar(tmp_path, monkeypatch):
+def _page(tmp_path, monkeypatch) -> AppTest:
+    """The Fine-tuning page with its own cache folder and no runs but the ones written there."""
     monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
     original = tuned.find_runs
     monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
     at = AppTest.from_file(APP, default_timeout=120)
     at.switch_page("pages/finetune.py").run()
+    return at
+
+
+def _finished(at: AppTest):
+    """The page's job, once it has ended (here: refused at once by the heavy-job cap)."""
+    job = at.session_state["tune_job"]
+    deadline = time.time() + 60
+    while job.running and time.time() < deadline:
+        time.sleep(0.1)
+    return job
+
+
+def test_a_run_refused_by_the_heavy_job_cap_leaves_no_progress_bar(tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch)
     assert not at.exception, at.exception
     at.selectbox(key="tune_model").set_value("tiny-bert")
     at.number_input(key="tune_steps").set_value(1)
     with heavy_job("rank sweep"):  # another session's job holds the only slot
         at.button[0].click().run()  # the form's submit button
-        job = at.session_state["tune_job"]
-        deadline = time.time() + 60
-        while job.running and time.time() < deadline:
-            time.sleep(0.1)
+        job = _finished(at)
     assert not job.running
     at.run()
     assert not at.exception, at.exception
@@ -39,11 +51,7 @@ def test_the_page_passes_the_dense_control_on_without_stage_1(tmp_path, monkeypa
     """'Train with dense attention' reaches the run's settings. Stage 1 (on by default) has no meaning for a
     control: the page says its steps are not run and starts the control without them (it once refused
     every control started from the defaults)."""
-    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
-    original = tuned.find_runs
-    monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.switch_page("pages/finetune.py").run()
+    at = _page(tmp_path, monkeypatch)
     at.selectbox(key="tune_model").set_value("tiny-llama")
     at.radio(key="tune_attention").set_value("dense")
     at.number_input(key="tune_steps").set_value(0)
@@ -52,29 +60,19 @@ def test_the_page_passes_the_dense_control_on_without_stage_1(tmp_path, monkeypa
         assert not at.exception, at.exception
         assert not at.error, [e.value for e in at.error]
         assert any("200 stage-1 steps are not run" in i.value for i in at.info)
-        job = at.session_state["tune_job"]
-        deadline = time.time() + 60
-        while job.running and time.time() < deadline:
-            time.sleep(0.1)
+        job = _finished(at)
     assert job.cfg.attention == "dense" and job.cfg.transfer_steps == 0
     assert "dense-tuned control" in job.cfg.label()
 
 
 def test_the_page_passes_per_layer_ranks_on(tmp_path, monkeypatch):
     """'Ranks per layer: measured' reaches the run's settings, to be chosen when the run starts."""
-    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
-    original = tuned.find_runs
-    monkeypatch.setattr(tuned, "find_runs", lambda roots=None: original([tmp_path / "tuned"]))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.switch_page("pages/finetune.py").run()
+    at = _page(tmp_path, monkeypatch)
     at.selectbox(key="tune_model").set_value("tiny-bert")
     at.radio(key="tune_layer_ranks").set_value("measured")
     with heavy_job("rank sweep"):  # the job starts and is refused at once: nothing is trained here
         at.button[0].click().run()
         assert not at.exception, at.exception
-        job = at.session_state["tune_job"]
-        deadline = time.time() + 60
-        while job.running and time.time() < deadline:
-            time.sleep(0.1)
+        job = _finished(at)
     assert job.cfg.layer_ranks_from == "measured" and job.cfg.layer_ranks_pending
     assert "per layer (measured)" in job.cfg.label()

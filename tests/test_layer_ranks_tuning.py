@@ -100,11 +100,14 @@ def test_the_config_keeps_one_budget_and_keys_its_cached_scores_by_the_ranks():
         pending.atp_config()
 
 
-def test_training_chooses_measured_ranks_when_it_starts(load):
-    pending = TuneConfig(model="tiny-bert", rank=0.25, layer_ranks_from="measured")
-    cfg = training._choose_layer_ranks(pending, load("tiny-bert"), lambda f, m: None)
+def test_training_chooses_measured_ranks_when_it_starts(load, tmp_path):
+    pending = TuneConfig(model="tiny-bert", rank=0.25, layer_ranks_from="measured", steps=0, eval_texts=2)
+    res = training.train(pending, tmp_path / "run", texts=TEXTS)
+    cfg = res.config
     assert cfg.layer_ranks_from == "measured" and len(cfg.layer_ranks) == 2
     assert np.mean(cfg.layer_ranks) == pytest.approx(0.25) and cfg.atp_config().layer_ranks == cfg.layer_ranks
+    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    assert meta["settings"]["layer_ranks"] == list(cfg.layer_ranks) and meta["layer_ranks_seconds"] > 0
     chosen = TuneConfig(model="tiny-bert", rank=0.375, layer_ranks=(0.5, 0.25), layer_ranks_from="given")
     assert training._choose_layer_ranks(chosen, load("tiny-bert"), lambda f, m: None) is chosen
 
@@ -162,3 +165,31 @@ def test_per_layer_ranks_are_refused_where_they_do_not_apply(tmp_path):
         )
     # --reevaluate measures a run with its own ranks: a --layer-ranks next to it would be ignored
     assert main(["finetune", "--reevaluate", str(tmp_path), "--layer-ranks", "measured"]) == 2
+
+
+def test_the_explorer_says_a_per_layer_run_is_shown_with_one_rank(tmp_path, monkeypatch):
+    """The explorer runs the sidebar's one rank in every layer; for a run tuned with per-layer ranks it says
+    so and gives the command that checks a text with the run's own ranks."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from atp_viz.hf.model_info import TUNED_PREFIX
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    cfg = TuneConfig(
+        model="tiny-bert",
+        rank=0.375,
+        layer_ranks=(0.5, 0.25),
+        layer_ranks_from="given",
+        steps=0,
+        eval_texts=2,
+    )
+    run = training.train(cfg, texts=TEXTS).out_dir
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.switch_page("pages/explorer.py")
+    at.query_params["model"] = f"{TUNED_PREFIX}{run}"
+    at.run()
+    assert not at.exception, at.exception
+    notes = [i.value for i in at.info if "one rank per layer" in i.value]
+    assert notes and "--rank 0.375 --layer-ranks 0.5,0.25" in notes[0]

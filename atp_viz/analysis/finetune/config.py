@@ -73,20 +73,20 @@ class TuneConfig:
     train_text: str = "docstrings"
     # Encoders: one share of L per layer, mean ``rank`` (the same budget), used in both stages and in the
     # evaluation's ATP rows; empty: ``rank`` for every layer. ``layer_ranks_from`` says how they were
-    # chosen (a key of allocation.LAYER_RANK_SOURCES); "measured" or "spectrum" without ranks: training
+    # chosen (a key of LAYER_RANK_SOURCES above); "measured" or "spectrum" without ranks: training
     # chooses them when it starts, on training-split texts, and records them here.
     layer_ranks: tuple[float, ...] = ()
     layer_ranks_from: str = ""
 
     def __post_init__(self) -> None:
         form = forms.get(self.form)  # ValueError naming the registered forms
-        self._check_layer_ranks()
         fixed = isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
         if not (fixed or (isinstance(self.rank, float) and 0.0 < self.rank <= 1.0)):
             raise ValueError(
                 "rank must be a share of L in (0, 1], e.g. 0.5 or 0.25 (decoders also take an int >= 1, "
                 f"principal keys of the past); got {self.rank!r}"
             )
+        self._check_layer_ranks()
         if self.window < 0 or self.sinks < 0 or (self.sinks and not self.window):
             raise ValueError(
                 "window and sinks are token counts >= 0 and sinks need a window; "
@@ -148,7 +148,8 @@ class TuneConfig:
         if not all(0.0 < x <= 1.0 for x in self.layer_ranks):
             raise ValueError("Per-layer ranks are shares of L in (0, 1].")
         mean = sum(self.layer_ranks) / len(self.layer_ranks)
-        if abs(mean - self.rank) > 0.02:
+        # Half a step of the coarsest allocation grid (1/8): a budget the grid rounds stays the same budget.
+        if abs(mean - self.rank) > 1 / 16:
             raise ValueError(
                 f"The per-layer ranks' mean ({mean:.3f}) must be the rank ({self.rank:g}): one budget."
             )

@@ -255,10 +255,14 @@ def train(
     targets = lora_targets(loaded.model)
     is_dec = loaded.info.is_decoder
     _check_fits(cfg, loaded)
+    t0 = time.perf_counter()
     cfg = _choose_layer_ranks(cfg, loaded, within(say, 0.02, 0.05, "Choosing per-layer ranks: "))
+    chosen_in = time.perf_counter() - t0
     result = _fit(cfg, loaded, data, out, say, on_step, stop)
     meta = _run_record(cfg, result, targets, n_train=len(data), custom=texts is not None, is_dec=is_dec)
     meta["command"] = list(command) if command else None
+    if cfg.layer_ranks_from in ("measured", "spectrum"):  # not part of train_seconds, so said apart
+        meta["layer_ranks_seconds"] = chosen_in
     _write_json(out / SETTINGS_FILE, meta)
 
     # Metrics on the model reloaded from disk, so loading the folder again reproduces them.
