@@ -134,7 +134,7 @@ def _measured(name: str, render, minutes: float, measure) -> Result:
 RESULTS: tuple[Result, ...] = (
     _measured("untuned-minilm", tables.render_untuned_minilm, 1, tables.measure_untuned_minilm),
     _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
-    _measured("forms-minilm", tuning.render_forms_minilm, 12, tuning.measure_forms_minilm),
+    _measured("forms-minilm", tuning.render_forms_minilm, 10, tuning.measure_forms_minilm),
     _measured("projection-split-minilm", tuning.render_projection_split, 3, tuning.measure_projection_split),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
