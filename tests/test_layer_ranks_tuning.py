@@ -193,3 +193,24 @@ def test_the_explorer_says_a_per_layer_run_is_shown_with_one_rank(tmp_path, monk
     assert not at.exception, at.exception
     notes = [i.value for i in at.info if "one rank per layer" in i.value]
     assert notes and "--rank 0.375 --layer-ranks 0.5,0.25" in notes[0]
+
+
+def test_a_comparison_with_per_layer_ranks_reports_each_layers_rank(load):
+    """With per-layer ranks the one r shown is the budget's, not whichever layer ran last, and every
+    layer's own r is reported."""
+    from atp_viz.analysis import compare
+    from atp_viz.core.ranks import resolve_rank
+    from atp_viz.text.inputs import tokenize
+
+    loaded = load("tiny-bert")
+    tok = tokenize(loaded.tokenizer, " ".join(TEXTS), 64)
+    n = tok.n_tokens
+    dense = compare.forward(loaded, tok)
+    cfg = ATPConfig(rank=0.375, layer_ranks=(0.5, 0.25))
+    d = compare.compare(dense, compare.forward(loaded, tok, cfg)).as_dict()
+    def r(share):
+        return resolve_rank(share, n)[0]
+
+    assert d["rank"] == r(0.375) and d["layer_ranks"] == [r(0.5), r(0.25)]
+    one = compare.compare(dense, compare.forward(loaded, tok, ATPConfig(rank=0.25))).as_dict()
+    assert one["rank"] == r(0.25) and "layer_ranks" not in one

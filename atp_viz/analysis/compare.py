@@ -23,6 +23,7 @@ from atp_viz.analysis.capture import mean_pool
 from atp_viz.analysis.serving import agreement
 from atp_viz.core.attention import lift_principal_map
 from atp_viz.core.progress import ProgressFn
+from atp_viz.core.ranks import resolve_rank
 from atp_viz.hf import backend
 from atp_viz.hf.engine import ATPConfig, make_plan
 from atp_viz.hf.model_info import LoadedModel
@@ -41,10 +42,11 @@ class Forward:
     final_hidden: np.ndarray  # [L, d]
     embedding: np.ndarray | None  # [d] encoders
     next_logits: np.ndarray | None  # [V] decoders, after the last token
-    ranks: tuple[int, ...]  # r used per sequence (empty for dense)
+    ranks: tuple[int, ...]  # r used per sequence (empty for dense; the last ATP layer's with per-layer ranks)
     notices: tuple[str, ...]
     maps: dict  # layer -> {"principal": [H, L, r] and/or "tokens": [H, L, L], "basis": [L, r]}
     seconds: float
+    layer_ranks: tuple[int, ...] = ()  # the first sequence's r in each ATP layer, in layer order
 
 
 def _params(loaded: LoadedModel, config: ATPConfig | None):
@@ -100,6 +102,7 @@ def forward(
         notices=tuple(plan.notices) if plan else (),
         maps=maps,
         seconds=seconds,
+        layer_ranks=tuple(plan.layer_ranks[i] for i in sorted(plan.layer_ranks)) if plan else (),
     )
 
 
@@ -131,7 +134,7 @@ class Comparison:
 
     config: ATPConfig
     n_tokens: int
-    rank: int
+    rank: int  # with per-layer ranks: the budget's r (their mean share of this text), see layer_ranks
     notices: tuple[str, ...]
     layer_rel_error: np.ndarray  # [n_layers] ||H_atp - H_dense|| / ||H_dense|| of each block's output
     final_rel_error: float
@@ -143,6 +146,7 @@ class Comparison:
     top1_agree: bool | None
     atp_seconds: float
     dense_seconds: float
+    layer_ranks: tuple[int, ...] = ()  # per-layer ranks only: each ATP layer's r on this text
 
     def as_dict(self, tokenizer=None) -> dict:
         def tok(i: int) -> str:
@@ -152,6 +156,7 @@ class Comparison:
             "config": {**self.config.__dict__, "layers": self.config.layers},
             "n_tokens": self.n_tokens,
             "rank": self.rank,
+            **({"layer_ranks": list(self.layer_ranks)} if self.layer_ranks else {}),
             "notices": list(self.notices),
             "layer_relative_error": [float(e) for e in self.layer_rel_error],
             "final_hidden_relative_error": self.final_rel_error,
@@ -199,7 +204,7 @@ def compare(dense: Forward, atp_run: Forward) -> Comparison:
     return Comparison(
         config=atp_run.config,
         n_tokens=dense.final_hidden.shape[0],
-        rank=atp_run.ranks[0],
+        rank=_shown_rank(atp_run, dense.final_hidden.shape[0]),
         notices=atp_run.notices,
         layer_rel_error=errs,
         final_rel_error=relative_error(atp_run.final_hidden[rows], dense.final_hidden[rows]),
@@ -211,7 +216,16 @@ def compare(dense: Forward, atp_run: Forward) -> Comparison:
         top1_agree=agree,
         atp_seconds=atp_run.seconds,
         dense_seconds=dense.seconds,
+        layer_ranks=atp_run.layer_ranks if atp_run.config.layer_ranks is not None else (),
     )
+
+
+def _shown_rank(run: Forward, n_tokens: int) -> int:
+    """The one r a comparison shows: the run's, or with per-layer ranks the budget's (its share of this
+    text), since the last layer's own r would pass for all of them."""
+    if run.config.layer_ranks is None:
+        return run.ranks[0]
+    return resolve_rank(run.config.rank, n_tokens)[0]
 
 
 def side_by_side(reference: Forward, runs: dict[str, Forward]) -> list[dict]:
@@ -224,7 +238,7 @@ def side_by_side(reference: Forward, runs: dict[str, Forward]) -> list[dict]:
     rows = slice(-1, None) if reference.next_logits is not None else slice(None)
     out = []
     for name, run in runs.items():
-        row = {"setting": name, "rank": run.ranks[0] if run.ranks else None}
+        row = {"setting": name, "rank": _shown_rank(run, run.final_hidden.shape[0]) if run.ranks else None}
         if reference.embedding is not None:
             row["embedding cosine to dense"] = cosine(run.embedding, reference.embedding)
         else:

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             "errors": {name: errs.tolist() for name, errs in sw.errors.items()},
         }
     summary = f"{config.label()}: r = {result['rank']} of L = {result['n_tokens']}"
+    if "layer_ranks" in result:
+        summary += f" on average (per layer {', '.join(map(str, result['layer_ranks']))})"
     if "embedding_cosine_to_original_dense" in result:
         summary += (
             f", embedding cosine to the original model {result['embedding_cosine_to_original_dense']:.4f}"

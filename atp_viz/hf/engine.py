@@ -118,6 +118,7 @@ class ATPPlan:
     bases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     params: dict[int, dict[str, torch.Tensor]] | None = None  # the form's per-head parameters, per layer
     ranks: list[int] = field(default_factory=list)  # r per sequence of the batch
+    layer_ranks: dict[int, int] = field(default_factory=dict)  # layer -> r of the batch's first sequence
 
     def applies_to(self, layer: int) -> bool:
         return self.config.layers == "all" or layer in self.config.layers
@@ -143,6 +144,7 @@ class ATPPlan:
         # Zero columns change neither form (they add nothing to U_r^T K, U_r^T V or U_r^T 1).
         out = torch.stack([torch.nn.functional.pad(u, (0, r_max - u.shape[1])) for u in bases])  # (B, L, r)
         self.ranks = ranks
+        self.layer_ranks[layer] = ranks[0]
         return out.to(x.dtype)
 
     def basis(self, state: backend.CallState, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
