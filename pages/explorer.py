@@ -9,8 +9,8 @@ from atp_app import navigation, runtime, state, widgets
 from atp_app.sidebar import page_inputs
 from atp_viz import forms
 from atp_viz.analysis import compare, token_view
-from atp_viz.analysis.allocation import format_layer_shares
 from atp_viz.core.basis import METHOD_LABELS, METHODS, NonFiniteError
+from atp_viz.core.ranks import format_layer_shares
 from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import maps as maps_fig

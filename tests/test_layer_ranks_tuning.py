@@ -208,6 +208,7 @@ def test_a_comparison_with_per_layer_ranks_reports_each_layers_rank(load):
     dense = compare.forward(loaded, tok)
     cfg = ATPConfig(rank=0.375, layer_ranks=(0.5, 0.25))
     d = compare.compare(dense, compare.forward(loaded, tok, cfg)).as_dict()
+
     def r(share):
         return resolve_rank(share, n)[0]
 

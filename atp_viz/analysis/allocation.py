@@ -164,23 +164,6 @@ def measured_layer_ranks(
     return allocate_measured(losses, share)
 
 
-def parse_layer_shares(text: str) -> tuple[float, ...]:
-    """Per-layer ranks typed by a user: shares of L, "0.375,0.125,..." or "L/8,..." (ValueError otherwise)."""
-    from atp_viz.core.ranks import parse_rank_list
-
-    shares = parse_rank_list(text)
-    if not all(isinstance(x, float) for x in shares):
-        raise ValueError(
-            f"Per-layer ranks are shares of L (0.25 or L/4; 1.0 for all of L), not key counts: got {text!r}."
-        )
-    return tuple(shares)
-
-
-def format_layer_shares(shares) -> str:
-    """Per-layer ranks as a user types them back (:func:`parse_layer_shares`): '1.0,0.25,...'."""
-    return ",".join(repr(float(x)) for x in shares)
-
-
 def choose_layer_ranks(
     how: str,
     loaded: LoadedModel,
@@ -191,7 +174,10 @@ def choose_layer_ranks(
     progress: ProgressFn | None = None,
 ) -> tuple[tuple[float, ...], str]:
     """``(shares, source)`` for ``how``: "measured", "spectrum", or shares of L typed by the user (one
-    per layer, mean ``share``: :func:`parse_layer_shares`); ValueError with a sentence otherwise."""
+    per layer, mean ``share``: :func:`atp_viz.core.ranks.parse_layer_shares`); ValueError with a
+    sentence otherwise."""
+    from atp_viz.core.ranks import parse_layer_shares
+
     how = (how or "").strip()
     if not isinstance(share, float):
         raise ValueError("Per-layer ranks share a budget given as a share of L (e.g. 0.25), not a key count.")

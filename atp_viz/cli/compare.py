@@ -105,7 +105,7 @@ def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
 def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> None:
     """A tuned model run under another form, basis or choice of per-layer ranks than it was tuned with:
     say so (and in the JSON)."""
-    from atp_viz.analysis.allocation import format_layer_shares
+    from atp_viz.core.ranks import format_layer_shares
     from atp_viz.hf.model_info import TUNED_PREFIX
     from atp_viz.hf.tuned import read_settings
 

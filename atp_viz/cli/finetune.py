@@ -147,7 +147,7 @@ def _layer_ranks(args: argparse.Namespace) -> dict:
         return {}
     if how in ("measured", "spectrum"):
         return {"layer_ranks_from": how}
-    from atp_viz.analysis.allocation import parse_layer_shares
+    from atp_viz.core.ranks import parse_layer_shares
 
     return {"layer_ranks": parse_layer_shares(how), "layer_ranks_from": "given"}
 

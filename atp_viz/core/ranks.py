@@ -93,6 +93,27 @@ def parse_rank_list(text: str) -> list[Rank]:
     return [parse_rank(t) for t in items]
 
 
+def parse_layer_shares(text: str) -> tuple[float, ...]:
+    """Per-layer ranks typed by a user: shares of L, ``"0.375,0.125,..."`` or ``"L/8,..."``; ValueError
+    for key counts (``"1"`` is one principal key: all of L is ``1.0``)."""
+    shares = parse_rank_list(text)
+    if not all(isinstance(x, float) for x in shares):
+        raise ValueError(
+            f"Per-layer ranks are shares of L (0.25 or L/4; 1.0 for all of L), not key counts: got {text!r}."
+        )
+    return tuple(shares)
+
+
+def format_layer_shares(shares) -> str:
+    """Per-layer ranks as a user types them back (:func:`parse_layer_shares`): ``'1.0,0.25,...'``."""
+    return ",".join(repr(float(x)) for x in shares)
+
+
+def describe_layer_shares(shares) -> str:
+    """Per-layer ranks as they are printed in labels and tables: ``'0.25, 0.125, 0.5'``."""
+    return ", ".join(f"{float(x):g}" for x in shares)
+
+
 def describe(rank: Rank) -> str:
     """``r = 64`` or ``r = 0.5 L``: how a rank is printed everywhere."""
     return f"r = {rank:g} L" if isinstance(rank, float) else f"r = {rank}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from atp_viz.core.progress import ProgressFn
-from atp_viz.core.ranks import describe_window
+from atp_viz.core.ranks import describe_layer_shares, describe_window
 from atp_viz.hf import checkpoints
 from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir
 
@@ -96,7 +96,7 @@ def trained_setting(s: dict) -> str:
     """How a run's settings read in a sentence: 'r = 0.5 L', or for a fixed rank behind an exact window
     'r = 128 principal keys of the middle, exact window 512 + 4 sinks'."""
     if s.get("layer_ranks"):
-        return f"r = {s['rank']:g} L on average, per layer ({', '.join(f'{x:g}' for x in s['layer_ranks'])})"
+        return f"r = {s['rank']:g} L on average, per layer ({describe_layer_shares(s['layer_ranks'])})"
     if not isinstance(s["rank"], int):
         return f"r = {s['rank']:g} L"
     if not s.get("window"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
-from atp_viz.core.ranks import describe_window
+from atp_viz.core.ranks import describe_layer_shares, describe_window
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS_DIR = ROOT / "docs" / "finetune-runs"
@@ -269,7 +269,7 @@ def _rank(s: dict) -> str:
         window = ", " + describe_window(s["window"], s.get("sinks", 0)) if s.get("window") else ""
         return f"r = {s['rank']}{window}, {s.get('basis_update', 'recompute')}"
     if s.get("layer_ranks"):  # one budget, shared out over the layers
-        return f"L/{round(1 / s['rank'])} on average ({', '.join(f'{x:g}' for x in s['layer_ranks'])})"
+        return f"L/{round(1 / s['rank'])} on average ({describe_layer_shares(s['layer_ranks'])})"
     return f"L/{round(1 / s['rank'])}" + ("" if mode == "past" else f" ({mode})")
 
 

@@ -30,6 +30,7 @@ from atp_viz.analysis.finetune.config import TuneConfig
 from atp_viz.analysis.finetune.objectives import encoder_embeddings
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn, within
+from atp_viz.core.ranks import describe_layer_shares
 from atp_viz.hf.engine import ATPConfig
 from atp_viz.hf.model_info import BUNDLED, TINY, LoadedModel, cache_dir
 from atp_viz.hf.tuned import tuned_label
@@ -123,9 +124,7 @@ def _encoder_rows(
         "the original dense model's; 95% intervals by bootstrap over texts"
     )
     if cfg.layer_ranks:
-        note += (
-            f"; ATP rows with the run's per-layer ranks ({', '.join(f'{x:g}' for x in cfg.layer_ranks)} of L)"
-        )
+        note += f"; ATP rows with the run's per-layer ranks ({describe_layer_shares(cfg.layer_ranks)} of L)"
     return rows, note
 
 
