@@ -5,7 +5,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from atp_app import navigation, runtime, state, widgets
+from atp_app import layer_split, navigation, runtime, state, widgets
 from atp_app.sidebar import page_inputs
 from atp_viz import forms
 from atp_viz.analysis import compare, token_view
@@ -134,15 +134,22 @@ def _controls() -> ATPConfig | None:
         key="lowrank_linear",
         help="The paper's claim 3: Q/K/V projections see U_r U_r^T X and the MLP its own projected input.",
     )
+    e1, e2 = st.columns([3, 4])
+    budget = rank if isinstance(rank, float) else rank / L
+    split = layer_split.layer_shares(e1, sel.model_key, info, budget, form, source)
+    if split.note:
+        e2.caption(split.note + (" The budget is shared over all layers; only the chosen ones run ATP." if
+                           layer_spec.strip().lower() not in ("", "all") else ""))  # fmt: skip
     try:
         layers = parse_layers(layer_spec, info.n_layers)
         return ATPConfig(
-            rank=rank,
+            rank=rank if split.budget is None else split.budget,
             form=form,
             layers=layers,
             basis_source=source,
             lowrank_linear=lowrank,
             basis_method=method,
+            layer_ranks=split.shares,
         )
     except (ValueError, TypeError) as err:
         st.error(str(err))
@@ -178,13 +185,13 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
             "the past compressed; the rows here run ATP over the whole text at once. The Serving page's "
             "perplexity (exact window and sinks as it was tuned) measures the setting it was trained for."
         )
-    elif trained.get("layer_ranks"):
+    elif trained.get("layer_ranks") and tuple(trained["layer_ranks"]) != config.layer_ranks:
         shares, mean = format_layer_shares(trained["layer_ranks"]), f"{trained['rank']:g}"
         st.info(
-            f"This model was tuned with one rank per layer ({shares} of L, mean {mean}); the rows here "
-            "run the sidebar's one rank in every layer. Its run's JSON holds the held-out figures with its "
-            f"own ranks, and `python -m atp_viz compare --rank {mean} --layer-ranks {shares}` checks any "
-            "text with them."
+            f"This model was tuned with its own rank per layer ({shares} of L, mean {mean}); the rows here "
+            "run other ranks. Pick 'as this model was tuned' under *Ranks per layer* to see the setting it "
+            f"was trained for (`python -m atp_viz compare --rank {mean} --layer-ranks {shares}` on the "
+            "command line)."
         )
     elif basis != config.basis_source or trained["form"] != config.form:
         st.info(
@@ -199,7 +206,10 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
 def _metrics(
     cmp: compare.Comparison, config: ATPConfig, dense: compare.Forward, run: compare.Forward
 ) -> None:
-    st.subheader(f"r = {cmp.rank} of L = {L} tokens ({cmp.rank / L:.0%}), {config.form} form")
+    per_layer = " on average over the layers" if cmp.layer_ranks else ""
+    st.subheader(f"r = {cmp.rank} of L = {L} tokens ({cmp.rank / L:.0%}){per_layer}, {config.form} form")
+    if cmp.layer_ranks:
+        st.caption("Each ATP layer's r on this text: " + ", ".join(map(str, cmp.layer_ranks)) + ".")
     k1, k2, k3 = st.columns(3)
     if cmp.embedding_cosine is not None:
         k1.metric("Sentence-embedding cosine to dense", f"{cmp.embedding_cosine:.4f}")
@@ -413,12 +423,14 @@ def _sweep_section(config: ATPConfig, cmp: compare.Comparison) -> None:
         "total error at the same rank (two forms' errors do not add up). A large gap between the linear "
         "form and the exact one is why the paper fine-tunes."
     )
+    if config.layer_ranks is not None:
+        st.caption("The sweep runs the same r in every layer, whatever the choice of ranks per layer above.")
     if not (st.button("Run the sweep", key="run_sweep") or st.session_state.get("sweep_ran")):
         return
     st.session_state.sweep_ran = True
     try:
         # The sweep runs every rank and form: only the other settings key its cache.
-        sw = _sweep(sel.model_key, sel.text, replace(config, rank=1.0, form=forms.DEFAULT))
+        sw = _sweep(sel.model_key, sel.text, replace(config, rank=1.0, form=forms.DEFAULT, layer_ranks=None))
     except BusyError as err:
         st.session_state.sweep_ran = False  # not retried on every rerun: the button starts it again
         st.warning(str(err))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -154,10 +155,38 @@ def test_explorer_bad_layer_spec_shows_error():
     assert any("do not exist" in e.value for e in at.error)
 
 
+def test_explorer_shares_one_budget_over_the_layers():
+    """Per-layer ranks from the spectra: the same budget, each layer's share said, the metric moves, and
+    a budget off the split's grid is said to be rounded rather than silently changed."""
+    at = _app("pages/explorer.py").run()
+    at.slider(key="rank_frac").set_value(0.25).run()
+    one = _metric(at, "Sentence-embedding cosine to dense")
+    assert list(at.radio(key="layer_split").options) == [
+        "the same r in every layer", "one budget, from the spectra of training texts",
+        "one budget, measured on training texts",
+    ]  # fmt: skip
+    at.radio(key="layer_split").set_value("spectrum").run()
+    assert not at.exception, at.exception
+    assert _metric(at, "Sentence-embedding cosine to dense") != one
+    shares = next(c.value for c in at.caption if c.value.startswith("Each layer's share of L"))
+    assert "(mean 0.25)" in shares and "rounded" not in shares
+    rs = next(c.value for c in at.caption if c.value.startswith("Each ATP layer's r"))
+    n = int(at.subheader[0].value.split("of L = ")[1].split()[0])
+    per_layer = [int(r) for r in rs.removesuffix(".").split(": ")[1].split(", ")]
+    assert len(per_layer) == 6 and len(set(per_layer)) > 1 and abs(np.mean(per_layer) - n / 4) <= 1
+    at.slider(key="rank_frac").set_value(0.05).run()  # 0.05 of L in 1/64 steps over 6 layers: 19 steps
+    shares = next(c.value for c in at.caption if c.value.startswith("Each layer's share of L"))
+    assert "the budget 0.05 became 0.0495" in shares
+    at.button(key="run_sweep").click().run()
+    assert not at.exception, at.exception
+    assert any("same r in every layer, whatever" in c.value for c in at.caption)
+
+
 def test_explorer_smollm2_decoder_outputs():
     at = _app("pages/explorer.py").run()
     at.selectbox(key="model_choice").set_value("smollm2").run()
     assert not at.exception, at.exception
+    assert "measured" not in at.radio(key="layer_split").options[-1]  # the measured loss is an encoder's
     first = _metric(at, "Next-token KL(dense || ATP)")
     assert len(at.dataframe) == 1  # top-10 dense vs ATP
     at.radio(key="rank_unit").set_value("tokens").run()

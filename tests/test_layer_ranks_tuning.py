@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from atp_viz.analysis import allocation
 from atp_viz.analysis.finetune import evaluation, training
@@ -167,13 +168,14 @@ def test_per_layer_ranks_are_refused_where_they_do_not_apply(tmp_path):
     assert main(["finetune", "--reevaluate", str(tmp_path), "--layer-ranks", "measured"]) == 2
 
 
-def test_the_explorer_says_a_per_layer_run_is_shown_with_one_rank(tmp_path, monkeypatch):
-    """The explorer runs the sidebar's one rank in every layer; for a run tuned with per-layer ranks it says
-    so and gives the command that checks a text with the run's own ranks."""
+def test_the_explorer_runs_a_per_layer_run_as_it_was_tuned(tmp_path, monkeypatch):
+    """For a run tuned with per-layer ranks the explorer offers its own ranks: until they are picked it
+    says the rows run other ranks (and gives the command); picked, every layer runs its tuned share."""
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
+    from atp_viz.core.ranks import resolve_rank
     from atp_viz.hf.model_info import TUNED_PREFIX
 
     monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
@@ -191,8 +193,52 @@ def test_the_explorer_says_a_per_layer_run_is_shown_with_one_rank(tmp_path, monk
     at.query_params["model"] = f"{TUNED_PREFIX}{run}"
     at.run()
     assert not at.exception, at.exception
-    notes = [i.value for i in at.info if "one rank per layer" in i.value]
+    notes = [i.value for i in at.info if "its own rank per layer" in i.value]
     assert notes and "--rank 0.375 --layer-ranks 0.5,0.25" in notes[0]
+    at.radio(key="layer_split").set_value("tuned").run()
+    assert not at.exception, at.exception
+    assert not [i.value for i in at.info if "its own rank per layer" in i.value]
+    assert any("as tuned: 0.5,0.25" in c.value for c in at.caption)
+    layer_rs = next(c.value for c in at.caption if c.value.startswith("Each ATP layer's r"))
+    n = int(at.subheader[0].value.split("of L = ")[1].split()[0])
+    want = ", ".join(str(resolve_rank(share, n)[0]) for share in (0.5, 0.25))
+    assert layer_rs == f"Each ATP layer's r on this text: {want}."
+    assert "on average over the layers" in at.subheader[0].value
+
+
+def test_a_split_is_measured_once_per_weights_form_and_basis(load, tmp_path, monkeypatch):
+    """The budget-free measurement behind a split is kept on disk: read back for any budget, measured
+    again for other weights or another form, never for a new budget."""
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    loaded = load("tiny-bert")
+    calls = []
+    real = allocation.layer_losses
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("form"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(allocation, "layer_losses", counted)
+    first = allocation.split_measurement("measured", loaded, texts=TEXTS)
+    assert allocation.split_measurement("measured", loaded, texts=TEXTS).tolist() == first.tolist()
+    assert calls == ["exact"]
+    for share in (0.25, 0.5, 0.75):
+        assert allocation.choose_layer_ranks("measured", loaded, share)[0] == allocation.split_budget(
+            "measured", allocation.split_measurement("measured", loaded), share
+        )
+    assert calls == ["exact", "exact"]  # the default calibration texts: measured once for all budgets
+    allocation.split_measurement("measured", loaded, texts=TEXTS, form="linear")
+    assert calls[-1] == "linear"
+    with torch.no_grad():
+        weight = loaded.model.get_input_embeddings().weight
+        weight[0, 0] += 1.0
+        try:
+            allocation.split_measurement("measured", loaded, texts=TEXTS)
+        finally:
+            weight[0, 0] -= 1.0
+    assert calls == ["exact", "exact", "linear", "exact"]
+    with pytest.raises(ValueError, match="'spectrum' or 'measured'"):
+        allocation.split_measurement("energy", loaded)
 
 
 def test_a_comparison_with_per_layer_ranks_reports_each_layers_rank(load):

@@ -6,18 +6,30 @@ energy curve (:func:`atp_viz.analysis.spectra.energy_curve`) is averaged over ca
 the *training* split (never the held-out one the result is measured on), and
 :func:`atp_viz.analysis.spectra.allocate` shares the budget (mean share of L over layers) out where it
 keeps the most energy. The result goes into ``ATPConfig.layer_ranks`` and works with every form.
+
+Below that, the measured split (what each layer's rank costs the output) and :func:`choose_layer_ranks`,
+which fine-tuning, ``compare --layer-ranks`` and the explorer call: the budget-free measurement behind a
+split is kept on disk per model weights, form and basis (:func:`split_measurement`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from atp_viz.analysis import spectra
 from atp_viz.analysis.capture import capture
 from atp_viz.core.progress import ProgressFn
-from atp_viz.hf.model_info import LoadedModel
+from atp_viz.hf.model_info import LoadedModel, cache_dir
+
+logger = logging.getLogger(__name__)
 
 N_CALIBRATION = 32
 
@@ -164,6 +176,100 @@ def measured_layer_ranks(
     return allocate_measured(losses, share)
 
 
+# --------------------------------------------------------------------------------------------------
+# Choosing a split: the budget-free measurement (kept on disk), then the budget's split of it
+# --------------------------------------------------------------------------------------------------
+# The spectra's curves and the measured losses do not depend on the budget, and the losses take about
+# 35 s on MiniLM (n_layers * MEASURED_GRID passes over the calibration texts). Each is measured once per
+# model weights, form and basis, and kept under <cache>/allocation, so a series of fine-tuning runs or
+# a class moving the explorer's rank slider splits any budget at once.
+
+SPLIT_SCHEMA = 1  # bump when layer_curves or layer_losses change what they compute
+
+
+def _weights_digest(loaded: LoadedModel) -> str:
+    """A digest of the model's weights and trained form parameters: a cached measurement belongs to
+    these exact weights (a tuned copy or a local checkpoint of the same name does not reuse it)."""
+    import torch
+
+    h = hashlib.sha1()
+    tensors = dict(loaded.model.state_dict())
+    for form, layers in sorted(loaded.atp_params.items()):
+        for layer, params in sorted(layers.items()):
+            tensors.update({f"atp.{form}.{layer}.{k}": v for k, v in params.items()})
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_file(how: str, loaded: LoadedModel, texts: Sequence[str], **params) -> Path:
+    import torch
+
+    from atp_viz import __version__
+
+    key = {
+        "how": how, "model": loaded.info.key, "weights": _weights_digest(loaded),
+        "texts": hashlib.sha1("\0".join(texts).encode()).hexdigest(), **params,
+        "torch": torch.__version__, "atp_viz": __version__, "schema": SPLIT_SCHEMA,
+    }  # fmt: skip
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^\w.-]+", "_", loaded.info.key)[-40:]
+    return cache_dir() / "allocation" / f"{name}-{how}-{digest}.npy"
+
+
+def split_measurement(
+    how: str,
+    loaded: LoadedModel,
+    *,
+    form: str = "exact",
+    basis_source: str = "input",
+    texts: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """What a per-layer split is chosen from, whatever the budget: "spectrum", the calibration texts'
+    energy curves (:func:`layer_curves`; the form plays no part), or "measured", each layer's loss at
+    each share (:func:`layer_losses`). Read from the disk cache when these weights, form, basis and
+    texts were measured before; otherwise measured (with ``progress``) and kept there."""
+    if how not in ("spectrum", "measured"):
+        raise ValueError(f"A split is chosen from 'spectrum' or 'measured', not {how!r}.")
+    texts = calibration_texts(loaded) if texts is None else list(texts)
+    params = {"basis_source": basis_source}
+    if how == "measured":
+        params.update(form=form, grid=MEASURED_GRID)
+    else:
+        params.update(grid=spectra.ALLOCATION_GRID)
+    path = _cache_file(how, loaded, texts, **params)
+    try:
+        return np.load(path)
+    except (OSError, ValueError):  # not measured yet, or a file cut short: measure again
+        pass
+    if how == "measured":
+        out = layer_losses(loaded, texts, form=form, basis_source=basis_source, progress=progress)
+    else:
+        out = layer_curves(loaded, texts, basis_source=basis_source, progress=progress)
+    try:  # written aside, then renamed: two sessions measuring at once never read half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}.part")
+        with open(part, "wb") as f:
+            np.save(f, out)
+        part.replace(path)
+    except OSError as err:  # a read-only cache costs the time again next call, nothing else
+        logger.warning("could not keep the per-layer measurement in %s: %s", path.parent, err)
+    return out
+
+
+def split_budget(how: str, measurement: np.ndarray, share: float) -> tuple[float, ...]:
+    """The budget's per-layer shares from :func:`split_measurement`'s result: the greedy split of the
+    energy curves, or the dynamic programme over the measured losses. Both work on a grid of shares
+    (1/64 and 1/8 of L), so the shares' mean can differ a little from ``share``."""
+    if how == "spectrum":
+        return spectra.allocate(measurement, share)
+    if how == "measured":
+        return allocate_measured(measurement, share)
+    raise ValueError(f"A split is chosen from 'spectrum' or 'measured', not {how!r}.")
+
+
 def choose_layer_ranks(
     how: str,
     loaded: LoadedModel,
@@ -181,12 +287,9 @@ def choose_layer_ranks(
     how = (how or "").strip()
     if not isinstance(share, float):
         raise ValueError("Per-layer ranks share a budget given as a share of L (e.g. 0.25), not a key count.")
-    if how == "measured":
-        return measured_layer_ranks(
-            loaded, share, form=form, basis_source=basis_source, progress=progress
-        ), how
-    if how == "spectrum":
-        return calibrated_layer_ranks(loaded, share, basis_source=basis_source, progress=progress), how
+    if how in ("measured", "spectrum"):
+        found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
+        return split_budget(how, found, share), how
     shares = parse_layer_shares(how)
     if len(shares) != loaded.info.n_layers:
         raise ValueError(f"{len(shares)} per-layer ranks given; the model has {loaded.info.n_layers} layers.")

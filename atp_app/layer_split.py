@@ -1,0 +1,105 @@
+"""The explorer's "ranks per layer" choice: the same r in every layer, or the same budget shared out over
+the layers (from the spectra, by what each layer's rank costs the output, or as a tuned run was trained),
+with the shares it chose said next to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+
+from atp_app import runtime, widgets
+from atp_viz.analysis import allocation
+from atp_viz.analysis.finetune.config import LAYER_RANK_SOURCES
+from atp_viz.core.ranks import format_layer_shares
+from atp_viz.deploy.jobs import BusyError
+from atp_viz.hf import tuned
+from atp_viz.hf.model_info import TUNED_PREFIX, ModelInfo, ModelLoadError
+
+ONE, AS_TUNED = "", "tuned"
+
+
+@dataclass(frozen=True)
+class Split:
+    shares: tuple[float, ...] | None = None  # None: the slider's one rank in every layer
+    note: str = ""  # the shares, said for the page
+    budget: float | None = None  # the shares' mean, when it is not the slider's rank (as tuned, rounded)
+
+
+def _trained_shares(model_key: str) -> tuple[float, ...]:
+    """The per-layer shares a tuned run was trained with (empty for any other model)."""
+    if not model_key.startswith(TUNED_PREFIX):
+        return ()
+    try:
+        return tuple(
+            tuned.read_settings(model_key.removeprefix(TUNED_PREFIX))["settings"].get("layer_ranks") or ()
+        )
+    except (ModelLoadError, KeyError):
+        return ()
+
+
+def _choices(info: ModelInfo, trained: tuple[float, ...]) -> dict[str, str]:
+    out = {ONE: "the same r in every layer"}
+    out["spectrum"] = f"one budget, {LAYER_RANK_SOURCES['spectrum'].split(' (')[0]}"
+    if not info.is_decoder:  # the measured loss is the sentence embedding's cosine
+        out["measured"] = f"one budget, {LAYER_RANK_SOURCES['measured'].split(' (')[0]}"
+    if trained:
+        out[AS_TUNED] = f"as this model was tuned ({format_layer_shares(trained)} of L)"
+    return out
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _measurement(model_key: str, how: str, form: str, basis_source: str) -> np.ndarray:
+    """The budget-free measurement a split is chosen from, once per server (and kept on disk by the
+    library, so a restart reads it back)."""
+    with (
+        runtime.heavy_job("choosing per-layer ranks"),
+        widgets.progress("Choosing per-layer ranks...") as bar,
+    ):
+        return allocation.split_measurement(
+            how, runtime.get_model(model_key), form=form, basis_source=basis_source, progress=bar
+        )
+
+
+def layer_shares(
+    column, model_key: str, info: ModelInfo, budget: float, form: str, basis_source: str
+) -> Split:
+    """The radio in ``column`` and what it chose. ``budget`` is the slider's rank as a share of L. A busy
+    server is said on the page and falls back to one rank."""
+    trained = _trained_shares(model_key)
+    choices = _choices(info, trained)
+    how = column.radio(
+        "Ranks per layer",
+        list(choices),
+        format_func=choices.get,
+        key="layer_split",
+        persist_state="session",
+        help="The same budget (mean share of L over the layers) shared out where it costs least. "
+        "'spectra': where each layer's attention input keeps the most energy (any model); 'measured': "
+        "what each layer's rank costs the sentence embedding, each layer alone at 1/8 ... 1 of L on 32 "
+        "training-split texts (encoders; about 40 s the first time on MiniLM per form and basis). Both are "
+        "chosen on training text, never on the text shown.",
+    )
+    if how == ONE or how not in choices:
+        return Split()
+    if how == AS_TUNED:
+        mean = float(np.mean(trained))
+        note = (
+            f"Each layer's share of L as tuned: {format_layer_shares(trained)} (mean {mean:.3g}); the rank "
+        )
+        return Split(trained, note + "slider is set aside.", mean)
+    try:
+        # The spectra do not depend on the form: one measurement serves every form.
+        found = _measurement(model_key, how, form if how == "measured" else "exact", basis_source)
+    except BusyError as err:
+        st.warning(f"{err} Showing one rank in every layer meanwhile.")
+        return Split()
+    shares = allocation.split_budget(how, found, budget)
+    note = f"Each layer's share of L: {format_layer_shares(shares)} (mean {np.mean(shares):.3g})"
+    mean = float(np.mean(shares))
+    if abs(mean - budget) <= 1e-9:
+        return Split(shares, note + ".")
+    step = "1/8" if how == "measured" else "1/64"
+    note += f"; the split works in steps of {step} of L, so the budget {budget:.3g} became {mean:.3g}"
+    return Split(shares, note + ".", mean)
