@@ -162,3 +162,31 @@ def test_a_readme_part_is_read_between_its_markers(tmp_path, monkeypatch):
     assert results.readme_part("why-open") == "why"
     with pytest.raises(ValueError, match="no part 'other'"):
         results.readme_part("other")
+
+
+def test_a_measurement_says_how_far_it_is(monkeypatch, capsys, tmp_path):
+    """`results --measure` reports progress on stderr, and a real measurement (MiniLM's untuned grid, a
+    few seconds) reports every step in order and its end."""
+    import inspect
+
+    from atp_viz.outputs import result_tables
+
+    for res in results.RESULTS:  # every measurement is handed the progress callback
+        if res.measure is not None:
+            assert list(inspect.signature(res.measure).parameters) == ["out", "progress"], res.name
+    heard = []
+    data = result_tables.measure_untuned_minilm(Path("unused.json"), lambda f, m: heard.append((f, m)))
+    fractions = [f for f, _ in heard]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert len(heard) == 2 * len(data["rows"]) + 1 and "(1 of 8)" in heard[0][1]
+
+    def fake(out, progress):
+        progress(0.5, "half way")
+        return {"rows": []}
+
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "RESULTS", (results.Result("fake", ("fake.json",), str, "x", 1, fake),))
+    monkeypatch.setattr(results, "write", lambda: None)
+    assert main(["results", "--measure", "fake"]) == 0
+    err = capsys.readouterr().err
+    assert "50% half way" in err and "wrote" in err

@@ -31,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{res.name}: {', '.join(res.files)}; `{res.command}` (about {res.minutes:g} min)")
         return 0
     if args.measure:
+        from atp_viz.core.progress import stderr_progress
+
         for name in args.measure:
             print(f"measuring {name}...", file=sys.stderr, flush=True)
-            print(f"wrote {results.measure(name)}", file=sys.stderr)
+            print(f"wrote {results.measure(name, stderr_progress())}", file=sys.stderr)
         results.write()
         return 0
     if args.write:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 ProgressFn = Callable[[float, str], None]
+T = TypeVar("T")
 
 
 def within(progress: ProgressFn | None, start: float, stop: float, prefix: str = "") -> ProgressFn | None:
@@ -38,3 +40,15 @@ def stderr_progress(every: float = 10.0) -> ProgressFn:
             print(f"[{now:6.0f} s] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
 
     return progress
+
+
+def steps(progress: ProgressFn | None, items: Iterable[T], describe: Callable[[T], str] = str) -> Iterator[T]:
+    """``items`` one by one, each announced before its work as "<describe(item)> (i of n)" at the share
+    done so far; the end (1.0) after the last. For loops whose steps take about the same time."""
+    items = list(items)
+    for i, item in enumerate(items):
+        if progress:
+            progress(i / len(items), f"{describe(item)} ({i + 1} of {len(items)})")
+        yield item
+    if progress:
+        progress(1.0, f"done ({len(items)} of {len(items)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atp_viz.core.progress import ProgressFn, within
 from atp_viz.outputs.result_tuning import _md, _metric
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "tuned"
@@ -43,12 +44,11 @@ def check_control(control: dict, runs: dict[str, dict]) -> None:
             raise ValueError(f"{CONTROL_RUN} is not a dense control of {name} (differs in {differ}).")
 
 
-def measure_control_smollm2(out: Path) -> dict:
+def measure_control_smollm2(out: Path, progress: ProgressFn) -> dict:
     """Top-1 and perplexity of the original model, the dense-tuned control and each ATP-tuned run (under
     its own rank, form and basis) on every held-out window, each against the original and against the
     control, paired by window."""
     from atp_viz.analysis import protocol
-    from atp_viz.core.progress import stderr_progress, within
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import read_settings
 
@@ -63,10 +63,9 @@ def measure_control_smollm2(out: Path) -> dict:
         atp = {k: s[k] for k in ("rank", "form", "rank_mode")} | {"basis_from": s.get("basis_from", "input")}
         models[f"ATP-tuned {_share(s)}, ATP"] = (name, atp)
     scores = {}
-    say = stderr_progress()
     for i, (label, (model, how)) in enumerate(models.items()):
         loaded = load_model(f"tuned:{SHIPPED / model}") if isinstance(model, str) else model
-        sub = within(say, i / len(models), (i + 1) / len(models), f"{label}: ")
+        sub = within(progress, i / len(models), (i + 1) / len(models), f"{label}: ")
         scores[label] = protocol.score_decoder(loaded, windows, chunk=c["chunk"], progress=sub, **how)
     original, control = scores["original, dense"], scores["dense-tuned control, dense"]
     rows = []

@@ -13,11 +13,11 @@ window of the prefill benchmark then shows the chosen shift once (measure -> JSO
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from atp_viz.core.progress import ProgressFn, steps, within
 from atp_viz.outputs.result_tuning import _md
 
 RUN = "data/tuned/smollm2-pksoftmax-r128-window512-two-stage"
@@ -26,15 +26,11 @@ SHIFTS = (-3.0, -2.0, -1.0, 0.0, 1.0)  # added to every head's trained b
 LENGTHS = ((2048, 6), (8192, 2))  # (tokens, training-split windows spread over the stream)
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _shifted(params: dict, shift: float) -> dict:
     return {layer: {k: (v + shift if k == "b" else v) for k, v in p.items()} for layer, p in params.items()}
 
 
-def _score(loaded, windows, label: str, **kw) -> list[dict]:
+def _score(loaded, windows, progress: ProgressFn, **kw) -> list[dict]:
     """Each window's scored positions (hits, NLLs, predictions) under one setting."""
     import torch
 
@@ -42,8 +38,7 @@ def _score(loaded, windows, label: str, **kw) -> list[dict]:
     from atp_viz.analysis.bench import prefill
 
     out = []
-    for i, ids in enumerate(windows.ids):
-        _say(f"  {label}: window {i + 1} of {len(windows.ids)}")
+    for ids in steps(progress, windows.ids, lambda _: "window"):
         with torch.inference_mode():
             logits = serving.chunked_logits(loaded, ids, chunk=CHUNK, **kw)
         out.append(prefill._scored(logits, ids, CHUNK))
@@ -86,25 +81,27 @@ def _rows(settings: dict[str, list[dict]], windows) -> list[dict]:
     return rows
 
 
-def _settings(loaded, windows, keep, trained: dict, shifts) -> dict[str, list[dict]]:
+def _settings(loaded, windows, keep, trained: dict, shifts, progress: ProgressFn) -> dict[str, list[dict]]:
     from atp_viz.analysis import serving
 
-    out = {
-        "dense": _score(loaded, windows, "dense", rank=None),
-        "dropped": _score(
-            loaded,
-            windows,
+    runs = {
+        "dense": ("dense", {"rank": None}),
+        "dropped": (
             "middle dropped",
-            rank=None,
-            keep=serving.ExactKeep(keep.sinks, keep.window, True),
+            {"rank": None, "keep": serving.ExactKeep(keep.sinks, keep.window, True)},
         ),
     }
     for shift in shifts:
-        out[f"b{shift:+g}"] = _score(
-            loaded, windows, f"middle, b {shift:+g}", rank=RANK, form=FORM, basis_from="keys",
-            basis_update="moments", keep=keep, params=_shifted(trained, shift),
-        )  # fmt: skip
-    return out
+        runs[f"b{shift:+g}"] = (f"middle, b {shift:+g}", {
+            "rank": RANK, "form": FORM, "basis_from": "keys", "basis_update": "moments", "keep": keep,
+            "params": _shifted(trained, shift),
+        })  # fmt: skip
+    return {
+        name: _score(
+            loaded, windows, within(progress, i / len(runs), (i + 1) / len(runs), f"{label}, "), **kw
+        )
+        for i, (name, (label, kw)) in enumerate(runs.items())
+    }
 
 
 def best_shift(rows: list[dict]) -> float:
@@ -114,7 +111,7 @@ def best_shift(rows: list[dict]) -> float:
     return float(min(gated, key=lambda r: r["perplexity"])["setting"][1:])
 
 
-def measure_gate_smollm2(out: Path) -> dict:
+def measure_gate_smollm2(out: Path, progress: ProgressFn) -> dict:
     """Every shift of ``SHIFTS`` on training-split windows at each of ``LENGTHS``, then, on the prefill
     benchmark's held-out window of 8192 tokens, the trained gate and the shift that was best on the
     training windows at 8192."""
@@ -131,15 +128,16 @@ def measure_gate_smollm2(out: Path) -> dict:
     trained = loaded.form_params(FORM)
     train_mods = meta["split"]["train_modules"]
     parts = []
-    for tokens, n in LENGTHS:
-        _say(f"training split, {tokens} tokens")
+    n_parts = len(LENGTHS) + 1  # each length's training windows, then the held-out window
+    for i, (tokens, n) in enumerate(LENGTHS):
         windows = protocol.module_windows(loaded.tokenizer, train_mods, tokens, max_windows=n)
-        rows = _rows(_settings(loaded, windows, keep, trained, SHIFTS), windows)
+        say = within(progress, i / n_parts, (i + 1) / n_parts, f"training split, {tokens} tokens: ")
+        rows = _rows(_settings(loaded, windows, keep, trained, SHIFTS, say), windows)
         parts.append({"text": "training split", "tokens": tokens, "windows": len(windows.ids), "rows": rows})
     best = best_shift(parts[-1]["rows"])
-    _say(f"held-out window of 8192 tokens (shift chosen on the training split: {best:+g})")
+    say = within(progress, 1 - 1 / n_parts, 1.0, f"held-out 8192 tokens, shift chosen {best:+g}: ")
     windows = protocol.heldout_windows(loaded.tokenizer, 8192, max_windows=1)
-    rows = _rows(_settings(loaded, windows, keep, trained, sorted({0.0, best})), windows)
+    rows = _rows(_settings(loaded, windows, keep, trained, sorted({0.0, best}), say), windows)
     parts.append({"text": "held-out (the prefill benchmark's)", "tokens": 8192, "windows": 1, "rows": rows})
     b = np.array([float(p["b"].mean()) for p in trained.values()])
     return {
@@ -209,7 +207,7 @@ CEILING_MIDDLES = (
 )
 
 
-def measure_window_ceilings(out: Path) -> dict:
+def measure_window_ceilings(out: Path, progress: ProgressFn) -> dict:
     """Counted multiply-add ratio dense / windowed prefill of SmolLM2 at ``CEILING_TOKENS`` for each exact
     window (4 sinks) with the middle dropped or as ``pksoftmax`` over r principal keys (running sums of the
     keys or of X), chunks of 256: the most each setting can gain."""
@@ -219,15 +217,15 @@ def measure_window_ceilings(out: Path) -> dict:
 
     loaded = load_model("smollm2")
     rows = []
-    for w in CEILING_WINDOWS:
-        for form, rank, source in CEILING_MIDDLES:
-            keep = serving.ExactKeep(4, w, drop_rest=form is None)
-            macs = prefill.counted_macs(
-                loaded, CEILING_TOKENS, rank=rank or 128, form=form or FORM, chunk=CHUNK, basis_from=source,
-                method="randomized", basis_update="moments", keep=keep,
-            )  # fmt: skip
-            rows.append({"window": w, "middle": form, "rank": rank, "basis_from": source, **macs,
-                         "ceiling": macs["dense_total"] / macs["atp_total"]})  # fmt: skip
+    grid = [(w, *middle) for w in CEILING_WINDOWS for middle in CEILING_MIDDLES]
+    for w, form, rank, source in steps(progress, grid, lambda s: f"counting window {s[0]}, middle {s[1]}"):
+        keep = serving.ExactKeep(4, w, drop_rest=form is None)
+        macs = prefill.counted_macs(
+            loaded, CEILING_TOKENS, rank=rank or 128, form=form or FORM, chunk=CHUNK, basis_from=source,
+            method="randomized", basis_update="moments", keep=keep,
+        )  # fmt: skip
+        rows.append({"window": w, "middle": form, "rank": rank, "basis_from": source, **macs,
+                     "ceiling": macs["dense_total"] / macs["atp_total"]})  # fmt: skip
     return {"model": "smollm2", "tokens": CEILING_TOKENS, "chunk": CHUNK, "sinks": 4, "rows": rows}
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
+from atp_viz.core.progress import ProgressFn, steps, within
 
 ROOT = Path(__file__).resolve().parents[2]
 NEWS = ROOT / "data" / "05_news_report.txt"
@@ -25,7 +26,7 @@ def _md(header: list[str], rows: list[list[Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _compare_grid(model: str) -> dict:
+def _compare_grid(model: str, progress: ProgressFn) -> dict:
     from atp_viz.analysis import compare
     from atp_viz.hf.engine import ATPConfig
     from atp_viz.hf.models import load_model
@@ -35,19 +36,19 @@ def _compare_grid(model: str) -> dict:
     tok = tokenize(loaded.tokenizer, NEWS.read_text(), loaded.info.max_tokens)
     dense = compare.forward(loaded, tok)
     rows: dict[str, dict] = {}
-    for form in forms.names():
-        for frac in FRACTIONS:
-            c = compare.compare(dense, compare.forward(loaded, tok, ATPConfig(rank=frac, form=form)))
-            rows.setdefault(form, {})[str(frac)] = c.as_dict(loaded.tokenizer)
+    grid = [(form, frac) for form in forms.names() for frac in FRACTIONS]
+    for form, frac in steps(progress, grid, lambda s: f"{s[0]} at r = {s[1]:g} L"):
+        c = compare.compare(dense, compare.forward(loaded, tok, ATPConfig(rank=frac, form=form)))
+        rows.setdefault(form, {})[str(frac)] = c.as_dict(loaded.tokenizer)
     return {"model": model, "text": str(NEWS.relative_to(ROOT)), "n_tokens": tok.n_tokens, "rows": rows}
 
 
-def measure_untuned_minilm(out: Path) -> dict:
-    return _compare_grid("minilm")
+def measure_untuned_minilm(out: Path, progress: ProgressFn) -> dict:
+    return _compare_grid("minilm", progress)
 
 
-def measure_untuned_smollm2(out: Path) -> dict:
-    return _compare_grid("smollm2")
+def measure_untuned_smollm2(out: Path, progress: ProgressFn) -> dict:
+    return _compare_grid("smollm2", progress)
 
 
 def render_untuned_minilm(data: list[dict]) -> str:
@@ -83,16 +84,19 @@ PPL_WINDOWS, PPL_SEQ, PPL_CHUNK = 24, 512, 128
 PPL_RANKS = (32, 128)
 
 
-def measure_perplexity(out: Path) -> dict:
+def measure_perplexity(out: Path, progress: ProgressFn) -> dict:
     from atp_viz.analysis import protocol
     from atp_viz.hf.models import load_model
 
     loaded = load_model("smollm2")
     windows = protocol.heldout_windows(loaded.tokenizer, PPL_SEQ, max_windows=PPL_WINDOWS)
     rows = []
-    for mode, ranks in (("past", PPL_RANKS), ("effective", FRACTIONS)):
+    for i, (mode, ranks) in enumerate((("past", PPL_RANKS), ("effective", FRACTIONS))):
         settings = [(r, f) for f in forms.names() for r in ranks]
-        grid = protocol.perplexity_grid(loaded, windows, settings, chunk=PPL_CHUNK, rank_mode=mode)
+        sub = within(progress, i / 2, (i + 1) / 2, f"rank as {mode}: ")
+        grid = protocol.perplexity_grid(
+            loaded, windows, settings, chunk=PPL_CHUNK, rank_mode=mode, progress=sub
+        )
         rows += [dict(r, rank_mode=mode) for r in (grid if mode == "past" else grid[1:])]
     return {
         "model": "smollm2",
@@ -148,7 +152,7 @@ def render_perplexity(data: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_generation(out: Path) -> dict:
+def measure_generation(out: Path, progress: ProgressFn) -> dict:
     from atp_viz.analysis import serving
     from atp_viz.core.ranks import resolve_rank
     from atp_viz.hf.models import load_model
@@ -158,22 +162,22 @@ def measure_generation(out: Path) -> dict:
     tok = tokenize(loaded.tokenizer, NEWS.read_text(), loaded.info.max_tokens, min_tokens=1)
     dense = serving.generate(loaded, tok.input_ids, rank=None, max_new_tokens=32)
     rows = []
-    for form in forms.names():
-        for frac in FRACTIONS:
-            r, _ = resolve_rank(frac, tok.n_tokens)
-            g = serving.generate(loaded, tok.input_ids, rank=r, form=form, max_new_tokens=32)
-            share, first = serving.agreement(dense.new_ids, g.new_ids)
-            rows.append(
-                {
-                    "form": form,
-                    "fraction": frac,
-                    "rank": r,
-                    "kv_cache_bytes": g.kv_cache_bytes,
-                    "agreement": share,
-                    "first_divergence": first,
-                    "text": loaded.tokenizer.decode(list(g.new_ids)),
-                }
-            )
+    grid = [(form, frac) for form in forms.names() for frac in FRACTIONS]
+    for form, frac in steps(progress, grid, lambda s: f"{s[0]} at r = {s[1]:g} L, 32 tokens"):
+        r, _ = resolve_rank(frac, tok.n_tokens)
+        g = serving.generate(loaded, tok.input_ids, rank=r, form=form, max_new_tokens=32)
+        share, first = serving.agreement(dense.new_ids, g.new_ids)
+        rows.append(
+            {
+                "form": form,
+                "fraction": frac,
+                "rank": r,
+                "kv_cache_bytes": g.kv_cache_bytes,
+                "agreement": share,
+                "first_divergence": first,
+                "text": loaded.tokenizer.decode(list(g.new_ids)),
+            }
+        )
     return {
         "prompt": str(NEWS.relative_to(ROOT)),
         "prompt_tokens": tok.n_tokens,
@@ -265,7 +269,7 @@ SINK_TEXT = ROOT / "data" / "04_attention_explainer.txt"
 LONG_TEXT = ROOT / "data" / "08_long_essay_history_of_computing.txt"
 
 
-def measure_sinks(out: Path) -> dict:
+def measure_sinks(out: Path, progress: ProgressFn) -> dict:
     """SmolLM2's residual stream vs its attention input X: the first token's row norm over the median
     token's, and the components each needs for 90% of the energy (with and without the first token);
     on the short text also the first token's share of attention (the maps of the long one would need
@@ -277,7 +281,7 @@ def measure_sinks(out: Path) -> dict:
 
     loaded = load_model("smollm2")
     rows = []
-    for path in (SINK_TEXT, LONG_TEXT):
+    for path in steps(progress, (SINK_TEXT, LONG_TEXT), lambda p: f"capturing every layer on {p.name}"):
         cap = capture(loaded, path.read_text(), attentions="all" if path == SINK_TEXT else "none")
         for i, lc in enumerate(cap.layers):
             row = {
@@ -337,7 +341,7 @@ def render_sinks(data: list[dict]) -> str:
     )
 
 
-def measure_basis_energy(out: Path) -> dict:
+def measure_basis_energy(out: Path, progress: ProgressFn) -> dict:
     """How much of the exact top-128 subspace's energy the randomised and sketch bases capture, on
     SmolLM2's attention inputs at L = 8192 (standard-library docstrings)."""
     import torch
@@ -348,9 +352,10 @@ def measure_basis_energy(out: Path) -> dict:
     from atp_viz.text.corpus import bench_text
 
     loaded = load_model("smollm2")
+    progress(0.0, "capturing every layer at 8192 tokens")
     cap = capture(loaded, bench_text(), attentions="none")  # cut to the model's 8192 tokens, with a notice
     rows = []
-    for layer in (2, 12, 25):
+    for layer in steps(within(progress, 0.3, 1.0), (2, 12, 25), lambda i: f"bases of layer {i}"):
         x = torch.from_numpy(cap.layers[layer].x.copy()).double()
         best = torch.linalg.svdvals(x)[:128].square().sum()
         row = {"layer": layer, "n_tokens": cap.n_tokens}

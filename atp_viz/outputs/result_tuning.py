@@ -11,6 +11,7 @@ import numpy as np
 
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
+from atp_viz.core.progress import ProgressFn, steps, within
 from atp_viz.core.ranks import describe_layer_shares, describe_window
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,12 @@ def _md(header: list[str], rows: list[list]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_forms_minilm(out: Path) -> dict:
+def _form_at(setting: tuple[float, str]) -> str:
+    """ "taylor2 at L/4" for a (share, form) step's progress line."""
+    return f"{setting[1]} at L/{round(1 / setting[0])}"
+
+
+def measure_forms_minilm(out: Path, progress: ProgressFn) -> dict:
     """Cosine to dense of every form at L/2 and L/4 on all held-out texts, with one rank for every
     layer and with per-layer ranks under the same budget, chosen two ways on training-split texts: from
     the spectra, and by what each layer's rank costs the output (measured per form)."""
@@ -43,30 +49,36 @@ def measure_forms_minilm(out: Path) -> dict:
     texts, modules = protocol.heldout_texts(loaded.tokenizer, max_tokens=PROTOCOL_TOKENS)
     dense = embeddings(loaded, None, texts, PROTOCOL_TOKENS)
     calibration = allocation.calibration_texts(loaded)
-    losses = {form: allocation.layer_losses(loaded, calibration, form=form) for form in forms.names()}
+    names = forms.names()
+    losses = {}  # each form's own, measured anew here (never read from the disk cache): about 35 s each
+    for i, form in enumerate(names):
+        say = within(
+            progress, 0.25 * i / len(names), 0.25 * (i + 1) / len(names), f"{form}, one layer at a time: "
+        )
+        losses[form] = allocation.layer_losses(loaded, calibration, form=form, progress=say)
+    spectrum = {share: allocation.calibrated_layer_ranks(loaded, share, calibration) for share in FRACTIONS}
 
     def cosine(cfg: ATPConfig) -> np.ndarray:
         return (embeddings(loaded, cfg, texts, PROTOCOL_TOKENS) * dense).sum(-1)
 
     rows = []
-    for share in FRACTIONS:
-        layer_ranks = allocation.calibrated_layer_ranks(loaded, share, calibration)
-        for form in forms.names():
-            measured = allocation.allocate_measured(losses[form], share)
-            uniform = cosine(ATPConfig(rank=share, form=form))
-            per_layer = cosine(ATPConfig(rank=share, form=form, layer_ranks=layer_ranks))
-            by_loss = cosine(ATPConfig(rank=share, form=form, layer_ranks=measured))
-            rows.append(
-                {
-                    "form": form,
-                    "rank": share,
-                    "layer_ranks": list(layer_ranks),
-                    "measured_layer_ranks": list(measured),
-                    "uniform": protocol.encoder_summary(uniform, modules),
-                    "per_layer": protocol.encoder_summary(per_layer, modules, reference=uniform),
-                    "measured": protocol.encoder_summary(by_loss, modules, reference=uniform),
-                }
-            )
+    grid = [(share, form) for share in FRACTIONS for form in names]
+    for share, form in steps(within(progress, 0.25, 1.0, "held-out texts: "), grid, _form_at):
+        measured = allocation.allocate_measured(losses[form], share)
+        uniform = cosine(ATPConfig(rank=share, form=form))
+        per_layer = cosine(ATPConfig(rank=share, form=form, layer_ranks=spectrum[share]))
+        by_loss = cosine(ATPConfig(rank=share, form=form, layer_ranks=measured))
+        rows.append(
+            {
+                "form": form,
+                "rank": share,
+                "layer_ranks": list(spectrum[share]),
+                "measured_layer_ranks": list(measured),
+                "uniform": protocol.encoder_summary(uniform, modules),
+                "per_layer": protocol.encoder_summary(per_layer, modules, reference=uniform),
+                "measured": protocol.encoder_summary(by_loss, modules, reference=uniform),
+            }
+        )
     return {
         "model": "minilm", "n_texts": len(texts), "calibration": f"{len(calibration)} training-split texts",
         "measured_grid": allocation.MEASURED_GRID, "rows": rows,
@@ -110,7 +122,7 @@ def render_forms_minilm(data: list[dict]) -> str:
     )
 
 
-def measure_projection_split(out: Path) -> dict:
+def measure_projection_split(out: Path, progress: ProgressFn) -> dict:
     """Which projection costs the exact form its accuracy: the exact form, then the same softmax with only
     the keys rebuilt from r principal keys (values exact), then only the values (keys exact); MiniLM,
     every held-out text, untuned, each paired against the exact form."""
@@ -125,7 +137,7 @@ def measure_projection_split(out: Path) -> dict:
     dense = embeddings(loaded, None, texts, PROTOCOL_TOKENS)
     rows = []
     with forms.registered(*DIAGNOSTIC_VARIANTS):  # for this measurement only: never listed elsewhere
-        for share in FRACTIONS:
+        for share in steps(progress, FRACTIONS, lambda share: f"L/{round(1 / share)}, three settings"):
             exact = ATPConfig(rank=share, form="exact")
             both = (embeddings(loaded, exact, texts, PROTOCOL_TOKENS) * dense).sum(-1)
             rows.append({"form": "exact", "rank": share, "cosine": protocol.encoder_summary(both, modules)})
@@ -173,7 +185,7 @@ def _shipped_run(form: str, basis: str, share: float) -> Path | None:
     return best[0] if best else None
 
 
-def measure_length_minilm(out: Path) -> dict:
+def measure_length_minilm(out: Path, progress: ProgressFn) -> dict:
     """Cosine to the original dense model by input length, on held-out texts cut at up to 256 tokens
     (MiniLM's limit; fine-tuning and the runs' tables use at most 128): the exact form at L/2 and L/4,
     untuned with either basis and tuned (the shipped keys-basis adapters, trained on texts of <= 128)."""
@@ -188,7 +200,7 @@ def measure_length_minilm(out: Path) -> dict:
     lengths = np.array([len(base.tokenizer(t)["input_ids"]) for t in texts])
     dense = embeddings(base, None, texts, longest)
     rows = []
-    for share in FRACTIONS:
+    for share in steps(progress, FRACTIONS, lambda share: f"L/{round(1 / share)}, untuned and tuned"):
         settings = [("untuned", "input", base), ("untuned", "keys", base)]
         run = _shipped_run("exact", "keys", share)
         if run is not None:
@@ -442,7 +454,7 @@ CEILING_SETTINGS = (
 CEILING_LENGTHS = (2048, 4096, 8192)  # SmolLM2 reads at most 8192 tokens
 
 
-def measure_prefill_ceilings(out: Path) -> dict:
+def measure_prefill_ceilings(out: Path, progress: ProgressFn) -> dict:
     """Counted (not timed) multiply-add ratio dense / ATP of a SmolLM2 prefill, per form and length, at
     r = 128 principal keys from the keys, chunks of 256: what each form could gain at best."""
     from atp_viz.analysis.bench import prefill
@@ -450,14 +462,14 @@ def measure_prefill_ceilings(out: Path) -> dict:
 
     loaded = load_model("smollm2")
     rows = []
-    for form, update in CEILING_SETTINGS:
-        for L in CEILING_LENGTHS:
-            macs = prefill.counted_macs(
-                loaded, L, rank=128, form=form, chunk=256, basis_from="keys", method="randomized",
-                basis_update=update,
-            )  # fmt: skip
-            rows.append({"form": form, "basis_update": update, "tokens": L, **macs,
-                         "ceiling": macs["dense_total"] / macs["atp_total"]})  # fmt: skip
+    grid = [(form, update, L) for form, update in CEILING_SETTINGS for L in CEILING_LENGTHS]
+    for form, update, L in steps(progress, grid, lambda s: f"counting {s[0]} ({s[1]}) at L = {s[2]}"):
+        macs = prefill.counted_macs(
+            loaded, L, rank=128, form=form, chunk=256, basis_from="keys", method="randomized",
+            basis_update=update,
+        )  # fmt: skip
+        rows.append({"form": form, "basis_update": update, "tokens": L, **macs,
+                     "ceiling": macs["dense_total"] / macs["atp_total"]})  # fmt: skip
     return {"model": "smollm2", "rank": 128, "chunk": 256, "rows": rows}
 
 

@@ -10,10 +10,10 @@ middle's principal keys close, under which form, and at what counted cost?
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
+from atp_viz.core.progress import ProgressFn, within
 from atp_viz.outputs.result_tuning import _md
 
 L, CHUNK, RANK, SINKS = 8192, 256, 128, 4
@@ -34,11 +34,7 @@ SETTINGS = (
 )
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def measure_window_smollm2(out: Path) -> dict:
+def measure_window_smollm2(out: Path, progress: ProgressFn) -> dict:
     """Perplexity, top-1 agreement with dense and the counted ceiling of every setting in ``SETTINGS``
     on the prefill benchmark's held-out window (strictly causal chunks of 256, basis from the keys)."""
     import torch
@@ -51,29 +47,22 @@ def measure_window_smollm2(out: Path) -> dict:
     window = protocol.heldout_windows(loaded.tokenizer, L, max_windows=1)
     ids = window.ids[0]
 
-    def run(label: str, **kw) -> tuple[dict, float]:
+    n = len(SETTINGS) + 1  # the dense run, then each setting: about the same time each
+
+    def run(i: int, label: str, **kw) -> tuple[dict, float]:
         t0 = time.perf_counter()
-
-        shown = [0.0]
-
-        def progress(f: float, msg: str) -> None:  # about every 30% of the chunks, and the last
-            if f - shown[0] >= 0.3 or f == 1.0:
-                shown[0] = f
-                _say(f"  {label}: {msg}")
-
+        say = within(progress, i / n, (i + 1) / n, f"{label} ({i + 1} of {n}): ")
         with torch.inference_mode():
-            logits = serving.chunked_logits(loaded, ids, chunk=CHUNK, progress=progress, **kw)
+            logits = serving.chunked_logits(loaded, ids, chunk=CHUNK, progress=say, **kw)
         return prefill._scored(logits, ids, CHUNK), time.perf_counter() - t0
 
-    _say("dense (chunks, exact past)")
-    dense, dense_s = run("dense", rank=None)
+    dense, dense_s = run(0, "dense (chunks, exact past)", rank=None)
     rows = []
-    for w, form, update, source in SETTINGS:
+    for i, (w, form, update, source) in enumerate(SETTINGS, start=1):
         keep = serving.ExactKeep(SINKS, w, drop_rest=form is None)
         label = f"window {w}, middle {form or 'dropped'}, basis from {source}"
-        _say(label)
         kw = {"rank": None} if form is None else {"rank": RANK, "form": form, "basis_update": update}
-        scored, seconds = run(label, keep=keep, basis_from=source, method="randomized", **kw)
+        scored, seconds = run(i, label, keep=keep, basis_from=source, method="randomized", **kw)
         macs = prefill.counted_macs(
             loaded, L, rank=RANK, form=form or "exact", chunk=CHUNK, basis_from=source, method="randomized",
             basis_update=update, keep=keep,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atp_viz.core.progress import ProgressFn
 from atp_viz.outputs import result_app as app_tables
 from atp_viz.outputs import result_control as control
 from atp_viz.outputs import result_gate as gate
@@ -37,7 +38,8 @@ class Result:
     render: Callable[[list[dict]], str]  # the files' JSON -> markdown
     command: str  # what regenerates the files
     minutes: float  # about how long that takes on this project's 2-core machine
-    measure: Callable[[Path], dict] | None = None  # writes RESULTS_DIR/<name>.json
+    # (out, progress) -> the JSON for RESULTS_DIR/<name>.json; progress says how far the measurement is
+    measure: Callable[[Path, ProgressFn], dict] | None = None
 
 
 def _read(path: Path) -> dict:
@@ -105,15 +107,16 @@ def write(readme: Path = README) -> None:
     readme.write_text(render_readme(readme.read_text(), RESULTS))
 
 
-def measure(name: str) -> Path:
-    """Rerun the measurement behind ``name`` and write its JSON (with its command and duration)."""
+def measure(name: str, progress: ProgressFn | None = None) -> Path:
+    """Rerun the measurement behind ``name`` and write its JSON (with its command and duration);
+    ``progress`` hears how far it is (they take 1 to 35 minutes)."""
     result = next((r for r in RESULTS if r.name == name), None)
     if result is None or result.measure is None:
         names = ", ".join(r.name for r in RESULTS if r.measure)
         raise ValueError(f"No measurement called {name!r}; these can be measured: {names}.")
     t0 = time.perf_counter()
     out = ROOT / result.files[0]
-    data: dict[str, Any] = result.measure(out)
+    data: dict[str, Any] = result.measure(out, progress or (lambda fraction, message: None))
     data["command"] = result.command
     data["seconds"] = time.perf_counter() - t0
     data["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
