@@ -18,7 +18,12 @@ def register(sub) -> None:
     group = r.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="fail (exit 1) when the README differs (default)")
     group.add_argument("--write", action="store_true", help="rewrite the README's tables from the files")
-    group.add_argument("--measure", nargs="+", metavar="NAME", help="rerun these measurements (progress on stderr), then rewrite")
+    group.add_argument(
+        "--measure",
+        nargs="+",
+        metavar="NAME",
+        help="rerun these measurements (progress on stderr), then rewrite",
+    )
     group.add_argument("--list", action="store_true", help="list the tables, their files and commands")
     r.set_defaults(func=run)
 
