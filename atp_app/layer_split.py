@@ -95,6 +95,9 @@ def layer_shares(
     except BusyError as err:
         st.warning(f"{err} Showing one rank in every layer meanwhile.")
         return Split()
+    except ValueError as err:  # e.g. a model whose tokenizer leaves no calibration text
+        st.error(f"Cannot choose per-layer ranks for this model: {err} Showing one rank in every layer.")
+        return Split()
     shares = allocation.split_budget(how, found, budget)
     note = f"Each layer's share of L: {format_layer_shares(shares)} (mean {np.mean(shares):.3g})"
     mean = float(np.mean(shares))
