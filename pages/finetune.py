@@ -132,13 +132,13 @@ with st.form("tune_form"):
         "weights).",
     )  # fmt: skip
     layer_ranks_from = st.radio(
-        "Encoders: ranks per layer", list(LAYER_RANK_CHOICES), horizontal=True, key="tune_layer_ranks",
+        "Ranks per layer", list(LAYER_RANK_CHOICES), horizontal=True, key="tune_layer_ranks",
         format_func=LAYER_RANK_CHOICES.get,
         help="One rank for every layer, or one per layer under the same budget (mean r / L), chosen on "
-        "training texts when the run starts: by what each layer's rank costs the output (measured: each "
-        "layer alone at 8 shares of L, about 40 s on MiniLM with 2 threads the first time for a form and "
-        "basis, then kept), or by the energy each layer's spectrum keeps. Decoders take one rank for "
-        "every layer.",
+        "training texts when the run starts: by what each layer's rank costs the output (encoders; "
+        "measured: each layer alone at 8 shares of L, about 40 s on MiniLM with 2 threads the first time "
+        "for a form and basis, then kept), or by the energy each layer's spectrum keeps (any model; for a "
+        "decoder each layer's share applies to the past as the rank mode above says).",
     )  # fmt: skip
     st.caption(
         "The committed runs (one torch thread while another run used the other core; the README lists them "

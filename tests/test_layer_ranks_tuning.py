@@ -156,9 +156,9 @@ def test_a_run_trains_and_evaluates_with_its_per_layer_ranks(tmp_path, monkeypat
 def test_per_layer_ranks_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(ValueError, match="for encoders"):
         training.train(
-            TuneConfig(model="tiny-llama", rank=0.5, layer_ranks=(0.5, 0.5), layer_ranks_from="given",
-                       seq_len=48, chunk=16), tmp_path / "dec",
-        )  # fmt: skip
+            TuneConfig(model="tiny-llama", rank=0.5, layer_ranks_from="measured", seq_len=48, chunk=16),
+            tmp_path / "dec",
+        )
     with pytest.raises(ValueError, match="has 2 layers"):
         training.train(
             TuneConfig(model="tiny-bert", rank=0.5, layer_ranks=(0.5,) * 3, layer_ranks_from="given"),
@@ -261,3 +261,101 @@ def test_a_comparison_with_per_layer_ranks_reports_each_layers_rank(load):
     assert d["rank"] == r(0.375) and d["layer_ranks"] == [r(0.5), r(0.25)]
     one = compare.compare(dense, compare.forward(loaded, tok, ATPConfig(rank=0.25))).as_dict()
     assert one["rank"] == r(0.25) and "layer_ranks" not in one
+
+
+@pytest.mark.parametrize("basis_update", ["recompute", "moments", "window"])
+def test_a_decoders_chunked_past_takes_each_layers_own_rank(load, monkeypatch, basis_update):
+    """In the strictly causal chunked mode every layer compresses its past to its own rank: the same share
+    in every layer is the one rank, full shares are dense (exact form), each layer's r is the one asked
+    for, and nothing after a position reaches it."""
+    from atp_viz.analysis import serving
+    from atp_viz.core.ranks import chunk_rank
+
+    loaded = load("tiny-llama")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (1, 64))
+    form = "pksoftmax" if basis_update == "moments" else "exact"
+    kw = {"form": form, "chunk": 16, "basis_from": "keys", "basis_update": basis_update}
+    if basis_update == "window":  # sinks and a window read exactly, the middle at each layer's rank
+        kw.update(basis_update="recompute", keep=serving.ExactKeep(2, 8))
+    with torch.no_grad():
+        one = serving.chunked_logits(loaded, ids, rank=0.25, **kw)
+        same = serving.chunked_logits(loaded, ids, rank=0.25, layer_ranks=(0.25, 0.25), **kw)
+        mixed = serving.chunked_logits(loaded, ids, rank=0.5, layer_ranks=(0.75, 0.25), **kw)
+        dense = serving.chunked_logits(loaded, ids, rank=None, layer_ranks=(0.75, 0.25), **kw)
+        swapped = serving.chunked_logits(loaded, ids, rank=0.5, layer_ranks=(0.25, 0.75), **kw)
+        first = serving.chunked_logits(loaded, ids, rank=0.75, **kw)
+    torch.testing.assert_close(same, one, rtol=0, atol=0)
+    for other in (one, dense, swapped, first):  # each layer at its own rank, in layer order
+        assert not torch.allclose(mixed, other, atol=1e-4)
+    if basis_update == "recompute":  # the whole past kept in every layer is dense attention
+        with torch.no_grad():
+            full = serving.chunked_logits(loaded, ids, rank=1.0, layer_ranks=(1.0, 1.0), **kw)
+        torch.testing.assert_close(full, dense, rtol=1e-4, atol=1e-4)
+        seen = []
+        real = serving.compressed
+        monkeypatch.setattr(serving, "compressed", lambda m, r, **k: seen.append(r) or real(m, r, **k))
+        with torch.no_grad():
+            serving.chunked_logits(loaded, ids, rank=0.5, layer_ranks=(0.75, 0.25), **kw)
+        # chunks 1..3, layers in order: each layer's share of its past (16, 32, 48 tokens)
+        want = [chunk_rank(share, start, 16, "past") for start in (16, 32, 48) for share in (0.75, 0.25)]
+        assert seen == want
+    other = ids.clone()
+    other[0, 40:] = torch.randint(5, 1000, (24,))
+    with torch.no_grad():
+        changed = serving.chunked_logits(loaded, other, rank=0.5, layer_ranks=(0.75, 0.25), **kw)
+    torch.testing.assert_close(changed[:40], mixed[:40], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="3 per-layer ranks given; the model has 2 layers"):
+        serving.chunked_logits(loaded, ids, rank=0.5, layer_ranks=(0.5,) * 3, **kw)
+
+
+def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path, monkeypatch):
+    """A decoder run with per-layer ranks from the spectra: chosen when it starts, used by both stages and
+    the evaluation's ATP rows (whose attended share is the layers' mean), recorded in its JSON."""
+    from atp_viz.analysis import protocol, serving
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real = serving.chunked_logits
+
+    def spy(loaded, ids, **kw):
+        if kw.get("rank") is not None:
+            seen.append(kw.get("layer_ranks"))
+        return real(loaded, ids, **kw)
+
+    monkeypatch.setattr(serving, "chunked_logits", spy)
+    cfg = TuneConfig(
+        model="tiny-llama", rank=0.25, layer_ranks_from="spectrum", seq_len=48, chunk=16, steps=1,
+        transfer_steps=1, eval_windows=2,
+    )  # fmt: skip
+    res = training.train(cfg, tmp_path / "run")
+    shares = res.config.layer_ranks
+    assert len(shares) == 2 and np.mean(shares) == pytest.approx(0.25, abs=1 / 64)
+    assert seen and all(tuple(r) == shares for r in seen)  # stage 1, stage 2 and the evaluation
+    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    assert meta["settings"]["layer_ranks"] == list(shares) and "per-layer ranks" in meta["metrics"]["what"]
+    # the attended share reported is the layers' mean (here far from the budget the rank labels)
+    windows = protocol.heldout_windows(load("tiny-llama").tokenizer, 48, max_windows=2)
+    got = protocol.score_decoder(load("tiny-llama"), windows, rank=0.25, form="exact", chunk=16,
+                                 rank_mode="effective", layer_ranks=(1.0, 0.5)).shares  # fmt: skip
+    want = np.mean([protocol.mean_share(s, 48, 16, "effective") for s in (1.0, 0.5)])
+    assert got == [pytest.approx(want)] and want > protocol.mean_share(0.25, 48, 16, "effective") + 0.1
+
+
+def test_perplexity_takes_per_layer_ranks(tmp_path, monkeypatch):
+    """`perplexity --layer-ranks`: each share of the grid split over the layers (the spectra's split of
+    that budget, or the shares given), listed in its row; key counts and a mismatched mean are refused."""
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path / "cache"))
+    argv = ["perplexity", "--model", "tiny-llama", "--forms", "exact", "--windows", "2", "--seq-len", "48"]
+    argv += ["--chunk", "16"]
+    out = tmp_path / "p.json"
+    assert main([*argv, "--ranks", "0.5,0.25", "--layer-ranks", "spectrum", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["rank"] != "dense"]
+    assert [r["rank"] for r in rows] == [0.5, 0.25] and all(len(r["layer_ranks"]) == 2 for r in rows)
+    for r in rows:
+        assert np.mean(r["layer_ranks"]) == pytest.approx(r["rank"], abs=1 / 64)
+    assert main([*argv, "--ranks", "0.375", "--layer-ranks", "0.5,0.25", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["layer_ranks"] == [0.5, 0.25] and row["attended_share"] > 0
+    for ranks, how in (("0.5", "0.5,0.25"), ("16", "spectrum"), ("0.5", "measured")):
+        assert main([*argv, "--ranks", ranks, "--layer-ranks", how, "--json", str(out)]) == 2

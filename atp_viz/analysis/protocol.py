@@ -32,7 +32,7 @@ import torch
 
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn
-from atp_viz.core.ranks import RANK_MODES, attended_share, chunk_rank, describe_window
+from atp_viz.core.ranks import RANK_MODES, attended_share, chunk_rank, describe_layer_shares, describe_window
 from atp_viz.text import corpus
 
 BOOTSTRAP = 2000
@@ -220,10 +220,11 @@ def score_decoder(
     keep=None,
     basis_update: str = "recompute",
     progress: ProgressFn | None = None,
+    layer_ranks=None,
 ) -> DecoderScores:
     """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact;
     ``keep``: sinks and a window read exactly, :class:`atp_viz.analysis.serving.ExactKeep`;
-    ``basis_update``: as in :func:`atp_viz.analysis.serving.chunked_logits`)."""
+    ``basis_update`` and ``layer_ranks``: as in :func:`atp_viz.analysis.serving.chunked_logits`)."""
     from atp_viz.analysis import serving
 
     if rank_mode not in RANK_MODES:
@@ -234,7 +235,7 @@ def score_decoder(
             with torch.inference_mode():
                 logits = serving.chunked_logits(
                     loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                    basis_from=basis_from, keep=keep, basis_update=basis_update,
+                    basis_from=basis_from, keep=keep, basis_update=basis_update, layer_ranks=layer_ranks,
                 )  # fmt: skip
         except NonFiniteError:
             out.broken += 1
@@ -245,7 +246,9 @@ def score_decoder(
         out.modules.append(owner[chunk + 1 :])
         if progress:
             progress((i + 1) / len(windows.ids), f"window {i + 1} of {len(windows.ids)}")
-    out.shares.append(mean_share(rank, windows.ids[0].shape[1] if windows.ids else 0, chunk, rank_mode, keep))
+    seq_len = windows.ids[0].shape[1] if windows.ids else 0
+    by_layer = [rank] if rank is None or layer_ranks is None else layer_ranks  # the mean over layers
+    out.shares.append(float(np.mean([mean_share(r, seq_len, chunk, rank_mode, keep) for r in by_layer])))
     return out
 
 
@@ -370,6 +373,7 @@ def perplexity_grid(
     progress: ProgressFn | None = None,
     original=None,
     basis_update: str = "recompute",
+    layer_split: Callable[[float], tuple[float, ...]] | None = None,
 ) -> list[dict]:
     """Dense, then each ``(rank, form)`` setting, on the same windows and scored positions: top-1 and
     perplexity with intervals, and each setting's paired difference to dense. One row per setting.
@@ -382,7 +386,11 @@ def perplexity_grid(
 
     ``basis_update="moments"`` (running sums of the past) applies to the forms that can use it (``linear``,
     ``pksoftmax``); a form that rebuilds past keys from U_r recomputes its basis, and each row says which
-    it used (``basis_update``)."""
+    it used (``basis_update``).
+
+    ``layer_split`` (a share of L -> one share per layer, e.g. the spectra's split of that budget): each
+    ATP setting with a share runs its layers at their own shares, and its row lists them (``layer_ranks``);
+    a setting with a key count keeps one rank."""
     from atp_viz import forms
     from atp_viz.core.progress import within
 
@@ -409,14 +417,17 @@ def perplexity_grid(
             )
         else:
             update = "recompute" if rank is None or forms.get(form).needs_basis_rows else basis_update
+            per_layer = layer_split(rank) if layer_split and isinstance(rank, float) else None
             scores = score_decoder(
                 loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
-                basis_from=basis_from, keep=keep, basis_update=update, progress=sub,
+                basis_from=basis_from, keep=keep, basis_update=update, progress=sub, layer_ranks=per_layer,
             )  # fmt: skip
         dense = scores if rank is None else dense
         row = {"rank": "dense" if rank is None else rank, "form": "-" if rank in (None, "window") else form}
         if rank not in (None, "window"):
             row["basis_update"] = update
+            if per_layer is not None:
+                row["layer_ranks"] = list(per_layer)
         if keep is not None and rank is not None:
             row.update(
                 sinks=keep.sinks,
@@ -440,6 +451,9 @@ def grid_table(rows: Sequence[dict]) -> list[dict]:
     for r in rows:
         exact = f", {describe_window(r['window'], r['sinks'])}" if "window" in r else ""
         exact += " (running sums)" if r.get("basis_update") == "moments" else ""
+        exact += (
+            f" on average, per layer {describe_layer_shares(r['layer_ranks'])}" if "layer_ranks" in r else ""
+        )
         flat = {
             "rank": ("middle dropped" if r["rank"] == "window" else str(r["rank"])) + exact,
             "form": r["form"],

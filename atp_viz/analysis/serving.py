@@ -248,24 +248,42 @@ class WindowStore:
         return view
 
 
-def _chunk_views(stores, c: int, start: int, C: int, rank, opts: dict) -> list[LayerMemory]:
-    """Every layer's view of the past for chunk c (starting at token ``start``, C tokens long)."""
+def _chunk_views(stores, c: int, start: int, C: int, layer_rank: list, opts: dict) -> list[LayerMemory]:
+    """Every layer's view of the past for chunk c (starting at token ``start``, C tokens long), each
+    layer at its own rank (``layer_rank``: one per layer, all None for dense)."""
     keep, mode = opts["keep"], opts["rank_mode"]
+    layers = list(zip(stores, layer_rank, strict=True))
     if isinstance(stores[0], WindowStore):
-        return [m.view(rank, C, mode) for m in stores]
+        return [m.view(rank, C, mode) for m, rank in layers]
     if opts["moments"]:
-        r = ranks.chunk_rank(rank, start, C, mode) if c else 0
-        return [LayerMemory(past=m.past(r) if c else None) for m in stores]
+        return [
+            LayerMemory(past=m.past(ranks.chunk_rank(rank, start, C, mode)) if c else None)
+            for m, rank in layers
+        ]
     if keep is not None and c:
         return [
             windowed(m, keep, rank, C, rank_mode=mode, basis_from=opts["basis_from"], method=opts["method"])
-            for m in stores
+            for m, rank in layers
         ]
-    if rank is None or c == 0:
+    if layer_rank[0] is None or c == 0:
         # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
         return [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
-    r = ranks.chunk_rank(rank, start, C, mode)
-    return [compressed(m, r, basis_from=opts["basis_from"], method=opts["method"]) for m in stores]
+    return [
+        compressed(
+            m, ranks.chunk_rank(rank, start, C, mode), basis_from=opts["basis_from"], method=opts["method"]
+        )
+        for m, rank in layers
+    ]
+
+
+def _ranks_by_layer(rank, layer_ranks, n_layers: int) -> list:
+    """One rank per layer: ``layer_ranks`` (checked) when given, else ``rank`` everywhere; dense (``rank``
+    None) is dense in every layer, whatever ``layer_ranks`` says."""
+    if rank is None or layer_ranks is None:
+        return [rank] * n_layers
+    if len(layer_ranks) != n_layers:
+        raise ValueError(f"{len(layer_ranks)} per-layer ranks given; the model has {n_layers} layers.")
+    return [ranks.check_rank(r) for r in layer_ranks]
 
 
 def chunked_logits(
@@ -282,9 +300,12 @@ def chunked_logits(
     basis_update: str = "recompute",
     keep: ExactKeep | None = None,
     progress: ProgressFn | None = None,
+    layer_ranks: Sequence[int | float] | None = None,
 ) -> torch.Tensor:
     """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
-    keys/values (basis from those past tokens only) and to itself exactly and causally.
+    keys/values (basis from those past tokens only) and to itself exactly and causally. With
+    ``layer_ranks`` (one per layer, e.g. :mod:`atp_viz.analysis.allocation`'s shares under one budget)
+    each layer compresses to its own rank, read like ``rank``; ``rank`` then only says ATP is on.
 
     ``basis_update``: "recompute" keeps the past exactly and computes its basis anew for every chunk
     (``method``: exact, randomized or sketch SVD; every form); "moments" keeps only running sums of the
@@ -341,6 +362,7 @@ def chunked_logits(
     # computed when that chunk was current); each chunk attends to a fresh compression of it. With
     # moments, only the running sums of that past (and the exact sinks and window, if any).
     n_layers = loaded.info.n_layers
+    layer_rank = _ranks_by_layer(rank, layer_ranks, n_layers)
     if keep is not None and (moments or keep.drop_rest):
         stores = [WindowStore(basis_from, keep) for _ in range(n_layers)]
     elif moments:
@@ -358,7 +380,7 @@ def chunked_logits(
     n_chunks = math.ceil(L / chunk)
     for c in range(n_chunks):
         piece = ids[:, c * chunk : (c + 1) * chunk]
-        views = _chunk_views(stores, c, c * chunk, piece.shape[1], rank, opts)
+        views = _chunk_views(stores, c, c * chunk, piece.shape[1], layer_rank, opts)
         plan = StreamPlan(memories=views, form=form, stores=stores, params=params or loaded.form_params(form))
         all_logits.append(_run_piece(loaded, plan, piece, c * chunk))
         if progress:

@@ -42,8 +42,8 @@ def register(sub) -> None:
     )  # fmt: skip
     f.add_argument(
         "--layer-ranks", metavar="HOW", dest="layer_ranks_how",
-        help="encoders: one rank per layer with mean --rank: 'measured' (by what each layer's rank costs the "
-        "output on training texts), 'spectrum' (by each layer's spectrum), or shares (0.375,0.125,...)",
+        help="one rank per layer with mean --rank: 'measured' (encoders: by what each layer's rank costs "
+        "the output on training texts), 'spectrum' (by each layer's spectrum), or shares (0.375,0.125,...)",
     )  # fmt: skip
     f.add_argument(
         "--attention", choices=list(TRAIN_ATTENTION), default=d.attention,

@@ -48,6 +48,11 @@ def register(sub) -> None:
         help="the past's basis: an SVD per chunk, or running sums (moments; linear and pksoftmax, the other "
         "forms recompute). Default, with --window and --sinks: how a tuned model was tuned, else recompute",
     )  # fmt: skip
+    pp.add_argument(
+        "--layer-ranks", metavar="HOW",
+        help="one rank per layer with mean each share in --ranks: 'spectrum' (the spectra's split of that "
+        "budget, chosen on training texts) or shares (0.375,0.125,...; --ranks then their mean)",
+    )  # fmt: skip
     add_form(pp, many=True)
     pp.add_argument("--json")
     pp.set_defaults(func=run)
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
     rows = protocol.perplexity_grid(
         loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, basis_from=basis_from,
-        keep=keep, basis_update=basis_update,
+        keep=keep, basis_update=basis_update, layer_split=_layer_split(args, loaded, basis_from),
         progress=stderr_progress(), original=load_model(base) if base else None,
     )  # fmt: skip
     for row in protocol.grid_table(rows):
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "exact_sinks": args.sinks,
             "exact_window": args.window,
             "basis_update": basis_update,
+            "layer_ranks": args.layer_ranks,
             "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
@@ -115,3 +121,34 @@ def run(args: argparse.Namespace) -> int:
         args.json,
     )
     return 0
+
+
+def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
+    """--layer-ranks as a function of the budget (a share of L) -> one share per layer, or None."""
+    if not args.layer_ranks:
+        return None
+    from atp_viz.analysis import allocation
+    from atp_viz.core.progress import stderr_progress
+    from atp_viz.core.ranks import parse_layer_shares
+
+    if any(not isinstance(r, float) for r in args.ranks):
+        raise ValueError(
+            "--layer-ranks shares budgets given as shares of L (e.g. --ranks 0.5,0.25), not key counts."
+        )
+    how = args.layer_ranks.strip()
+    if how == "measured":
+        raise ValueError("Measured per-layer ranks are for encoders; a decoder takes 'spectrum' or shares.")
+    if how == "spectrum":
+        curves = allocation.split_measurement(
+            how, loaded, basis_source=basis_from, progress=stderr_progress()
+        )
+        return lambda share: allocation.split_budget(how, curves, share)
+    shares = parse_layer_shares(how)
+    if len(shares) != loaded.info.n_layers:
+        raise ValueError(f"{len(shares)} per-layer ranks given; the model has {loaded.info.n_layers} layers.")
+    mean = sum(shares) / len(shares)
+    if any(abs(r - mean) > 1e-9 for r in args.ranks):
+        raise ValueError(
+            f"The per-layer shares' mean is {mean:g}: give it as the one rank (--ranks {mean:g})."
+        )
+    return lambda share: shares

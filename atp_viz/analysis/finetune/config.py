@@ -190,6 +190,7 @@ class TuneConfig:
         return {
             "form": self.form, "chunk": self.chunk, "rank_mode": self.rank_mode,
             "basis_from": self.basis_from, "basis_update": self.basis_update, "keep": self.keep,
+            "layer_ranks": self.layer_ranks or None,
         }  # fmt: skip
 
     @property

@@ -179,6 +179,8 @@ def _decoder_rows(
             f"; each chunk reads {cfg.sinks} sink tokens and the {cfg.window} tokens before it exactly, "
             f"the rest of its past compressed to r = {cfg.rank} principal keys ({cfg.basis_update})"
         )
+    if cfg.layer_ranks:
+        note += f"; ATP rows with the run's per-layer ranks ({describe_layer_shares(cfg.layer_ranks)})"
     return rows, note
 
 

@@ -98,13 +98,15 @@ def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def decoder_losses(
     loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
     with_logits: bool = False, basis_from: str = "input", basis_update: str = "recompute", keep=None,
+    layer_ranks=None,
 ):  # fmt: skip
     """The decoder objective: per-position next-token losses ``[L - chunk - 1]`` of the predictions
     made at positions chunk .. L-2 (entry j: the logits at position chunk + j, which attend to the
     compressed past, predict token chunk + j + 1), and the top-1 hits among them (and those logits,
     ``[L - chunk - 1, V]``, with ``with_logits``).
 
-    Strictly causal (``serving.chunked_logits``, whose ``basis_update`` and ``keep`` these are);
+    Strictly causal (``serving.chunked_logits``, whose ``basis_update``, ``keep`` and ``layer_ranks``
+    these are);
     ``tests/test_finetune.py`` perturbs later tokens.
     """
     logits = serving.chunked_logits(
@@ -118,6 +120,7 @@ def decoder_losses(
         basis_from=basis_from,
         basis_update=basis_update,
         keep=keep,
+        layer_ranks=layer_ranks,
     )  # (L, V)
     target = ids[0, chunk + 1 :].to(logits.device)
     pred = logits[chunk:-1]  # logits at i predict token i + 1; i >= chunk has a compressed past

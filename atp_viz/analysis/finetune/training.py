@@ -295,10 +295,10 @@ def _check_fits(cfg: TuneConfig, loaded: LoadedModel) -> None:
             "A fixed number of principal keys, an exact window and running-sum bases are for decoders (a "
             "past read in chunks); an encoder takes the rank as a share of each text."
         )
-    if (cfg.layer_ranks or cfg.layer_ranks_from) and is_dec:
+    if cfg.layer_ranks_from == "measured" and is_dec:
         raise ValueError(
-            "Per-layer ranks are for encoders: a decoder's strictly causal chunked mode takes one rank for "
-            "every layer."
+            "Measured per-layer ranks are for encoders (the loss is the sentence embedding's cosine): a "
+            "decoder takes them from the spectra, or as given."
         )
     if cfg.layer_ranks and len(cfg.layer_ranks) != loaded.info.n_layers:
         raise ValueError(
