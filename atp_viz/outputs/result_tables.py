@@ -148,6 +148,94 @@ def render_perplexity(data: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# A decoder's per-layer ranks under one budget (same windows and protocol, untuned)
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_FORM, SPLIT_BASIS, SPLIT_MODE = "exact", "keys", "effective"
+
+
+def measure_layer_split(out: Path, progress: ProgressFn) -> dict:
+    """SmolLM2 untuned, strictly causal: one rank in every layer against the spectra's split of the same
+    budget (chosen on training texts), at L/2 and L/4 of the attended keys; the split paired with one rank."""
+    from atp_viz.analysis import allocation, protocol
+    from atp_viz.hf.models import load_model
+
+    loaded = load_model("smollm2")
+    windows = protocol.heldout_windows(loaded.tokenizer, PPL_SEQ, max_windows=PPL_WINDOWS)
+    curves = allocation.split_measurement(
+        "spectrum", loaded, basis_source=SPLIT_BASIS, progress=within(progress, 0.0, 0.05, "spectra: ")
+    )
+    runs = [(None, None)] + [(s, None) for s in FRACTIONS]
+    runs += [(s, allocation.split_budget("spectrum", curves, s)) for s in FRACTIONS]
+    scores = []
+    for i, (share, split) in enumerate(runs):
+        what = "dense" if share is None else f"r = {share:g} L" + (", per layer" if split else "")
+        lo, hi = 0.05 + 0.95 * i / len(runs), 0.05 + 0.95 * (i + 1) / len(runs)
+        scores.append(
+            protocol.score_decoder(
+                loaded, windows, rank=share, form=SPLIT_FORM, chunk=PPL_CHUNK, rank_mode=SPLIT_MODE,
+                basis_from=SPLIT_BASIS, layer_ranks=split,
+                progress=within(progress, lo, hi, f"{what}: "),
+            )
+        )  # fmt: skip
+    rows = []
+    for (share, split), sc in zip(runs, scores, strict=True):
+        row = {"rank": "dense" if share is None else share, "layer_ranks": list(split) if split else None}
+        row.update(protocol.decoder_summary(sc, windows, None if share is None else scores[0]))
+        if split:
+            one = scores[1 + FRACTIONS.index(share)]
+            vs = protocol.decoder_summary(sc, windows, one)
+            for key in ("top1_minus_reference", "perplexity_ratio_to_reference"):
+                new = key.replace("reference", "one_rank")
+                row[new], row[f"{new}_ci"] = vs[key], vs[f"{key}_ci"]
+        rows.append(row)
+    return {
+        "model": "smollm2", "form": SPLIT_FORM, "basis_from": SPLIT_BASIS, "rank_mode": SPLIT_MODE,
+        "n_windows": len(windows.ids), "seq_len": PPL_SEQ, "chunk": PPL_CHUNK, "rows": rows,
+    }  # fmt: skip
+
+
+def render_layer_split(data: list[dict]) -> str:
+    from atp_viz.core.ranks import describe_layer_shares
+
+    d = data[0]
+    rows = []
+    for r in d["rows"]:
+        dense = r["rank"] == "dense"
+        split = r["layer_ranks"]
+        pt = ("top1_minus_reference_ci", "top1_minus_one_rank_ci")
+        rows.append(
+            [
+                "dense" if dense else f"{r['rank']:g} L",
+                "-" if dense else ("the spectra's split (below)" if split else "one rank"),
+                f"{r['attended_share']:.2f}",
+                interval(r["perplexity"], r["perplexity_ci"], 2),
+                interval(r["top1"], r["top1_ci"]),
+                "" if dense else interval(r["top1_minus_reference"], r[pt[0]], 1, scale=100),
+                interval(r["top1_minus_one_rank"], r[pt[1]], 1, scale=100) if split else "",
+                interval(r["perplexity_ratio_to_one_rank"], r["perplexity_ratio_to_one_rank_ci"])
+                if split
+                else "",
+            ]
+        )
+    head = [
+        "budget (mean share)", "ranks per layer", "attended share", "perplexity [95% CI]", "top-1 [95% CI]",
+        "top-1 - dense, pt [95% CI]", "top-1 - one rank, pt [95% CI]", "perplexity / one rank [95% CI]",
+    ]  # fmt: skip
+    note = (
+        f"\n\nSmolLM2 untuned, {d['form']} form, basis from the {d['basis_from']}, rank as a share of the "
+        f"attended keys ({d['rank_mode']}); {d['n_windows']} held-out windows of {d['seq_len']} tokens, "
+        f"chunks of {d['chunk']}, {d['rows'][0]['n_scored']} scored predictions per row. Intervals: "
+        "bootstrap over windows, differences paired. The spectra's split (the energy each layer keeps, on 32 "
+        "training-split texts), layer 0 first:"
+    )
+    for r in d["rows"]:
+        if r["layer_ranks"]:
+            note += f"\n- {r['rank']:g} L: {describe_layer_shares(r['layer_ranks'])}"
+    return _md(head, rows) + note
+
+
+# --------------------------------------------------------------------------------------------------
 # Generation with a compressed KV cache (one prompt: no interval)
 # --------------------------------------------------------------------------------------------------
 
