@@ -106,3 +106,26 @@ def layer_shares(
     step = "1/8" if how == "measured" else "1/64"
     note += f"; the split works in steps of {step} of L, so the budget {budget:.3g} became {mean:.3g}"
     return Split(shares, note + ".", mean)
+
+
+def grid_choice(column, model_key: str, info: ModelInfo) -> str:
+    """The Serving page's "ranks per layer" for its perplexity grid, as the library's ``how``
+    (:func:`atp_viz.analysis.allocation.budget_splitter`): "" (one rank), "spectrum" (every share of L
+    split), or, for a run tuned per layer, its shares (which serve that run's own budget only)."""
+    trained = _trained_shares(model_key)
+    choices = {k: v for k, v in _choices(info, trained).items() if k != "measured"}
+    how = column.radio(
+        "Ranks per layer",
+        list(choices),
+        index=list(choices).index(AS_TUNED if trained else ONE),
+        format_func=choices.get,
+        key="ppl_layer_split",
+        horizontal=True,
+        help="For each rank given as a share of L: the same share in every layer, or that budget (the mean "
+        "over the layers) shared out where each layer's past keeps the most energy (chosen on training "
+        "text), or as a run tuned per layer was tuned (its own budget only; other ranks keep one share). "
+        "Key counts keep one rank; each row lists the shares it used.",
+    )
+    if how == AS_TUNED:
+        return format_layer_shares(trained)
+    return how if how in choices else ONE

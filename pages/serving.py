@@ -3,10 +3,10 @@
 import pandas as pd
 import streamlit as st
 
-from atp_app import navigation, runtime, widgets
+from atp_app import layer_split, navigation, runtime, widgets
 from atp_app.sidebar import offer_decoder, page_inputs
 from atp_viz import forms
-from atp_viz.analysis import protocol, serving
+from atp_viz.analysis import allocation, protocol, serving
 from atp_viz.core.progress import within
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
 from atp_viz.deploy.jobs import BusyError
@@ -178,12 +178,14 @@ ranks = st.multiselect(
     [16, 32, 64, 128],
     key="ppl_ranks",
 )
+split_how = layer_split.grid_choice(st, sel.model_key, info)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _perplexity(
     model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str,
     basis_from: str = "input", keep: serving.ExactKeep | None = None, basis_update: str = "recompute",
+    split_how: str = "",
 ):  # fmt: skip
     m = runtime.get_model(model_key)
     if text is None:
@@ -191,9 +193,14 @@ def _perplexity(
     else:
         windows = protocol.text_windows(m.tokenizer, text, seq_len, label="sidebar text")
     with runtime.heavy_job("perplexity grid"), widgets.progress("Perplexity...") as bar:
+        split = None
+        if split_how:  # the spectra are measured once per weights and basis, then read from disk
+            split = allocation.budget_splitter(
+                split_how, m, basis_source=basis_from, progress=within(bar, 0.0, 0.05, "per-layer ranks: ")
+            )
         rows = protocol.perplexity_grid(
             m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep,
-            basis_update=basis_update, progress=bar,
+            basis_update=basis_update, layer_split=split, progress=within(bar, 0.05 if split else 0.0, 1.0),
         )  # fmt: skip
     return len(windows.ids), rows
 
@@ -214,6 +221,7 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
             basis_from,
             keep,
             basis_update,
+            split_how,
         )
     except (ValueError, TextError) as err:
         st.error(str(err))
@@ -225,6 +233,12 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
         f"; each chunk also reads the first {sinks} tokens and the {window} before it exactly" if keep else ""
     )
     st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{exact}.")
+    if split_how and not any("layer_ranks" in r for r in rows):
+        st.warning(
+            "Ranks per layer apply to ranks given as a share of L"
+            + ("" if split_how == "spectrum" else " equal to the tuned run's budget")
+            + "; none was chosen, so every row keeps one rank in every layer."
+        )
     table = protocol.grid_table(rows)
     st.dataframe(pd.DataFrame(table), hide_index=True, key="ppl_table")
     widgets.table_downloads(table, "perplexity_table")

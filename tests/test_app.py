@@ -231,6 +231,28 @@ def test_serving_page_encoder_message_and_decoder_generation():
     assert any("basis from keys" in c.value and "2 tokens and the 32" in c.value for c in at.caption)
 
 
+def test_serving_perplexity_grid_shares_each_budget_over_the_layers(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    at = _app("pages/serving.py").run()
+    at.selectbox(key="model_choice").set_value("smollm2").run()
+    for key, value in (("ppl_windows", 2), ("ppl_seq", 128), ("ppl_chunk", 32)):
+        at.number_input(key=key).set_value(value).run()
+    at.multiselect(key="ppl_forms").set_value(["exact"]).run()
+    at.multiselect(key="ppl_ranks").set_value([8, 0.25]).run()
+    at.radio(key="ppl_layer_split").set_value("spectrum").run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    ranks = list(at.dataframe[0].value["rank"])
+    # the key count keeps one rank; the share of L is split, and its row lists every layer's share
+    assert ranks[2] == "8" and ranks[1].startswith("0.25 on average, per layer "), ranks
+    assert len(ranks[1].split("per layer ")[1].split(", ")) == 30
+    assert not at.warning
+    at.multiselect(key="ppl_ranks").set_value([8]).run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    assert any("every row keeps one rank" in w.value for w in at.warning)
+
+
 def test_cost_page_counts_follow_inputs():
     at = _app("pages/costs.py").run()
     assert not at.exception, at.exception

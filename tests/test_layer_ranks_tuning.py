@@ -76,6 +76,13 @@ def test_choosing_per_layer_ranks_reads_and_refuses(load):
             allocation.choose_layer_ranks(bad, loaded, 0.5)
     with pytest.raises(ValueError, match="share of L"):
         allocation.choose_layer_ranks("measured", loaded, 16)
+    # a grid's choice: a split for every budget, or given shares for their own mean only
+    split = allocation.budget_splitter("spectrum", loaded)
+    assert all(np.mean(split(b)) == pytest.approx(b, abs=1 / 64) for b in (0.5, 0.25))
+    given = allocation.budget_splitter("0.5, L/4", loaded)
+    assert given(0.375) == (0.5, 0.25) and given(0.5) is None
+    with pytest.raises(ValueError, match="2 layers"):
+        allocation.budget_splitter("0.5", loaded)
 
 
 def test_the_config_keeps_one_budget_and_keys_its_cached_scores_by_the_ranks():

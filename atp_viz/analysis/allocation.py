@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -282,15 +282,41 @@ def choose_layer_ranks(
     """``(shares, source)`` for ``how``: "measured", "spectrum", or shares of L typed by the user (one
     per layer, mean ``share``: :func:`atp_viz.core.ranks.parse_layer_shares`); ValueError with a
     sentence otherwise."""
-    from atp_viz.core.ranks import parse_layer_shares
-
     how = (how or "").strip()
     if not isinstance(share, float):
         raise ValueError("Per-layer ranks share a budget given as a share of L (e.g. 0.25), not a key count.")
     if how in ("measured", "spectrum"):
         found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
         return split_budget(how, found, share), how
-    shares = parse_layer_shares(how)
+    return given_shares(how, loaded), "given"
+
+
+def given_shares(text: str, loaded: LoadedModel) -> tuple[float, ...]:
+    """Per-layer shares of L typed by the user (:func:`atp_viz.core.ranks.parse_layer_shares`), one per
+    layer of ``loaded``; ValueError with a sentence otherwise."""
+    from atp_viz.core.ranks import parse_layer_shares
+
+    shares = parse_layer_shares(text)
     if len(shares) != loaded.info.n_layers:
         raise ValueError(f"{len(shares)} per-layer ranks given; the model has {loaded.info.n_layers} layers.")
-    return shares, "given"
+    return shares
+
+
+def budget_splitter(
+    how: str,
+    loaded: LoadedModel,
+    *,
+    form: str = "exact",
+    basis_source: str = "input",
+    progress: ProgressFn | None = None,
+) -> Callable[[float], tuple[float, ...] | None]:
+    """A grid's per-layer choice as a function of each budget (a share of L) -> its per-layer shares:
+    "spectrum" or "measured" split every budget (measured once, here, with ``progress``); shares of L
+    typed by the user serve their own mean only, and any other budget keeps one rank (None)."""
+    how = (how or "").strip()
+    if how in ("measured", "spectrum"):
+        found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
+        return lambda share: split_budget(how, found, share)
+    shares = given_shares(how, loaded)
+    mean = float(np.mean(shares))
+    return lambda share: shares if abs(share - mean) <= 1e-9 else None

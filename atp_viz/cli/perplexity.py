@@ -129,7 +129,6 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
         return None
     from atp_viz.analysis import allocation
     from atp_viz.core.progress import stderr_progress
-    from atp_viz.core.ranks import parse_layer_shares
 
     if any(not isinstance(r, float) for r in args.ranks):
         raise ValueError(
@@ -138,17 +137,11 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
     how = args.layer_ranks.strip()
     if how == "measured":
         raise ValueError("Measured per-layer ranks are for encoders; a decoder takes 'spectrum' or shares.")
-    if how == "spectrum":
-        curves = allocation.split_measurement(
-            how, loaded, basis_source=basis_from, progress=stderr_progress()
-        )
-        return lambda share: allocation.split_budget(how, curves, share)
-    shares = parse_layer_shares(how)
-    if len(shares) != loaded.info.n_layers:
-        raise ValueError(f"{len(shares)} per-layer ranks given; the model has {loaded.info.n_layers} layers.")
-    mean = sum(shares) / len(shares)
-    if any(abs(r - mean) > 1e-9 for r in args.ranks):
+    split = allocation.budget_splitter(how, loaded, basis_source=basis_from, progress=stderr_progress())
+    missed = [r for r in args.ranks if split(r) is None]  # given shares serve their own mean only
+    if missed:
+        mean = sum(allocation.given_shares(how, loaded)) / loaded.info.n_layers
         raise ValueError(
             f"The per-layer shares' mean is {mean:g}: give it as the one rank (--ranks {mean:g})."
         )
-    return lambda share: shares
+    return split
