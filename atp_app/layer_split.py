@@ -49,6 +49,13 @@ def _choices(info: ModelInfo, trained: tuple[float, ...]) -> dict[str, str]:
     return out
 
 
+# Why a choice made on another model is not offered on this one.
+_UNAVAILABLE = {
+    "measured": "Measured per-layer ranks are for encoders (their loss is the sentence embedding's cosine)",
+    AS_TUNED: "This model was not tuned with per-layer ranks",
+}
+
+
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _measurement(model_key: str, how: str, form: str, basis_source: str) -> np.ndarray:
     """The budget-free measurement a split is chosen from, once per server (and kept on disk by the
@@ -69,6 +76,7 @@ def layer_shares(
     server is said on the page and falls back to one rank."""
     trained = _trained_shares(model_key)
     choices = _choices(info, trained)
+    wanted = st.session_state.get("layer_split")  # before the radio: a choice this model lacks is reset
     how = column.radio(
         "Ranks per layer",
         list(choices),
@@ -81,6 +89,8 @@ def layer_shares(
         "training-split texts (encoders; about 40 s the first time on MiniLM per form and basis). Both are "
         "chosen on training text, never on the text shown.",
     )
+    if wanted and wanted not in choices:
+        column.info(f"{_UNAVAILABLE.get(wanted, 'That choice')}: one rank in every layer instead.")
     if how == ONE or how not in choices:
         return Split()
     if how == AS_TUNED:
