@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from atp_app import runtime, widgets
+from atp_app import runtime, state, widgets
 from atp_viz.analysis import allocation
 from atp_viz.analysis.finetune.config import LAYER_RANK_SOURCES
 from atp_viz.core.ranks import format_layer_shares
+from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.hf import tuned
 from atp_viz.hf.model_info import TUNED_PREFIX, ModelInfo, ModelLoadError
 
-ONE, AS_TUNED = "", "tuned"
+ONE, SPECTRUM, MEASURED, AS_TUNED = urlstate.SPLITS  # the radio's values are the link's words
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ def _trained_shares(model_key: str) -> tuple[float, ...]:
 
 def _choices(info: ModelInfo, trained: tuple[float, ...]) -> dict[str, str]:
     out = {ONE: "the same r in every layer"}
-    out["spectrum"] = f"one budget, {LAYER_RANK_SOURCES['spectrum'].split(' (')[0]}"
+    out[SPECTRUM] = f"one budget, {LAYER_RANK_SOURCES['spectrum'].split(' (')[0]}"
     if not info.is_decoder:  # the measured loss is the sentence embedding's cosine
-        out["measured"] = f"one budget, {LAYER_RANK_SOURCES['measured'].split(' (')[0]}"
+        out[MEASURED] = f"one budget, {LAYER_RANK_SOURCES['measured'].split(' (')[0]}"
     if trained:
         out[AS_TUNED] = f"as this model was tuned ({format_layer_shares(trained)} of L)"
     return out
@@ -51,7 +52,7 @@ def _choices(info: ModelInfo, trained: tuple[float, ...]) -> dict[str, str]:
 
 # Why a choice made on another model is not offered on this one.
 _UNAVAILABLE = {
-    "measured": "Measured per-layer ranks are for encoders (their loss is the sentence embedding's cosine)",
+    MEASURED: "Measured per-layer ranks are for encoders (their loss is the sentence embedding's cosine)",
     AS_TUNED: "This model was not tuned with per-layer ranks",
 }
 
@@ -76,21 +77,22 @@ def layer_shares(
     server is said on the page and falls back to one rank."""
     trained = _trained_shares(model_key)
     choices = _choices(info, trained)
-    wanted = st.session_state.get("layer_split")  # before the radio: a choice this model lacks is reset
+    wanted = state.get("split") or ONE  # the view's: a link's, or chosen on another model
+    if wanted not in choices:  # chosen on another model, which offered it
+        column.info(f"{_UNAVAILABLE.get(wanted, 'That choice')}: one rank in every layer instead.")
+        state.put("split", ONE)
+        wanted = ONE
     how = column.radio(
         "Ranks per layer",
         list(choices),
         format_func=choices.get,
-        key="layer_split",
-        persist_state="session",
+        **state.bind("layer_split", "split", wanted),
         help="The same budget (mean share of L over the layers) shared out where it costs least. "
         "'spectra': where each layer's attention input keeps the most energy (any model); 'measured': "
         "what each layer's rank costs the sentence embedding, each layer alone at 1/8 ... 1 of L on 32 "
         "training-split texts (encoders; about 40 s the first time on MiniLM per form and basis). Both are "
         "chosen on training text, never on the text shown.",
     )
-    if wanted and wanted not in choices:
-        column.info(f"{_UNAVAILABLE.get(wanted, 'That choice')}: one rank in every layer instead.")
     if how == ONE or how not in choices:
         return Split()
     if how == AS_TUNED:
@@ -101,7 +103,7 @@ def layer_shares(
         return Split(trained, note + "slider is set aside.", mean)
     try:
         # The spectra do not depend on the form: one measurement serves every form.
-        found = _measurement(model_key, how, form if how == "measured" else "exact", basis_source)
+        found = _measurement(model_key, how, form if how == MEASURED else "exact", basis_source)
     except BusyError as err:
         st.warning(f"{err} Showing one rank in every layer meanwhile.")
         return Split()
@@ -113,7 +115,7 @@ def layer_shares(
     mean = float(np.mean(shares))
     if abs(mean - budget) <= 1e-9:
         return Split(shares, note + ".")
-    step = "1/8" if how == "measured" else "1/64"
+    step = "1/8" if how == MEASURED else "1/64"
     note += f"; the split works in steps of {step} of L, so the budget {budget:.3g} became {mean:.3g}"
     return Split(shares, note + ".", mean)
 
@@ -123,7 +125,7 @@ def grid_choice(column, model_key: str, info: ModelInfo) -> str:
     (:func:`atp_viz.analysis.allocation.budget_splitter`): "" (one rank), "spectrum" (every share of L
     split), or, for a run tuned per layer, its shares (which serve that run's own budget only)."""
     trained = _trained_shares(model_key)
-    choices = {k: v for k, v in _choices(info, trained).items() if k != "measured"}
+    choices = {k: v for k, v in _choices(info, trained).items() if k != MEASURED}
     how = column.radio(
         "Ranks per layer",
         list(choices),
@@ -138,4 +140,4 @@ def grid_choice(column, model_key: str, info: ModelInfo) -> str:
     )
     if how == AS_TUNED:
         return format_layer_shares(trained)
-    return how if how in choices else ONE
+    return how if how == SPECTRUM else ""

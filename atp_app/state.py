@@ -1,5 +1,6 @@
-"""One view state for the whole app: model, text choice, rank, form, layer, head, query token, the maps'
-colour scale and sink switch, and presenter mode. It persists across pages within a session and sits in
+"""One view state for the whole app: model, text choice, rank, form, the basis (its source and method),
+the ranks per layer, layer, head, query token, the maps' colour scale and sink switch, and presenter
+mode. It persists across pages within a session and sits in
 the URL of every page, so a link to any page reproduces the view. Typed or uploaded text stays out of
 links (it is kept for the session only).
 
@@ -30,12 +31,17 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from atp_viz import forms
 from atp_viz.analysis.token_view import default_query
+from atp_viz.core.basis import METHODS
 from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy import urlstate
 from atp_viz.figures import maps
+from atp_viz.hf.engine import BASIS_SOURCES
 
 VIEW = "_view"
-URL_PARAMS = ("model", "sample", "rank", "form", "layer", "head", "query", "scale", "sinks", "present")
+URL_PARAMS = (
+    "model", "sample", "rank", "form", "basis", "method", "split", "layer", "head", "query", "scale", "sinks",
+    "present",
+)  # fmt: skip
 RANK_UNITS = {"fraction": "fraction of L", "tokens": "tokens"}  # URL word -> the explorer's radio option
 SAMPLE = "Sample"  # the text source whose choice (a sample's name) goes into links
 OTHER = "__other__"  # the sidebar's "Other: a local folder or hub id" choice
@@ -139,6 +145,8 @@ def fit_view(n_tokens: int, n_layers: int, n_heads: int, is_decoder: bool) -> No
         default_query=default_query(n_tokens, is_decoder),
         default_form=forms.DEFAULT,
         default_scale=maps.DEFAULT_SCALE,
+        bases=tuple(BASIS_SOURCES),
+        methods=METHODS,
     )
     fitted, problems = urlstate.fit_view(view(), shape)
     view().update(fitted)

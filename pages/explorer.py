@@ -119,13 +119,14 @@ def _controls() -> ATPConfig | None:
     d1, d2, d3, d4 = st.columns([2, 2, 2, 2])
     layer_spec = d1.text_input("ATP on layers", "all", key="atp_layers", help="'all', '3', '0-5' or '1,3,7'")
     source = d2.radio(
-        "Basis from", tuple(BASIS_SOURCES), horizontal=True, key="basis_source", format_func=BASIS_SOURCES.get
-    )
+        "Basis from", tuple(BASIS_SOURCES), horizontal=True, format_func=BASIS_SOURCES.get,
+        **state.bind("basis_source", "basis", state.get("basis")),
+    )  # fmt: skip
     method = d4.selectbox(
         "Basis computed by",
         METHODS,
-        key="basis_method",
         format_func=METHOD_LABELS.get,
+        **state.bind("basis_method", "method", state.get("method")),
         help="How U_r is computed. The cheaper methods approximate the top-r subspace; the metrics and the "
         "sweep below show what that costs in accuracy. The sketch uses a sample of max(512, 4r) tokens.",
     )

@@ -184,12 +184,9 @@ def test_explorer_shares_one_budget_over_the_layers():
 
 def test_explorer_smollm2_decoder_outputs():
     at = _app("pages/explorer.py").run()
-    at.session_state["layer_split"] = "measured"  # chosen on the encoder before
     at.selectbox(key="model_choice").set_value("smollm2").run()
     assert not at.exception, at.exception
     assert "measured" not in at.radio(key="layer_split").options[-1]  # the measured loss is an encoder's
-    assert at.radio(key="layer_split").value == ""  # one rank, and the page says why
-    assert any("for encoders" in i.value and "one rank in every layer" in i.value for i in at.info)
     first = _metric(at, "Next-token KL(dense || ATP)")
     assert len(at.dataframe) == 1  # top-10 dense vs ATP
     at.radio(key="rank_unit").set_value("tokens").run()

@@ -100,6 +100,27 @@ def test_link_reproduces_the_explorer_view():
     assert "linear form" in at.subheader[0].value
 
 
+def test_a_link_names_the_basis_and_the_ranks_per_layer():
+    """The basis (source and method) and the ranks per layer change every figure, so a link carries them;
+    one chosen on a model that offers it and not on this one is replaced, saying why."""
+    at = _explorer(model="tiny-bert", sample=SHORT, basis="keys", method="randomized", split="spectrum")
+    assert not at.exception, at.exception
+    assert (
+        at.radio(key="basis_source").value == "keys"
+        and at.selectbox(key="basis_method").value == "randomized"
+    )
+    assert at.radio(key="layer_split").value == "spectrum"
+    assert any(c.value.startswith("Each layer's share of L") for c in at.caption)
+    at.radio(key="basis_source").set_value("input").run()
+    at.radio(key="layer_split").set_value("one").run()
+    assert (at.query_params["basis"], at.query_params["split"]) == ("input", "one")
+    assert at.query_params["method"] == "randomized"
+    at = _explorer(model="tiny-llama", sample=SHORT, split="measured", method="magic")
+    assert not at.exception, at.exception
+    assert at.radio(key="layer_split").value == "one" and at.query_params["split"] == "one"
+    assert "method='magic'" in _infos(at) and "for encoders" in _infos(at)
+
+
 def test_rank_in_tokens_from_link():
     at = _explorer(model="tiny-bert", sample=SHORT, rank="5")
     assert not at.exception, at.exception
@@ -184,7 +205,7 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
 
 # ---- one view across pages --------------------------------------------------------------------------
 
-VIEW_KEYS = ("model", "sample", "rank", "form", "layer", "head", "query", "scale", "sinks")
+VIEW_KEYS = ("model", "sample", "rank", "form", "basis", "split", "layer", "head", "query", "scale", "sinks")
 SHAPE = urlstate.ViewShape(
     n_tokens=20,
     n_layers=6,
@@ -195,6 +216,8 @@ SHAPE = urlstate.ViewShape(
     default_query=10,
     default_form="exact",
     default_scale="log",
+    bases=("input", "keys"),
+    methods=("exact", "randomized"),
 )
 
 
@@ -204,6 +227,9 @@ def test_fit_view_fills_defaults_and_names_bad_values():
         "model": "m",
         "rank": "0.50",
         "form": "exact",
+        "basis": "input",
+        "method": "exact",
+        "split": "one",
         "layer": "3",
         "head": "0",
         "query": "10",
@@ -213,6 +239,7 @@ def test_fit_view_fills_defaults_and_names_bad_values():
     text = " ".join(problems)
     assert "rank=0.33" in text and "query=25 does not exist" in text and "scale='cubic'" in text
     good = {"rank": "7", "form": "linear", "layer": "5", "head": "3", "query": "19", "scale": "linear"}
+    good.update(basis="keys", method="randomized", split="spectrum")
     view, problems = urlstate.fit_view({**good, "sinks": "hide"}, SHAPE)
     assert view == {**good, "sinks": "hide"} and not problems
     view, _ = urlstate.fit_view({"rank": "0.3"}, SHAPE)

@@ -1,7 +1,7 @@
 """The view in the URL: parsing and formatting the query parameters a shared link carries.
 
-``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&layer=3&head=5&query=84&scale=log
-&sinks=show`` (and ``present=1`` for presenter mode). Every parser
+``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&basis=input&method=exact&split=one
+&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter mode). Every parser
 raises :class:`ValueError` with a sentence for the user when a value cannot be used (the app then
 shows it and falls back to the default); the pages only read and write ``st.query_params``.
 """
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from atp_viz.core import ranks
 
 FRACTION_STEP = 0.05  # the explorer's "Rank r / L" slider step
+# The explorer's "ranks per layer": one rank, or the budget split from the spectra, measured, or as tuned
+# (which of these a model offers is the page's to say: atp_app.layer_split).
+SPLITS = ("one", "spectrum", "measured", "tuned")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -90,15 +93,21 @@ class ViewShape:
     default_query: int
     default_form: str
     default_scale: str
+    bases: Sequence[str]  # where the basis comes from (attention inputs first: the paper's)
+    methods: Sequence[str]  # how it is computed (exact SVD first)
 
 
 def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str], list[str]]:
-    """``view`` (the URL's strings: rank, form, layer, head, query, scale, sinks, and others passed
-    through) with every value that does not fit ``shape`` replaced by its default, with a sentence per
-    replaced value saying why, and missing values filled in, so that a link names the whole view."""
+    """``view`` (the URL's strings: rank, form, basis, method, split, layer, head, query, scale, sinks, and
+    others passed through) with every value that does not fit ``shape`` replaced by its default, with a
+    sentence per replaced value saying why, and missing values filled in, so that a link names the whole
+    view."""
     parsers = {
         "rank": (lambda raw: format_rank(*parse_rank(raw, shape.n_tokens)), DEFAULT_RANK),
         "form": (lambda raw: parse_choice(raw, shape.forms, "form"), shape.default_form),
+        "basis": (lambda raw: parse_choice(raw, shape.bases, "basis"), shape.bases[0]),
+        "method": (lambda raw: parse_choice(raw, shape.methods, "method"), shape.methods[0]),
+        "split": (lambda raw: parse_choice(raw, SPLITS, "split"), SPLITS[0]),
         "layer": (
             lambda raw: str(parse_index(raw, shape.n_layers, "layer", "this model's layer list")),
             str(shape.default_layer),
