@@ -172,10 +172,12 @@ basis_update = q4.radio(
     "recompute; each row says which it used). Default: what a tuned model was tuned with",
 )  # fmt: skip
 form_names = st.multiselect("Forms", forms.names(), list(forms.names()), key="ppl_forms")
+RANK_CHOICES = [8, 16, 32, 64, 128, 256, 0.25, 0.5]
+tuned_rank = [trained["rank"]] if trained["rank"] is not None else []  # the rank it was tuned at, offered
 ranks = st.multiselect(
     "Ranks r (ints: principal keys for the past; fractions: a share of L)",
-    [8, 16, 32, 64, 128, 256, 0.25, 0.5],
-    [16, 32, 64, 128],
+    sorted(set(RANK_CHOICES + tuned_rank), key=float),
+    sorted(set([16, 32, 64, 128] + tuned_rank), key=float),
     key="ppl_ranks",
 )
 split_how = layer_split.grid_choice(st, sel.model_key, info)

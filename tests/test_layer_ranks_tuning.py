@@ -335,11 +335,12 @@ def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path,
         model="tiny-llama", rank=0.25, layer_ranks_from="spectrum", seq_len=48, chunk=16, steps=1,
         transfer_steps=1, eval_windows=2,
     )  # fmt: skip
-    res = training.train(cfg, tmp_path / "run")
+    res = training.train(cfg)  # into the cache's tuned runs, which the app's links may name
+    run = res.out_dir
     shares = res.config.layer_ranks
     assert len(shares) == 2 and np.mean(shares) == pytest.approx(0.25, abs=1 / 64)
     assert seen and all(tuple(r) == shares for r in seen)  # stage 1, stage 2 and the evaluation
-    meta = json.loads((tmp_path / "run" / tuned.SETTINGS_FILE).read_text())
+    meta = json.loads((run / tuned.SETTINGS_FILE).read_text())
     assert meta["settings"]["layer_ranks"] == list(shares) and "per-layer ranks" in meta["metrics"]["what"]
     # the attended share reported is the layers' mean (here far from the budget the rank labels)
     windows = protocol.heldout_windows(load("tiny-llama").tokenizer, 48, max_windows=2)
@@ -347,6 +348,34 @@ def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path,
                                  rank_mode="effective", layer_ranks=(1.0, 0.5)).shares  # fmt: skip
     want = np.mean([protocol.mean_share(s, 48, 16, "effective") for s in (1.0, 0.5)])
     assert got == [pytest.approx(want)] and want > protocol.mean_share(0.25, 48, 16, "effective") + 0.1
+    # `perplexity` reads the run as it was tuned: its shares at its budget, one rank at another budget,
+    # and one rank everywhere when told so
+    seen.clear()
+    argv = ["perplexity", "--model", f"tuned:{run}", "--forms", "exact", "--windows", "1"]
+    argv += ["--seq-len", "48", "--chunk", "16", "--rank-mode", "effective", "--ranks", "0.25,0.5"]
+    assert main([*argv, "--json", str(tmp_path / "p.json")]) == 0
+    rows = {r["rank"]: r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
+    assert rows[0.25]["layer_ranks"] == list(shares) and "layer_ranks" not in rows[0.5]
+    assert main([*argv, "--layer-ranks", "one", "--json", str(tmp_path / "p.json")]) == 0
+    assert not any("layer_ranks" in r for r in json.loads((tmp_path / "p.json").read_text())["rows"])
+    # the Serving page starts out the same way: the run's budget among the ranks, read with its shares
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.switch_page("pages/serving.py")
+    at.query_params["model"] = f"tuned:{run}"
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="ppl_layer_split").value == "tuned" and 0.25 in at.multiselect(key="ppl_ranks").value
+    for key, value in (("ppl_windows", 1), ("ppl_seq", 48), ("ppl_chunk", 16)):
+        at.number_input(key=key).set_value(value).run()
+    at.multiselect(key="ppl_forms").set_value(["exact"]).run()
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    labels = dict(zip(at.dataframe[0].value["rank"], at.dataframe[0].value["form"], strict=True))
+    assert any(k.startswith("0.25 on average, per layer ") for k in labels), labels
 
 
 def test_perplexity_takes_per_layer_ranks(tmp_path, monkeypatch):

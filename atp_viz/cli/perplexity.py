@@ -51,7 +51,8 @@ def register(sub) -> None:
     pp.add_argument(
         "--layer-ranks", metavar="HOW",
         help="one rank per layer with mean each share in --ranks: 'spectrum' (the spectra's split of that "
-        "budget, chosen on training texts) or shares (0.375,0.125,...; --ranks then their mean)",
+        "budget, chosen on training texts) or shares (0.375,0.125,...; --ranks then their mean); 'one': the "
+        "same rank in every layer. Default: a run tuned per layer reads its own budget with its shares",
     )  # fmt: skip
     add_form(pp, many=True)
     pp.add_argument("--json")
@@ -125,11 +126,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
     """--layer-ranks as a function of the budget (a share of L) -> one share per layer, or None."""
-    if not args.layer_ranks:
-        return None
     from atp_viz.analysis import allocation
     from atp_viz.core.progress import stderr_progress
+    from atp_viz.core.ranks import format_layer_shares
+    from atp_viz.hf.tuned import chunked_mode_of
 
+    if args.layer_ranks is None:  # a run tuned per layer: its shares for its own budget, one rank elsewhere
+        tuned = chunked_mode_of(args.model)["layer_ranks"]
+        return allocation.budget_splitter(format_layer_shares(tuned), loaded) if tuned else None
+    if args.layer_ranks.strip() == "one":
+        return None
     if any(not isinstance(r, float) for r in args.ranks):
         raise ValueError(
             "--layer-ranks shares budgets given as shares of L (e.g. --ranks 0.5,0.25), not key counts."

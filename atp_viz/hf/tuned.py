@@ -82,13 +82,16 @@ def basis_of(key: str) -> str:
 
 
 def chunked_mode_of(key: str) -> dict:
-    """How a tuned model read its past in training (exact sinks and window, basis update), as the
-    perplexity defaults: {"sinks", "window", "basis_update"} (zeros and "recompute" for any other model)."""
+    """How a tuned model read its past in training, as the perplexity defaults: {"rank", "sinks", "window",
+    "basis_update", "layer_ranks"} (its rank; exact sinks and window; basis update; per-layer shares, empty
+    for one rank). Any other model: rank None, zeros, "recompute" and no per-layer shares."""
     s = settings_of(key)
     return {
+        "rank": s.get("rank"),
         "sinks": s.get("sinks", 0),
         "window": s.get("window", 0),
         "basis_update": s.get("basis_update", "recompute"),
+        "layer_ranks": tuple(s.get("layer_ranks") or ()),
     }
 
 
