@@ -109,6 +109,7 @@ def layer_shares(
         return Split()
     except ValueError as err:  # e.g. a model whose tokenizer leaves no calibration text
         st.error(f"Cannot choose per-layer ranks for this model: {err} Showing one rank in every layer.")
+        state.put("split", ONE)  # so that a link shared now names what is shown
         return Split()
     shares = allocation.split_budget(how, found, budget)
     note = f"Each layer's share of L: {format_layer_shares(shares)} (mean {np.mean(shares):.3g})"
@@ -120,10 +121,10 @@ def layer_shares(
     return Split(shares, note + ".", mean)
 
 
-def grid_choice(column, model_key: str, info: ModelInfo) -> str:
-    """The Serving page's "ranks per layer" for its perplexity grid, as the library's ``how``
-    (:func:`atp_viz.analysis.allocation.budget_splitter`): "" (one rank), "spectrum" (every share of L
-    split), or, for a run tuned per layer, its shares (which serve that run's own budget only)."""
+def grid_choice(column, model_key: str, info: ModelInfo) -> tuple[str, float | None]:
+    """The Serving page's "ranks per layer" for its perplexity grid, as the library's ``how`` and
+    ``budget`` (:func:`atp_viz.analysis.allocation.budget_splitter`): "" (one rank), "spectrum" (every
+    share of L split), or, for a run tuned per layer, its shares for the rank it was tuned at only."""
     trained = _trained_shares(model_key)
     choices = {k: v for k, v in _choices(info, trained).items() if k != MEASURED}
     how = column.radio(
@@ -139,5 +140,5 @@ def grid_choice(column, model_key: str, info: ModelInfo) -> str:
         "Key counts keep one rank; each row lists the shares it used.",
     )
     if how == AS_TUNED:
-        return format_layer_shares(trained)
-    return how if how == SPECTRUM else ""
+        return format_layer_shares(trained), tuned.settings_of(model_key)["rank"]
+    return (how if how == SPECTRUM else ""), None

@@ -332,7 +332,7 @@ def _attention_maps(maps: compare.AttentionMaps, cmp: compare.Comparison) -> Non
         a2,
         maps.principal,
         "map_principal",
-        f"ATP weights on {cmp.rank} principal keys (L x r)",
+        f"ATP weights on {maps.basis.shape[1]} principal keys (L x r)",  # this layer's r (per-layer ranks)
         principal=True,
     )
     _map(b1, maps.lifted, "map_lifted", "ATP lifted back to tokens (L x L)", sinks=sinks)

@@ -148,6 +148,12 @@ rank_mode = p4.radio(
     "r = L/2). Ints are numbers of principal keys either way.",
 )
 trained = chunked_mode_of(sel.model_key)  # a tuned model starts out read the way it was tuned
+if st.session_state.get("_ppl_model") != sel.model_key:
+    # Another model: the widgets whose defaults come from it start from them again (a kept value would
+    # read a tuned run otherwise than it was tuned, or an untuned model as the last tuned run).
+    for key in ("ppl_basis", "ppl_window", "ppl_sinks", "ppl_update", "ppl_ranks", "ppl_layer_split"):
+        st.session_state.pop(key, None)
+    st.session_state["_ppl_model"] = sel.model_key
 q1, q2, q3, q4 = st.columns(4)
 basis_from = q1.radio(
     "Basis from", ["input", "keys"], index=["input", "keys"].index(basis_of(sel.model_key)), key="ppl_basis",
@@ -180,14 +186,14 @@ ranks = st.multiselect(
     sorted(set([16, 32, 64, 128] + tuned_rank), key=float),
     key="ppl_ranks",
 )
-split_how = layer_split.grid_choice(st, sel.model_key, info)
+split_how, split_budget = layer_split.grid_choice(st, sel.model_key, info)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _perplexity(
     model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str,
     basis_from: str = "input", keep: serving.ExactKeep | None = None, basis_update: str = "recompute",
-    split_how: str = "",
+    split_how: str = "", split_budget: float | None = None,
 ):  # fmt: skip
     m = runtime.get_model(model_key)
     if text is None:
@@ -198,8 +204,9 @@ def _perplexity(
         split = None
         if split_how:  # the spectra are measured once per weights and basis, then read from disk
             split = allocation.budget_splitter(
-                split_how, m, basis_source=basis_from, progress=within(bar, 0.0, 0.05, "per-layer ranks: ")
-            )
+                split_how, m, basis_source=basis_from, budget=split_budget,
+                progress=within(bar, 0.0, 0.05, "per-layer ranks: "),
+            )  # fmt: skip
         rows = protocol.perplexity_grid(
             m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep,
             basis_update=basis_update, layer_split=split, progress=within(bar, 0.05 if split else 0.0, 1.0),
@@ -224,6 +231,7 @@ if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
             keep,
             basis_update,
             split_how,
+            split_budget,
         )
     except (ValueError, TextError) as err:
         st.error(str(err))

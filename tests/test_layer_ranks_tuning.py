@@ -80,7 +80,10 @@ def test_choosing_per_layer_ranks_reads_and_refuses(load):
     split = allocation.budget_splitter("spectrum", loaded)
     assert all(np.mean(split(b)) == pytest.approx(b, abs=1 / 64) for b in (0.5, 0.25))
     given = allocation.budget_splitter("0.5, L/4", loaded)
-    assert given(0.375) == (0.5, 0.25) and given(0.5) is None
+    assert given(0.375) == (0.5, 0.25) == given(0.375 + 1e-7) and given(0.5) is None
+    # a run tuned with shares records its rank, which the split's rounding may leave off their mean
+    as_tuned = allocation.budget_splitter("0.5, L/4", loaded, budget=0.38)
+    assert as_tuned(0.38) == (0.5, 0.25) and as_tuned(0.375) is None
     with pytest.raises(ValueError, match="2 layers"):
         allocation.budget_splitter("0.5", loaded)
 
@@ -358,6 +361,11 @@ def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path,
     assert rows[0.25]["layer_ranks"] == list(shares) and "layer_ranks" not in rows[0.5]
     assert main([*argv, "--layer-ranks", "one", "--json", str(tmp_path / "p.json")]) == 0
     assert not any("layer_ranks" in r for r in json.loads((tmp_path / "p.json").read_text())["rows"])
+    # without --ranks: the default key counts and the run's own budget, read with its shares
+    assert main([*argv[:-2], "--json", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["rank"] for r in rows] == ["original dense", "dense", 16, 32, 64, 128, 0.25]
+    assert rows[-1]["layer_ranks"] == list(shares)
     # the Serving page starts out the same way: the run's budget among the ranks, read with its shares
     from pathlib import Path
 
@@ -376,6 +384,15 @@ def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path,
     assert not at.exception, at.exception
     labels = dict(zip(at.dataframe[0].value["rank"], at.dataframe[0].value["form"], strict=True))
     assert any(k.startswith("0.25 on average, per layer ") for k in labels), labels
+    # another model starts from its own defaults, not from the tuned run's
+    at.selectbox(key="model_choice").set_value("tiny-llama").run()
+    assert not at.exception, at.exception
+    assert at.radio(key="ppl_layer_split").value == "one" and at.multiselect(key="ppl_ranks").value == [
+        16,
+        32,
+        64,
+        128,
+    ]
 
 
 def test_perplexity_takes_per_layer_ranks(tmp_path, monkeypatch):

@@ -205,7 +205,9 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
 
 # ---- one view across pages --------------------------------------------------------------------------
 
-VIEW_KEYS = ("model", "sample", "rank", "form", "basis", "split", "layer", "head", "query", "scale", "sinks")
+VIEW_KEYS = (
+    "model", "sample", "rank", "form", "basis", "method", "split", "layer", "head", "query", "scale", "sinks",
+)  # fmt: skip
 SHAPE = urlstate.ViewShape(
     n_tokens=20,
     n_layers=6,

@@ -7,9 +7,11 @@ the *training* split (never the held-out one the result is measured on), and
 :func:`atp_viz.analysis.spectra.allocate` shares the budget (mean share of L over layers) out where it
 keeps the most energy. The result goes into ``ATPConfig.layer_ranks`` and works with every form.
 
-Below that, the measured split (what each layer's rank costs the output) and :func:`choose_layer_ranks`,
-which fine-tuning, ``compare --layer-ranks`` and the explorer call: the budget-free measurement behind a
-split is kept on disk per model weights, form and basis (:func:`split_measurement`).
+Below that, the measured split (what each layer's rank costs the output); :func:`choose_layer_ranks`
+(one budget: fine-tuning, ``compare --layer-ranks``) and :func:`budget_splitter` (a grid of budgets:
+``perplexity --layer-ranks``, the Serving page); the explorer splits with :func:`split_measurement` and
+:func:`split_budget`. The budget-free measurement behind a split is kept on disk per model weights, form
+and basis (:func:`split_measurement`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from atp_viz.hf.model_info import LoadedModel, cache_dir
 logger = logging.getLogger(__name__)
 
 N_CALIBRATION = 32
+SAME_BUDGET = 1e-6  # two budgets this close are one (a mean printed to 6 digits and typed back)
 
 
 def calibration_texts(loaded: LoadedModel, n: int = N_CALIBRATION, max_tokens: int = 128) -> list[str]:
@@ -308,15 +311,17 @@ def budget_splitter(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    budget: float | None = None,
     progress: ProgressFn | None = None,
 ) -> Callable[[float], tuple[float, ...] | None]:
     """A grid's per-layer choice as a function of each budget (a share of L) -> its per-layer shares:
     "spectrum" or "measured" split every budget (measured once, here, with ``progress``); shares of L
-    typed by the user serve their own mean only, and any other budget keeps one rank (None)."""
+    typed by the user serve their own mean (or ``budget``: the rank a run tuned with them records, which
+    may differ from their mean by the split's rounding) only, and any other budget keeps one rank (None)."""
     how = (how or "").strip()
     if how in ("measured", "spectrum"):
         found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
         return lambda share: split_budget(how, found, share)
     shares = given_shares(how, loaded)
-    mean = float(np.mean(shares))
-    return lambda share: shares if abs(share - mean) <= 1e-9 else None
+    serves = float(np.mean(shares)) if budget is None else float(budget)
+    return lambda share: shares if abs(share - serves) <= SAME_BUDGET else None

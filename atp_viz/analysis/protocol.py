@@ -373,7 +373,7 @@ def perplexity_grid(
     progress: ProgressFn | None = None,
     original=None,
     basis_update: str = "recompute",
-    layer_split: Callable[[float], tuple[float, ...]] | None = None,
+    layer_split: Callable[[float], tuple[float, ...] | None] | None = None,
 ) -> list[dict]:
     """Dense, then each ``(rank, form)`` setting, on the same windows and scored positions: top-1 and
     perplexity with intervals, and each setting's paired difference to dense. One row per setting.
@@ -388,9 +388,9 @@ def perplexity_grid(
     ``pksoftmax``); a form that rebuilds past keys from U_r recomputes its basis, and each row says which
     it used (``basis_update``).
 
-    ``layer_split`` (a share of L -> one share per layer, e.g. the spectra's split of that budget): each
-    ATP setting with a share runs its layers at their own shares, and its row lists them (``layer_ranks``);
-    a setting with a key count keeps one rank."""
+    ``layer_split`` (a share of L -> one share per layer, e.g. the spectra's split of that budget, or None
+    for one rank): each ATP setting with a share it splits runs its layers at their own shares, and its
+    row lists them (``layer_ranks``); a setting with a key count keeps one rank."""
     from atp_viz import forms
     from atp_viz.core.progress import within
 

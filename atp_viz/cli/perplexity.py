@@ -18,6 +18,8 @@ from atp_viz.cli.common import (
 )
 from atp_viz.core.ranks import RANK_MODES
 
+DEFAULT_RANKS = (16, 32, 64, 128)
+
 
 def register(sub) -> None:
     pp = sub.add_parser(
@@ -35,7 +37,11 @@ def register(sub) -> None:
     )
     pp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     pp.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
-    pp.add_argument("--ranks", type=rank_list_arg, default=[16, 32, 64, 128], help="ints or shares of L")
+    pp.add_argument(
+        "--ranks", type=rank_list_arg,
+        help=f"ints or shares of L (default: {','.join(map(str, DEFAULT_RANKS))}, and a tuned model's own "
+        "rank)",
+    )  # fmt: skip
     pp.add_argument("--rank-mode", choices=RANK_MODES, default="past", help="what a share of L means")
     pp.add_argument(
         "--basis-from", choices=("input", "keys"), default=None,
@@ -68,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
     trained = chunked_mode_of(args.model)  # a tuned model is read as it was tuned unless told otherwise
+    if args.ranks is None:
+        own = (
+            [trained["rank"]] if trained["rank"] is not None and trained["rank"] not in DEFAULT_RANKS else []
+        )
+        args.ranks = [*DEFAULT_RANKS, *own]
     if args.window is None:
         args.window = trained["window"]
         args.sinks = trained["sinks"] if args.sinks is None else args.sinks
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
     rows = protocol.perplexity_grid(
         loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, basis_from=basis_from,
-        keep=keep, basis_update=basis_update, layer_split=_layer_split(args, loaded, basis_from),
+        keep=keep, basis_update=basis_update, layer_split=_layer_split(args, loaded, basis_from, trained),
         progress=stderr_progress(), original=load_model(base) if base else None,
     )  # fmt: skip
     for row in protocol.grid_table(rows):
@@ -111,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             "exact_sinks": args.sinks,
             "exact_window": args.window,
             "basis_update": basis_update,
-            "layer_ranks": args.layer_ranks,
+            "layer_ranks": args.layer_ranks
+            or ("as tuned, at its own rank" if trained["layer_ranks"] else None),
             "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
@@ -124,16 +136,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
+def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dict):
     """--layer-ranks as a function of the budget (a share of L) -> one share per layer, or None."""
     from atp_viz.analysis import allocation
     from atp_viz.core.progress import stderr_progress
     from atp_viz.core.ranks import format_layer_shares
-    from atp_viz.hf.tuned import chunked_mode_of
 
     if args.layer_ranks is None:  # a run tuned per layer: its shares for its own budget, one rank elsewhere
-        tuned = chunked_mode_of(args.model)["layer_ranks"]
-        return allocation.budget_splitter(format_layer_shares(tuned), loaded) if tuned else None
+        if not trained["layer_ranks"]:
+            return None
+        split = allocation.budget_splitter(
+            format_layer_shares(trained["layer_ranks"]), loaded, budget=trained["rank"]
+        )
+        if all(split(r) is None for r in args.ranks if isinstance(r, float)):
+            print(
+                f"note: this model was tuned with per-layer ranks at r = {trained['rank']:g} L; add "
+                f"{trained['rank']:g} to --ranks to read it that way (the ranks given keep one rank).",
+                file=sys.stderr,
+            )
+        return split
     if args.layer_ranks.strip() == "one":
         return None
     if any(not isinstance(r, float) for r in args.ranks):
@@ -148,6 +169,6 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str):
     if missed:
         mean = sum(allocation.given_shares(how, loaded)) / loaded.info.n_layers
         raise ValueError(
-            f"The per-layer shares' mean is {mean:g}: give it as the one rank (--ranks {mean:g})."
+            f"The per-layer shares' mean is {mean!r}: give it as the one rank (--ranks {mean!r})."
         )
     return split

@@ -71,10 +71,10 @@ class TuneConfig:
     # What the adapters train on: a name in corpus.TRAIN_TEXTS ("docstrings": the training split's
     # modules; "wider": those and 51 more standard-library modules). The held-out split is the same.
     train_text: str = "docstrings"
-    # Encoders: one share of L per layer, mean ``rank`` (the same budget), used in both stages and in the
+    # One share of L per layer, mean ``rank`` (the same budget), used in both stages and in the
     # evaluation's ATP rows; empty: ``rank`` for every layer. ``layer_ranks_from`` says how they were
     # chosen (a key of LAYER_RANK_SOURCES above); "measured" or "spectrum" without ranks: training
-    # chooses them when it starts, on training-split texts, and records them here.
+    # chooses them when it starts, on training-split texts, and records them here ("measured": encoders).
     layer_ranks: tuple[float, ...] = ()
     layer_ranks_from: str = ""
 

@@ -248,13 +248,13 @@ def train(
     say = progress or (lambda f, m: None)
     say(0.0, f"Loading {cfg.model}...")
     loaded = load_model(cfg.model)
+    _check_fits(cfg, loaded)  # before the texts are prepared: a setting the model cannot take fails at once
     say(0.02, "Preparing the training texts (standard-library docstrings, by module)...")
     data = _training_data(cfg, loaded, texts)
     if not heldout_available(loaded, cfg):
         raise ValueError("The held-out split gives nothing to evaluate with these settings; lower seq_len.")
     targets = lora_targets(loaded.model)
     is_dec = loaded.info.is_decoder
-    _check_fits(cfg, loaded)
     t0 = time.perf_counter()
     cfg = _choose_layer_ranks(cfg, loaded, within(say, 0.02, 0.05, "Choosing per-layer ranks: "))
     chosen_in = time.perf_counter() - t0
