@@ -161,7 +161,8 @@ def measure_layer_split(out: Path, progress: ProgressFn) -> dict:
     from atp_viz.hf.models import load_model
 
     loaded = load_model("smollm2")
-    windows = protocol.heldout_windows(loaded.tokenizer, PPL_SEQ, max_windows=PPL_WINDOWS)
+    # every held-out window (135), as the fine-tuning runs are evaluated: a gain this small needs them
+    windows = protocol.heldout_windows(loaded.tokenizer, PPL_SEQ)
     curves = allocation.split_measurement(
         "spectrum", loaded, basis_source=SPLIT_BASIS, progress=within(progress, 0.0, 0.05, "spectra: ")
     )

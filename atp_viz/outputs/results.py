@@ -141,7 +141,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("projection-split-minilm", tuning.render_projection_split, 3, tuning.measure_projection_split),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
-    _measured("layer-split-smollm2", tables.render_layer_split, 3, tables.measure_layer_split),
+    _measured("layer-split-smollm2", tables.render_layer_split, 18, tables.measure_layer_split),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
     Result(
         "goals",
