@@ -1,8 +1,7 @@
 """One view state for the whole app: model, text choice, rank, form, the basis (its source and method),
 the ranks per layer, layer, head, query token, the maps' colour scale and sink switch, and presenter
-mode. It persists across pages within a session and sits in
-the URL of every page, so a link to any page reproduces the view. Typed or uploaded text stays out of
-links (it is kept for the session only).
+mode. It persists across pages within a session and sits in the URL of every page, so a link to any
+page reproduces the view. Typed or uploaded text stays out of links (it is kept for the session only).
 
 Where it lives: ``st.session_state["_view"]``, a plain dict under a non-widget key: a page switch drops
 the URL's query parameters, pages draw different widgets for the same value (the explorer's and the
