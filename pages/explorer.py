@@ -10,14 +10,14 @@ from atp_app.sidebar import page_inputs
 from atp_viz import forms
 from atp_viz.analysis import compare, token_view
 from atp_viz.core.basis import METHOD_LABELS, METHODS, NonFiniteError
-from atp_viz.core.ranks import format_layer_shares
+from atp_viz.core.ranks import format_layer_shares, parse_layers
 from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import maps as maps_fig
 from atp_viz.figures import plots
 from atp_viz.figures import tokens as tokens_fig
 from atp_viz.hf import tuned
-from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig, parse_layers
+from atp_viz.hf.engine import BASIS_SOURCES, ATPConfig
 from atp_viz.hf.model_info import TUNED_PREFIX, ModelLoadError
 from atp_viz.outputs import export
 from atp_viz.text.inputs import readable_tokens
@@ -105,7 +105,7 @@ def _rank_widgets(column_rank, column_unit) -> float | int:
 def _controls() -> ATPConfig | None:
     """Rank, form and basis widgets; the ATP setting they describe (None after an error message).
 
-    Rank and form are the view's (atp_app.state: from the link, kept across pages, in every link)."""
+    Every setting here is the view's (atp_app.state: from the link, kept across pages, in every link)."""
     c1, c2, c3 = st.columns([3, 2, 2])
     rank = _rank_widgets(c1, c2)
     paper = next((n for n in forms.names() if forms.get(n).paper), None)
@@ -117,7 +117,11 @@ def _controls() -> ATPConfig | None:
         **state.bind("form", "form", state.get("form")),
     )
     d1, d2, d3, d4 = st.columns([2, 2, 2, 2])
-    layer_spec = d1.text_input("ATP on layers", "all", key="atp_layers", help="'all', '3', '0-5' or '1,3,7'")
+    layer_spec = d1.text_input(
+        "ATP on layers",
+        help="'all', '3', '0-5' or '1,3,7'",
+        **state.bind("atp_layers", "layers", state.get("layers")),
+    )
     source = d2.radio(
         "Basis from", tuple(BASIS_SOURCES), horizontal=True, format_func=BASIS_SOURCES.get,
         **state.bind("basis_source", "basis", state.get("basis")),
@@ -132,8 +136,8 @@ def _controls() -> ATPConfig | None:
     )
     lowrank = d3.checkbox(
         "Low-rank inputs for linear layers",
-        key="lowrank_linear",
         help="The paper's claim 3: Q/K/V projections see U_r U_r^T X and the MLP its own projected input.",
+        **state.bind("lowrank_linear", "lowrank", state.get("lowrank") == "1", lambda on: "1" if on else "0"),
     )
     e1, e2 = st.columns([3, 4])
     budget = rank if isinstance(rank, float) else rank / L
@@ -142,7 +146,7 @@ def _controls() -> ATPConfig | None:
         e2.caption(split.note + (" The budget is shared over all layers; only the chosen ones run ATP." if
                            layer_spec.strip().lower() not in ("", "all") else ""))  # fmt: skip
     try:
-        layers = parse_layers(layer_spec, info.n_layers)
+        layers = parse_layers(layer_spec, info.n_layers)  # checked by state.fit_view already
         return ATPConfig(
             rank=rank if split.budget is None else split.budget,
             form=form,

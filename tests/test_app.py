@@ -148,13 +148,6 @@ def test_explorer_token_view_follows_the_clicked_token():
     assert at.query_params["scale"] == "rank"
 
 
-def test_explorer_bad_layer_spec_shows_error():
-    at = _app("pages/explorer.py").run()
-    at.text_input(key="atp_layers").input("0-99").run()
-    assert not at.exception
-    assert any("do not exist" in e.value for e in at.error)
-
-
 def test_explorer_shares_one_budget_over_the_layers():
     """Per-layer ranks from the spectra: the same budget, each layer's share said, the metric moves, and
     a budget off the split's grid is said to be rounded rather than silently changed."""

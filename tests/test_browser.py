@@ -192,6 +192,8 @@ def test_explorer_slider_shared_link_and_downloads(server, new_page):
         "basis": ["input"],
         "method": ["exact"],
         "split": ["one"],
+        "layers": ["all"],
+        "lowrank": ["0"],
         "layer": ["3"],
         "head": ["0"],
         "query": ["84"],

@@ -183,16 +183,6 @@ def test_single_token_sequence(load):
         np.testing.assert_allclose(run.next_logits, dense.next_logits, atol=1e-4)
 
 
-def test_parse_layers():
-    assert engine.parse_layers("all", 6) == "all"
-    assert engine.parse_layers("", 6) == "all"
-    assert engine.parse_layers("0-2, 5", 6) == (0, 1, 2, 5)
-    with pytest.raises(ValueError, match="do not exist"):
-        engine.parse_layers("9", 6)
-    with pytest.raises(ValueError, match="Cannot read"):
-        engine.parse_layers("one", 6)
-
-
 def test_comparison_metrics_and_maps(load):
     loaded = load("tiny-llama")
     tok = _tok(loaded)

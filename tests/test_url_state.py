@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from atp_viz import forms
+from atp_viz.core import ranks
 from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy import urlstate
 
@@ -77,6 +78,20 @@ def test_parse_index_and_choice():
         urlstate.parse_choice("cubic", forms.names(), "form")
 
 
+def test_layers_are_read_and_written_back_in_one_form():
+    assert ranks.parse_layers("all", 6) == "all"
+    assert ranks.parse_layers("", 6) == "all"
+    assert ranks.parse_layers("0-2, 5", 6) == (0, 1, 2, 5)
+    assert ranks.parse_layers("3-1,1", 6) == (1, 2, 3)
+    for spec in ("all", "0-2,5", "4", "0,2,4", "0-5"):
+        assert ranks.format_layers(ranks.parse_layers(spec, 6)) == spec
+    assert urlstate.parse_layers(" 5, 0-2 ,1", 6) == "0-2,5"
+    with pytest.raises(ValueError, match="do not exist"):
+        ranks.parse_layers("9", 6)
+    with pytest.raises(ValueError, match="layers='one': Cannot read"):
+        urlstate.parse_layers("one", 6)
+
+
 def test_model_id_shapes():
     assert urlstate.looks_like_model_id("HuggingFaceTB/SmolLM2-135M")
     assert urlstate.looks_like_model_id("/srv/models/x") and urlstate.looks_like_model_id("./m")
@@ -119,6 +134,40 @@ def test_a_link_names_the_basis_and_the_ranks_per_layer():
     assert not at.exception, at.exception
     assert at.radio(key="layer_split").value == "one" and at.query_params["split"] == "one"
     assert "method='magic'" in _infos(at) and "for encoders" in _infos(at)
+
+
+def test_a_link_names_the_layers_that_run_atp_and_the_low_rank_inputs():
+    """Both change every number on the page, so a link carries them, in one written form; a bad value,
+    from a link or typed, falls back to the default, saying why."""
+    at = _explorer(model="tiny-llama", sample=SHORT, layers="1, 0", lowrank="1")
+    assert not at.exception, at.exception
+    assert at.text_input(key="atp_layers").value == "0-1" and at.checkbox(key="lowrank_linear").value
+    assert (at.query_params["layers"], at.query_params["lowrank"]) == ("0-1", "1")
+    assert "Defaults used" not in _infos(at)
+    first = _metric_values(at)
+    at.text_input(key="atp_layers").input("1").run()
+    at.checkbox(key="lowrank_linear").uncheck().run()
+    assert not at.exception, at.exception
+    assert (at.query_params["layers"], at.query_params["lowrank"]) == ("1", "0")
+    assert _metric_values(at) != first
+    # A copied link opens the same numbers in a new session.
+    again = _explorer(**{k: at.query_params[k] for k in VIEW_KEYS})
+    assert again.text_input(key="atp_layers").value == "1" and not again.checkbox(key="lowrank_linear").value
+    assert _metric_values(again) == _metric_values(at)
+    at.checkbox(key="lowrank_linear").check().run()
+    assert at.query_params["lowrank"] == "1" and _metric_values(at) != _metric_values(again)
+    at.text_input(key="atp_layers").input("0-99").run()
+    assert not at.exception, at.exception
+    assert "layers='0-99'" in _infos(at) and "do not exist" in _infos(at)
+    assert at.text_input(key="atp_layers").value == "all" and at.query_params["layers"] == "all"
+    bad = _explorer(model="tiny-llama", sample=SHORT, layers="two", lowrank="yes")
+    assert not bad.exception, bad.exception
+    assert "layers='two': Cannot read" in _infos(bad) and "lowrank='yes'" in _infos(bad)
+    assert bad.query_params["layers"] == "all" and bad.query_params["lowrank"] == "0"
+
+
+def _metric_values(at: AppTest) -> list[str]:
+    return [m.value for m in at.metric]
 
 
 def test_rank_in_tokens_from_link():
@@ -206,7 +255,8 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
 # ---- one view across pages --------------------------------------------------------------------------
 
 VIEW_KEYS = (
-    "model", "sample", "rank", "form", "basis", "method", "split", "layer", "head", "query", "scale", "sinks",
+    "model", "sample", "rank", "form", "basis", "method", "split", "layers", "lowrank", "layer", "head",
+    "query", "scale", "sinks",
 )  # fmt: skip
 SHAPE = urlstate.ViewShape(
     n_tokens=20,
@@ -232,6 +282,8 @@ def test_fit_view_fills_defaults_and_names_bad_values():
         "basis": "input",
         "method": "exact",
         "split": "one",
+        "layers": "all",
+        "lowrank": "0",
         "layer": "3",
         "head": "0",
         "query": "10",
@@ -241,7 +293,7 @@ def test_fit_view_fills_defaults_and_names_bad_values():
     text = " ".join(problems)
     assert "rank=0.33" in text and "query=25 does not exist" in text and "scale='cubic'" in text
     good = {"rank": "7", "form": "linear", "layer": "5", "head": "3", "query": "19", "scale": "linear"}
-    good.update(basis="keys", method="randomized", split="spectrum")
+    good.update(basis="keys", method="randomized", split="spectrum", layers="0-2,5", lowrank="1")
     view, problems = urlstate.fit_view({**good, "sinks": "hide"}, SHAPE)
     assert view == {**good, "sinks": "hide"} and not problems
     view, _ = urlstate.fit_view({"rank": "0.3"}, SHAPE)

@@ -31,7 +31,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import compare
-    from atp_viz.hf.engine import ATPConfig, parse_layers
+    from atp_viz.core.ranks import parse_layers
+    from atp_viz.hf.engine import ATPConfig
     from atp_viz.hf.models import load_model
     from atp_viz.text.inputs import tokenize
 

@@ -9,7 +9,7 @@ page, URL parser and config in the project goes through these two.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 Rank = int | float
 
@@ -112,6 +112,42 @@ def format_layer_shares(shares) -> str:
 def describe_layer_shares(shares) -> str:
     """Per-layer ranks as they are printed in labels and tables: ``'0.25, 0.125, 0.5'``."""
     return ", ".join(f"{float(x):g}" for x in shares)
+
+
+def parse_layers(spec: str, n_layers: int) -> Literal["all"] | tuple[int, ...]:
+    """Which layers run ATP, as a user types them: 'all', '3', '0-5', '1,3,7' or a mix ('0-2,7') -> 'all'
+    or a sorted tuple; a sentence in a ValueError otherwise."""
+    spec = (spec or "").strip().lower()
+    if spec in ("", "all"):
+        return "all"
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(p) for p in part.split("-", 1))
+                out.update(range(min(a, b), max(a, b) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"Cannot read layers {spec!r}: use 'all', '3', '0-5' or '1,3,7'.") from None
+    bad = sorted(i for i in out if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"Layers {bad} do not exist: this model has layers 0-{n_layers - 1}.")
+    return tuple(sorted(out))
+
+
+def format_layers(layers: Literal["all"] | tuple[int, ...]) -> str:
+    """Layers as :func:`parse_layers` reads them back, runs joined: ``(0, 1, 2, 7)`` -> ``'0-2,7'``."""
+    if layers == "all":
+        return "all"
+    runs: list[list[int]] = []
+    for i in sorted(set(layers)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def describe(rank: Rank) -> str:

@@ -1,7 +1,8 @@
 """The view in the URL: parsing and formatting the query parameters a shared link carries.
 
 ``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&basis=input&method=exact&split=one
-&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter mode). Every parser
+&layers=all&lowrank=0&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter
+mode). Every parser
 raises :class:`ValueError` with a sentence for the user when a value cannot be used (the app then
 shows it and falls back to the default); the pages only read and write ``st.query_params``.
 """
@@ -67,6 +68,14 @@ def parse_index(raw: str, n: int, name: str, what: str) -> int:
     return i
 
 
+def parse_layers(raw: str, n_layers: int) -> str:
+    """The layers that run ATP ("all", "0-5", "1,3,7"), written back in one form ("0-2,7")."""
+    try:
+        return ranks.format_layers(ranks.parse_layers(raw, n_layers))
+    except ValueError as err:
+        raise ValueError(f"layers={raw.strip()!r}: {err}") from None
+
+
 def looks_like_model_id(raw: str) -> bool:
     """A hub id ("org/name") or a local path: what the sidebar's "Other" model field takes."""
     raw = raw.strip()
@@ -77,6 +86,7 @@ def looks_like_model_id(raw: str) -> bool:
 
 DEFAULT_RANK = "0.50"
 SINKS = ("show", "hide")  # the maps' attention-sink columns: drawn, or left out
+LOWRANK = ("0", "1")  # the linear layers' inputs: as they are, or projected onto U_r (the paper's claim 3)
 
 
 @dataclass(frozen=True)
@@ -98,16 +108,18 @@ class ViewShape:
 
 
 def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str], list[str]]:
-    """``view`` (the URL's strings: rank, form, basis, method, split, layer, head, query, scale, sinks, and
-    others passed through) with every value that does not fit ``shape`` replaced by its default, with a
-    sentence per replaced value saying why, and missing values filled in, so that a link names the whole
-    view."""
+    """``view`` (the URL's strings: rank, form, basis, method, split, layers (which run ATP), lowrank,
+    layer (the one shown), head, query, scale, sinks, and others passed through) with every value that
+    does not fit ``shape`` replaced by its default, with a sentence per replaced value saying why, and
+    missing values filled in, so that a link names the whole view."""
     parsers = {
         "rank": (lambda raw: format_rank(*parse_rank(raw, shape.n_tokens)), DEFAULT_RANK),
         "form": (lambda raw: parse_choice(raw, shape.forms, "form"), shape.default_form),
         "basis": (lambda raw: parse_choice(raw, shape.bases, "basis"), shape.bases[0]),
         "method": (lambda raw: parse_choice(raw, shape.methods, "method"), shape.methods[0]),
         "split": (lambda raw: parse_choice(raw, SPLITS, "split"), SPLITS[0]),
+        "layers": (lambda raw: parse_layers(raw, shape.n_layers), "all"),
+        "lowrank": (lambda raw: parse_choice(raw, LOWRANK, "lowrank"), LOWRANK[0]),
         "layer": (
             lambda raw: str(parse_index(raw, shape.n_layers, "layer", "this model's layer list")),
             str(shape.default_layer),

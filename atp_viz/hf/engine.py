@@ -85,28 +85,6 @@ class ATPConfig:
         return f"ATP {self.form} {r}{extra}"
 
 
-def parse_layers(spec: str, n_layers: int) -> Literal["all"] | tuple[int, ...]:
-    """'all', '3', '0-5', '1,3,7' or a mix ('0-2,7') -> 'all' or a tuple; clear errors otherwise."""
-    spec = (spec or "").strip().lower()
-    if spec in ("", "all"):
-        return "all"
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(p) for p in part.split("-", 1))
-                out.update(range(min(a, b), max(a, b) + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise ValueError(f"Cannot read layers {spec!r}: use 'all', '3', '0-5' or '1,3,7'.") from None
-    bad = sorted(i for i in out if not 0 <= i < n_layers)
-    if bad:
-        raise ValueError(f"Layers {bad} do not exist: this model has layers 0-{n_layers - 1}.")
-    return tuple(sorted(out))
-
-
 @dataclass
 class ATPPlan:
     """An :class:`ATPConfig` bound to one forward pass (private to that call)."""
