@@ -152,15 +152,20 @@ def test_a_run_trains_and_evaluates_with_its_per_layer_ranks(tmp_path, monkeypat
     one_rank = TuneConfig(model="minilm", rank=0.375, eval_texts=4)
     uniform = evaluation.evaluate(base, base, one_rank, cache=False)["rows"]["atp_untuned"]["cosine_mean"]
     assert abs(cos - uniform) > 1e-6
-    # compare checks any text with the run's ranks, and says when it is run without them
+    # compare checks any text with the run's ranks by default, and says when it is run without them
     text, out = tmp_path / "t.txt", tmp_path / "c.json"
     text.write_text(TEXTS[0])
-    argv = ["compare", "--model", f"tuned:{tmp_path / 'run'}", "--text-file", str(text), "--rank", "0.375"]
-    assert main([*argv, "--json", str(out)]) == 0
+    argv = ["compare", "--model", f"tuned:{tmp_path / 'run'}", "--text-file", str(text)]
     typed = "1.0,0.25,0.25,0.25,0.25,0.25"
-    assert f"--layer-ranks {typed}" in json.loads(out.read_text())["not_as_tuned"]
-    assert main([*argv, "--layer-ranks", typed, "--json", str(out)]) == 0
-    assert "not_as_tuned" not in json.loads(out.read_text())
+    for given in ([], ["--rank", "0.375"], ["--rank", "0.375", "--layer-ranks", typed]):
+        assert main([*argv, *given, "--json", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert "not_as_tuned" not in got and len(got["layer_ranks"]) == 6, given
+    assert main([*argv, "--layer-ranks", "one", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert f"--layer-ranks {typed}" in got["not_as_tuned"] and "layer_ranks" not in got
+    assert main([*argv, "--rank", "0.5", "--json", str(out)]) == 0  # another budget: one rank, said
+    assert "--rank 0.375" in json.loads(out.read_text())["not_as_tuned"]
 
 
 def test_per_layer_ranks_are_refused_where_they_do_not_apply(tmp_path):

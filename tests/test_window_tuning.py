@@ -140,6 +140,19 @@ def test_a_window_run_trains_the_gate_saves_and_reloads(tmp_path):
         res.metrics["rows"]["atp_tuned"]["perplexity"], rel=1e-5
     )
     assert (rows["pksoftmax"]["basis_update"], rows["exact"]["basis_update"]) == ("moments", "recompute")
+    # `compare` reads one text in one pass: the run's form, basis and rank by default, and it says that
+    # the window is not read, and which command reads it.
+    text = tmp_path / "t.txt"
+    text.write_text(SHORT)
+    argv = ["compare", "--model", f"tuned:{tmp_path / 'run'}", "--text-file", str(text), "--new-tokens", "0"]
+    assert main([*argv, "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert (got["config"]["rank"], got["config"]["form"], got["config"]["basis_source"]) == (
+        4,
+        "pksoftmax",
+        "keys",
+    )
+    assert "exact window 16 + 2 sinks" in got["not_as_tuned"] and "perplexity --model" in got["not_as_tuned"]
 
 
 def test_window_settings_are_checked(tmp_path):

@@ -13,14 +13,21 @@ def register(sub) -> None:
     c = sub.add_parser("compare", help="ATP vs dense on one text at one rank")
     c.add_argument("--model", default="minilm", help=MODEL_HELP)
     c.add_argument("--text-file", required=True)
-    c.add_argument("--rank", type=rank_arg, default=0.5, help="int (principal keys), fraction of L, or L/k")
-    add_form(c)
+    c.add_argument(
+        "--rank", type=rank_arg,
+        help="int (principal keys), fraction of L, or L/k (default: a tuned model's own, else 0.5)",
+    )  # fmt: skip
+    add_form(c, default=None)
     c.add_argument("--layers", default="all", help="'all', '3', '0-5' or '1,3,7'")
     c.add_argument(
         "--layer-ranks", metavar="HOW",
-        help="one rank per layer, mean --rank (a share): shares (0.375,0.125,...), 'measured' or 'spectrum'",
+        help="one rank per layer, mean --rank (a share): shares (0.375,0.125,...), 'measured' or 'spectrum'; "
+        "'one': the same rank in every layer. Default: a run tuned per layer at its own rank, its shares",
     )  # fmt: skip
-    c.add_argument("--basis", choices=tuple(BASIS_SOURCES), default="input", help="basis from X or from K")
+    c.add_argument(
+        "--basis", choices=tuple(BASIS_SOURCES),
+        help="basis from X (input) or from K (keys); default: a tuned model's own, else input",
+    )  # fmt: skip
     add_basis_method(c)
     c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
     c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
@@ -37,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.text.inputs import tokenize
 
     text = read_text_file(args.text_file)
+    _as_tuned_by_default(args)
     loaded = load_model(args.model)
     tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
     config = ATPConfig(
@@ -92,8 +100,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_tuned_by_default(args: argparse.Namespace) -> None:
+    """A tuned model (``tuned:DIR``) is read as it was tuned, unless told otherwise: its form, basis and
+    rank, and its per-layer shares when the rank is its own (as ``perplexity`` and the Serving page do)."""
+    from atp_viz import forms
+    from atp_viz.analysis.allocation import SAME_BUDGET
+    from atp_viz.core.ranks import format_layer_shares
+    from atp_viz.hf.tuned import settings_of
+
+    trained = settings_of(args.model)
+    args.form = args.form or trained.get("form", forms.DEFAULT)
+    args.basis = args.basis or trained.get("basis_from", "input")
+    args.rank = trained.get("rank", 0.5) if args.rank is None else args.rank
+    own = trained.get("layer_ranks")
+    if args.layer_ranks is None and own and abs(float(args.rank) - float(trained["rank"])) <= SAME_BUDGET:
+        args.layer_ranks = format_layer_shares(own)
+
+
 def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
-    if not args.layer_ranks:
+    if not args.layer_ranks or args.layer_ranks.strip() == "one":
         return None
     from atp_viz.analysis.allocation import choose_layer_ranks
     from atp_viz.core.progress import stderr_progress
@@ -108,7 +133,7 @@ def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
 def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> None:
     """A tuned model run under another form, basis or choice of per-layer ranks than it was tuned with:
     say so (and in the JSON)."""
-    from atp_viz.core.ranks import format_layer_shares
+    from atp_viz.core.ranks import describe_window, format_layer_shares
     from atp_viz.hf.model_info import TUNED_PREFIX
     from atp_viz.hf.tuned import read_settings
 
@@ -131,6 +156,14 @@ def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> Non
             f"--layer-ranks {tuned_ranks})"
             if tuned_ranks
             else "this model was tuned with one rank for every layer; this run uses per-layer ranks"
+        )
+    if trained.get("window"):
+        note += "; " if note else ""
+        window = describe_window(trained["window"], trained.get("sinks", 0))
+        note += (
+            f"this model was tuned reading its past in chunks, {window} and the rest compressed; compare "
+            "reads the text in one pass without them "
+            f"(python -m atp_viz perplexity --model {args.model} --text-file FILE reads it as tuned)"
         )
     if note:
         result["not_as_tuned"] = note
