@@ -3,7 +3,8 @@
 A rank is either an **int** (an absolute number of principal keys, ``64``) or a **float in (0, 1]**
 (a share of the sequence length L, ``0.5`` = L/2). Text is parsed by :func:`parse_rank` (``"64"``,
 ``"0.5"``, ``"L/8"``); :func:`resolve_rank` turns a rank into ``r`` for one sequence. Every command,
-page, URL parser and config in the project goes through these two.
+page, URL parser and config in the project goes through these two. Where ATP runs is read here too:
+per-layer ranks (:func:`parse_layer_shares`) and the layers that run it (:func:`parse_layers`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 ``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&basis=input&method=exact&split=one
 &layers=all&lowrank=0&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter
-mode). Every parser
-raises :class:`ValueError` with a sentence for the user when a value cannot be used (the app then
-shows it and falls back to the default); the pages only read and write ``st.query_params``.
+mode). Every parser raises :class:`ValueError` with a sentence for the user when a value cannot be used
+(the app then shows it and falls back to the default); the pages only read and write ``st.query_params``.
 """
 
 from __future__ import annotations
