@@ -25,6 +25,9 @@ UPLOAD = "_upload"  # (text, file name) of this session's upload
 def _resolve_model(raw: str | None, options: list[str], default: str, settings: Settings) -> tuple[str, str]:
     """The sidebar's model choice for the view's model, and the "Other" field's text: a model offered
     here, "Other" with a hub id or folder, or the default, saying why (a link's unknown model)."""
+    raw = (raw or "").strip() or None  # an empty ``model=`` is no model: the default, not an empty "Other"
+    if raw is not None and raw.startswith(TUNED_PREFIX) and not settings.server_mode:
+        raw = _tuned_choice(raw, options)
     if raw is None or raw in options:
         return raw or default, ""
     if settings.server_mode:
@@ -32,7 +35,11 @@ def _resolve_model(raw: str | None, options: list[str], default: str, settings: 
             f"The link asks for a model this server does not offer. {settings.model_refusal(raw)} "
             f"Showing {default} instead."
         )
-    elif urlstate.looks_like_model_id(raw) or raw == st.session_state.get("other_model", "").strip():
+    elif (
+        urlstate.looks_like_model_id(raw)
+        or raw.startswith(TUNED_PREFIX)  # a finished run outside the places the list reads
+        or raw == st.session_state.get("other_model", "").strip()
+    ):
         # a hub id or folder, or what the user typed in the "Other" field (hub ids such as "gpt2" have no
         # slash): the field keeps it and loads it, or explains why it cannot
         return OTHER, raw
@@ -43,6 +50,28 @@ def _resolve_model(raw: str | None, options: list[str], default: str, settings: 
         )
     state.put("model", default)
     return default, ""
+
+
+def _tuned_choice(raw: str, options: list[str]) -> str | None:
+    """A link's tuned run, however its folder is written (``tuned:data/tuned/NAME``, an absolute path): the
+    sidebar's entry for it, the key itself for a finished run found elsewhere (the "Other" field loads
+    it), or None after saying why it cannot be shown."""
+    folder = tuned.run_folder(raw.removeprefix(TUNED_PREFIX))
+    if not folder.is_dir():
+        st.info(f"The link's tuned run {folder} is not on this machine; showing the default model instead.")
+        return None
+    try:
+        meta = tuned.read_settings(folder)
+    except ModelLoadError as err:
+        st.info(f"The link's tuned run cannot be shown: {err} Showing the default model instead.")
+        return None
+    key = tuned.run_key(folder)
+    if key in options:
+        return key
+    if "metrics" not in meta:
+        st.info(f"The link's tuned run {folder} has not finished; showing the default model instead.")
+        return None
+    return raw
 
 
 @dataclass(frozen=True)
@@ -66,8 +95,7 @@ def _model_options(settings: Settings) -> tuple[list[str], dict[str, str]]:
     # Finished fine-tuning runs, labelled once per rerun; the folder name tells apart runs of the same
     # setting (other steps, adapter rank, seed).
     runs = {
-        f"{TUNED_PREFIX}{path}": f"{tuned.tuned_label(meta)} · {path.name}"
-        for path, meta in tuned.find_runs()
+        tuned.run_key(path): f"{tuned.tuned_label(meta)} · {path.name}" for path, meta in tuned.find_runs()
     }
     return [c.key for c in BUNDLED] + [c.key for c in TINY] + [*runs, OTHER], runs
 

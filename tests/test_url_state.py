@@ -12,6 +12,7 @@ from atp_viz import forms
 from atp_viz.core import ranks
 from atp_viz.core.ranks import resolve_rank
 from atp_viz.deploy import urlstate
+from atp_viz.hf import tuned
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 180
@@ -232,6 +233,30 @@ def test_unknown_sample_and_model_fall_back():
     assert "gpt5" in info and "no_such_sample" in info
     assert at.selectbox(key="model_choice").value == "minilm"
     assert at.selectbox(key="sample").value == "04_attention_explainer"
+
+
+def test_an_empty_model_in_a_link_is_the_default():
+    at = _explorer(model="", sample=SHORT)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == "minilm" and at.query_params["model"] == "minilm"
+
+
+def test_a_shipped_tuned_run_is_linked_the_same_on_every_checkout():
+    """A shipped run's link names it from the repository's root, never by this server's path; a link that
+    names its folder another way opens the same entry, and a run not on this machine is said to be
+    missing."""
+    name = "minilm-exact-r0.5-two-stage"
+    key = f"tuned:data/tuned/{name}"
+    at = _explorer(model=key, sample=SHORT)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == key and at.query_params["model"] == key
+    assert "Defaults used" not in _infos(at) and "cannot be shown" not in _infos(at)
+    again = _explorer(model=f"tuned:{tuned.SHIPPED_DIR / name}", sample=SHORT)
+    assert again.selectbox(key="model_choice").value == key and again.query_params["model"] == key
+    gone = _explorer(model="tuned:data/tuned/no-such-run", sample=SHORT)
+    assert not gone.exception, gone.exception
+    assert "no-such-run is not on this machine" in _infos(gone)
+    assert gone.selectbox(key="model_choice").value == "minilm"
 
 
 def test_hub_id_in_link_goes_to_other(monkeypatch):

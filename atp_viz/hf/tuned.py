@@ -49,11 +49,31 @@ def load_params(folder: Path) -> dict[str, dict[int, dict]]:
     return out
 
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "tuned"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_DIR = REPO_ROOT / "data" / "tuned"
+
+
+def run_folder(folder: str | Path) -> Path:
+    """A run's folder as a user or a link names it: a relative path that is not there from the current
+    folder is read from the repository's root, so ``tuned:data/tuned/NAME`` works from anywhere."""
+    path = Path(folder).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+def run_key(folder: str | Path) -> str:
+    """The model key that names a run in links and lists: ``tuned:data/tuned/NAME`` for a shipped run (the
+    same on every checkout, and no server path in a shared link), the folder as given otherwise."""
+    path = run_folder(folder)
+    try:
+        return f"{TUNED_PREFIX}{path.resolve().relative_to(REPO_ROOT)}"
+    except ValueError:  # outside the repository (the cache's runs): its own path
+        return f"{TUNED_PREFIX}{path}"
 
 
 def read_settings(folder: str | Path) -> dict:
-    path = Path(folder).expanduser() / SETTINGS_FILE
+    path = run_folder(folder) / SETTINGS_FILE
     if not path.is_file():
         raise ModelLoadError(f"{folder} is not an ATP fine-tuning run (no {SETTINGS_FILE}).")
     try:
@@ -132,7 +152,7 @@ def load_tuned(
     """The base model with the run's adapters merged in (a plain transformers model again)."""
     from peft import PeftModel
 
-    folder = Path(folder).expanduser()
+    folder = run_folder(folder)
     meta = read_settings(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ModelLoadError(f"{folder} has no adapter_config.json (an unfinished or cancelled run?).")
