@@ -1,5 +1,6 @@
-"""Widgets every page uses: a progress bar fed by the library's progress callbacks, download buttons
-for figures and tables (the files are made by :mod:`atp_viz.outputs.export`), highlighted text."""
+"""Widgets every page uses: a progress bar fed by the library's progress callbacks, a button for heavy
+jobs, download buttons for figures and tables (the files are made by :mod:`atp_viz.outputs.export`),
+highlighted text."""
 
 from __future__ import annotations
 
@@ -13,6 +14,26 @@ from atp_app import state
 from atp_viz.core.progress import ProgressFn
 from atp_viz.figures.tour.layout import presenter_layout
 from atp_viz.outputs import export
+
+_RAN_FOR = "_ran_for"  # button key -> the inputs (model, text) its heavy job last ran on, this session
+
+
+def run_button(label: str, key: str, inputs: tuple, **kwargs) -> bool:
+    """A button that starts a heavy job and keeps its result shown while the user moves other widgets:
+    True when clicked now, or when it was clicked earlier in this session for the same ``inputs`` (the
+    model and text the job reads). Another model or text needs a new click, so nothing heavy starts
+    unasked. A job refused or failed calls :func:`forget_run`, so reruns do not retry it."""
+    ran = st.session_state.setdefault(_RAN_FOR, {})
+    if st.button(label, key=key, **kwargs):
+        ran[key] = inputs
+        return True
+    if key in ran and ran[key] != inputs:
+        st.caption(f"The model or text changed: *{label}* runs it on the new one.")
+    return ran.get(key) == inputs
+
+
+def forget_run(key: str) -> None:
+    st.session_state.setdefault(_RAN_FOR, {}).pop(key, None)
 
 
 @contextmanager

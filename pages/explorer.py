@@ -430,14 +430,13 @@ def _sweep_section(config: ATPConfig, cmp: compare.Comparison) -> None:
     )
     if config.layer_ranks is not None:
         st.caption("The sweep runs the same r in every layer, whatever the choice of ranks per layer above.")
-    if not (st.button("Run the sweep", key="run_sweep") or st.session_state.get("sweep_ran")):
+    if not widgets.run_button("Run the sweep", "run_sweep", (sel.model_key, sel.text)):
         return
-    st.session_state.sweep_ran = True
     try:
         # The sweep runs every rank and form: only the other settings key its cache.
         sw = _sweep(sel.model_key, sel.text, replace(config, rank=1.0, form=forms.DEFAULT, layer_ranks=None))
     except BusyError as err:
-        st.session_state.sweep_ran = False  # not retried on every rerun: the button starts it again
+        widgets.forget_run("run_sweep")  # not retried on every rerun: the button starts it again
         st.warning(str(err))
         return
     fig = plots.sweep_figure(sw, current=cmp.rank)

@@ -60,15 +60,14 @@ form = c2.radio(
     + ". The cache keeps what each form needs (the exact form also keeps U_r, L x r, to rebuild the keys).",
 )
 n_new = c3.number_input("New tokens (at most)", 1, 64, 32, key="serve_new")
-if st.button("Generate", key="serve_go", type="primary") or st.session_state.get("serve_ran"):
-    st.session_state.serve_ran = True
+if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="primary"):
     try:
         tok, r, notice, dense, comp = _generate(sel.model_key, sel.text, frac, form, int(n_new))
     except ValueError as err:
         st.error(str(err))
         st.stop()
     except BusyError as err:
-        st.session_state.serve_ran = False  # the button starts it again; reruns do not retry
+        widgets.forget_run("serve_go")  # the button starts it again; reruns do not retry
         st.warning(str(err))
         st.stop()
     if tok.notice:
@@ -214,7 +213,10 @@ def _perplexity(
     return len(windows.ids), rows
 
 
-if st.button("Run the perplexity grid", key="ppl_go") and form_names and ranks:
+go = st.button("Run the perplexity grid", key="ppl_go")
+if go and not (form_names and ranks):
+    st.warning("Pick at least one form and one rank for the grid.")
+if go and form_names and ranks:
     settings = tuple((r, f) for f in form_names for r in sorted(ranks, key=float))
     text = None if src.startswith("Held") else sel.text
     keep = serving.ExactKeep(int(sinks), int(window)) if window else None

@@ -173,12 +173,11 @@ def _length_study(model_key: str, threshold: float, centered: bool, skip_first: 
         )
 
 
-if st.button("Run across all samples", key="run_length_study") or st.session_state.get("length_study_ran"):
-    st.session_state.length_study_ran = True
+if widgets.run_button("Run across all samples", "run_length_study", (sel.model_key,)):
     try:
         study = _length_study(sel.model_key, threshold, centered, skip_first)
     except BusyError as err:
-        st.session_state.length_study_ran = False  # the button starts it again; reruns do not retry
+        widgets.forget_run("run_length_study")  # the button starts it again; reruns do not retry
         st.warning(str(err))
         st.stop()
     for note in study.notes:

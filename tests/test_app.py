@@ -105,6 +105,25 @@ def test_explorer_minilm_slider_changes_metrics():
     assert len(_charts(at)) == 8
 
 
+def test_a_heavy_job_runs_only_on_a_click_for_this_model_and_text():
+    """The sweep stays shown while other widgets move, but another text (or model) needs a new click:
+    nothing heavy starts unasked."""
+    at = _app("pages/explorer.py")
+    at.query_params.update(model="tiny-bert", sample="02_short_paragraph")
+    at.run()
+    sweeps = lambda: [c for c in _charts(at) if c.key == "explorer_sweep"]  # noqa: E731
+    assert not sweeps()
+    at.button(key="run_sweep").click().run()
+    assert len(sweeps()) == 1
+    at.slider(key="rank_frac").set_value(0.25).run()
+    assert len(sweeps()) == 1  # the same model and text: still shown
+    at.selectbox(key="sample").set_value("01_one_sentence").run()
+    assert not at.exception, at.exception
+    assert not sweeps() and any("runs it on the new one" in c.value for c in at.caption)
+    at.button(key="run_sweep").click().run()
+    assert len(sweeps()) == 1
+
+
 def test_explorer_closed_views_compute_nothing(monkeypatch):
     """Attention maps and the per-token view are behind toggles; closed, no map is recorded or drawn."""
     from atp_viz.analysis import compare
@@ -200,6 +219,9 @@ def test_serving_page_encoder_message_and_decoder_generation():
     at.number_input(key="ppl_windows").set_value(2).run()
     at.number_input(key="ppl_seq").set_value(128).run()
     at.number_input(key="ppl_chunk").set_value(32).run()
+    at.multiselect(key="ppl_ranks").set_value([]).run()
+    at.button(key="ppl_go").click().run()
+    assert any("at least one form and one rank" in w.value for w in at.warning)
     at.multiselect(key="ppl_ranks").set_value([8]).run()
     at.button(key="ppl_go").click().run()
     assert not at.exception, at.exception
