@@ -31,18 +31,26 @@ _, loaded, cap = page_inputs()
 info = loaded.info
 geom = info.geometry
 
+
+def _follow(key: str, default: int, top: int) -> None:
+    """A number box that follows its default (the text's length, and r from it) until the user sets it
+    (another text or model moves it then), and stays within ``top``."""
+    defaults = st.session_state.setdefault("_cost_defaults", {})
+    if key not in st.session_state or st.session_state[key] == defaults.get(key):
+        st.session_state[key] = default
+    st.session_state[key] = min(st.session_state[key], top)
+    defaults[key] = default
+
+
 c1, c2, c3 = st.columns(3)
+_follow("cost_L", max(cap.n_tokens, 2), 1 << 17)
 L = int(
     c1.number_input(
-        "Sequence length L",
-        2,
-        1 << 17,
-        max(cap.n_tokens, 2),
-        key="cost_L",
-        help="defaults to the text's length",
+        "Sequence length L", 2, 1 << 17, key="cost_L", help="the text's length until you set another"
     )
 )
-r = int(c2.number_input("Rank r", 1, L, min(128, L), key="cost_r"))
+_follow("cost_r", min(128, L), L)
+r = int(c2.number_input("Rank r", 1, L, key="cost_r", help="128, or L if shorter, until you set another"))
 method = c3.selectbox(
     "Basis", METHODS, index=METHODS.index("randomized"), key="cost_basis", format_func=METHOD_LABELS.get
 )

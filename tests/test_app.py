@@ -287,6 +287,20 @@ def test_cost_page_counts_follow_inputs():
     assert ceiling == f"{expected:.2f}x"
 
 
+def test_cost_page_length_follows_the_text_until_set():
+    at = _app("pages/costs.py").run()
+    L0 = at.number_input(key="cost_L").value
+    assert L0 > 128 and at.number_input(key="cost_r").value == 128  # the default sample
+    at.selectbox(key="sample").set_value("01_one_sentence").run()
+    assert not at.exception, at.exception
+    L1 = at.number_input(key="cost_L").value
+    assert L1 < L0 and at.number_input(key="cost_r").value == L1  # r = 128 or L, whichever is smaller
+    at.number_input(key="cost_L").set_value(4096).run()
+    at.selectbox(key="sample").set_value("02_short_paragraph").run()
+    assert at.number_input(key="cost_L").value == 4096  # set by the user: kept
+    assert at.number_input(key="cost_r").value == 128
+
+
 def test_cost_page_shows_measured_reference_curves():
     at = _app("pages/costs.py").run()
     assert not at.exception, at.exception
