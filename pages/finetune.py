@@ -7,7 +7,7 @@ import streamlit as st
 
 from atp_app import navigation, runtime, widgets
 from atp_viz import forms
-from atp_viz.analysis.finetune import evaluation
+from atp_viz.analysis.finetune import evaluation, training
 from atp_viz.analysis.finetune.config import LAYER_RANK_CHOICES, TRAIN_ATTENTION, TuneConfig
 from atp_viz.analysis.finetune.job import TuneJob
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES
@@ -15,6 +15,7 @@ from atp_viz.deploy import jobs
 from atp_viz.figures import plots
 from atp_viz.hf import tuned
 from atp_viz.hf.engine import BASIS_SOURCES
+from atp_viz.hf.model_info import ModelLoadError
 from atp_viz.text.corpus import HELDOUT_MODULES, TRAIN_MODULES
 
 navigation.use_this_navigation()
@@ -162,7 +163,12 @@ if start:
             rank_mode=rank_mode, basis_from=basis_from, attention=attention,
             layer_ranks_from=layer_ranks_from,
         )  # fmt: skip
-    except ValueError as err:
+        if not (cfg.steps or cfg.transfer_steps):
+            raise ValueError(
+                "Both stages have 0 steps: nothing would be trained. Give either stage some steps."
+            )
+        training.check_fits(cfg, runtime.get_model(model).info)  # before a job starts, not in it
+    except (ValueError, ModelLoadError) as err:
         st.error(str(err))
     else:
         limit = settings.max_heavy_jobs

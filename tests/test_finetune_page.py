@@ -54,7 +54,7 @@ def test_the_page_passes_the_dense_control_on_without_stage_1(tmp_path, monkeypa
     at = _page(tmp_path, monkeypatch)
     at.selectbox(key="tune_model").set_value("tiny-llama")
     at.radio(key="tune_attention").set_value("dense")
-    at.number_input(key="tune_steps").set_value(0)
+    at.number_input(key="tune_steps").set_value(1)
     with heavy_job("rank sweep"):  # the job starts and is refused at once: nothing is trained here
         at.button[0].click().run()  # stage 1 left at its default of 200 steps
         assert not at.exception, at.exception
@@ -76,3 +76,23 @@ def test_the_page_passes_per_layer_ranks_on(tmp_path, monkeypatch):
         job = _finished(at)
     assert job.cfg.layer_ranks_from == "measured" and job.cfg.layer_ranks_pending
     assert "per layer (measured)" in job.cfg.label()
+
+
+def test_a_run_the_model_cannot_take_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """Nothing to train (0 + 0 steps), or measured per-layer ranks on a decoder: an error at Start and no
+    job, not a job that fails (or saves an untrained run) after it started."""
+    at = _page(tmp_path, monkeypatch)
+    at.selectbox(key="tune_model").set_value("tiny-bert")
+    at.number_input(key="tune_transfer_steps").set_value(0)
+    at.number_input(key="tune_steps").set_value(0)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("nothing would be trained" in e.value for e in at.error)
+    assert "tune_job" not in at.session_state
+    at.selectbox(key="tune_model").set_value("tiny-llama")
+    at.number_input(key="tune_steps").set_value(1)
+    at.radio(key="tune_layer_ranks").set_value("measured")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("Measured per-layer ranks are for encoders" in e.value for e in at.error)
+    assert "tune_job" not in at.session_state

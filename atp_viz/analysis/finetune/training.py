@@ -42,7 +42,7 @@ from atp_viz.analysis.finetune.transfer import qk_parameters, transfer_loss
 from atp_viz.core.basis import NonFiniteError
 from atp_viz.core.progress import ProgressFn, within
 from atp_viz.hf import families
-from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
+from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelInfo
 from atp_viz.hf.models import load_model
 from atp_viz.hf.tuned import SETTINGS_FILE, save_params
 from atp_viz.text.corpus import HELDOUT_MODULES
@@ -248,7 +248,9 @@ def train(
     say = progress or (lambda f, m: None)
     say(0.0, f"Loading {cfg.model}...")
     loaded = load_model(cfg.model)
-    _check_fits(cfg, loaded)  # before the texts are prepared: a setting the model cannot take fails at once
+    check_fits(
+        cfg, loaded.info
+    )  # before the texts are prepared: a setting the model cannot take fails at once
     say(0.02, "Preparing the training texts (standard-library docstrings, by module)...")
     data = _training_data(cfg, loaded, texts)
     if not heldout_available(loaded, cfg):
@@ -282,9 +284,10 @@ def train(
     return result
 
 
-def _check_fits(cfg: TuneConfig, loaded: LoadedModel) -> None:
-    """The settings that only one kind of model takes (ValueError with a sentence otherwise)."""
-    is_dec = loaded.info.is_decoder
+def check_fits(cfg: TuneConfig, info: ModelInfo) -> None:
+    """The settings that only one kind of model takes (ValueError with a sentence otherwise); the
+    Fine-tuning page asks before it starts a run."""
+    is_dec = info.is_decoder
     if cfg.attention == "dense" and not is_dec:
         raise ValueError(
             "A dense control is for decoders: an encoder's objective distils toward its own dense "
@@ -300,9 +303,9 @@ def _check_fits(cfg: TuneConfig, loaded: LoadedModel) -> None:
             "Measured per-layer ranks are for encoders (the loss is the sentence embedding's cosine): a "
             "decoder takes them from the spectra, or as given."
         )
-    if cfg.layer_ranks and len(cfg.layer_ranks) != loaded.info.n_layers:
+    if cfg.layer_ranks and len(cfg.layer_ranks) != info.n_layers:
         raise ValueError(
-            f"{len(cfg.layer_ranks)} per-layer ranks given; {cfg.model} has {loaded.info.n_layers} layers."
+            f"{len(cfg.layer_ranks)} per-layer ranks given; {cfg.model} has {info.n_layers} layers."
         )
 
 
