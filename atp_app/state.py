@@ -150,8 +150,12 @@ def fit_view(n_tokens: int, n_layers: int, n_heads: int, is_decoder: bool) -> No
     )
     fitted, problems = urlstate.fit_view(view(), shape)
     view().update(fitted)
+    first = not st.session_state.get("_view_fitted")  # the values came from the link
+    st.session_state["_view_fitted"] = True
     if problems:
-        st.info("Defaults used instead of: " + " ".join(problems))
+        # Later, a value stops fitting because the model or text changed (or was typed): not a link's fault.
+        lead = "The link's values that do not fit: defaults used instead of" if first else "Reset to fit"
+        st.info(f"{lead}: " + " ".join(problems))
 
 
 def rank(n_tokens: int) -> tuple[str, float | int]:

@@ -112,7 +112,7 @@ def test_link_reproduces_the_explorer_view():
     assert at.radio(key="form").value == "linear"
     assert at.selectbox(key="map_layer").value == 1
     assert at.selectbox(key="map_head").value == 3
-    assert not at.info or "Defaults used" not in _infos(at)
+    assert not at.info or "defaults used" not in _infos(at)
     assert "linear form" in at.subheader[0].value
 
 
@@ -144,7 +144,7 @@ def test_a_link_names_the_layers_that_run_atp_and_the_low_rank_inputs():
     assert not at.exception, at.exception
     assert at.text_input(key="atp_layers").value == "0-1" and at.checkbox(key="lowrank_linear").value
     assert (at.query_params["layers"], at.query_params["lowrank"]) == ("0-1", "1")
-    assert "Defaults used" not in _infos(at)
+    assert "defaults used" not in _infos(at)
     first = _metric_values(at)
     at.text_input(key="atp_layers").input("1").run()
     at.checkbox(key="lowrank_linear").uncheck().run()
@@ -212,6 +212,7 @@ def test_invalid_link_values_fall_back_with_a_message():
     info = _infos(at)
     for part in ("rank=0.33", "form='cubic'", "layer=9 does not exist", "head=-1 does not exist"):
         assert part in info, info
+    assert info.startswith("The link's values that do not fit: defaults used instead of")
     assert at.slider(key="rank_frac").value == 0.5
     assert at.radio(key="form").value == "exact"
     assert at.selectbox(key="map_layer").value == 1 and at.selectbox(key="map_head").value == 0
@@ -250,7 +251,7 @@ def test_a_shipped_tuned_run_is_linked_the_same_on_every_checkout():
     at = _explorer(model=key, sample=SHORT)
     assert not at.exception, at.exception
     assert at.selectbox(key="model_choice").value == key and at.query_params["model"] == key
-    assert "Defaults used" not in _infos(at) and "cannot be shown" not in _infos(at)
+    assert "defaults used" not in _infos(at) and "cannot be shown" not in _infos(at)
     again = _explorer(model=f"tuned:{tuned.SHIPPED_DIR / name}", sample=SHORT)
     assert again.selectbox(key="model_choice").value == key and again.query_params["model"] == key
     gone = _explorer(model="tuned:data/tuned/no-such-run", sample=SHORT)
@@ -274,6 +275,7 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
     at.selectbox(key="model_choice").set_value("tiny-bert").run()  # 4 heads
     assert not at.exception, at.exception
     assert at.selectbox(key="map_head").value == 0
+    assert _infos(at).startswith("Reset to fit: ") and "head=10 does not exist" in _infos(at)
     assert at.query_params["head"] == "0" and at.query_params["model"] == "tiny-bert"
 
 
