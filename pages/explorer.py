@@ -211,8 +211,14 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
 def _metrics(
     cmp: compare.Comparison, config: ATPConfig, dense: compare.Forward, run: compare.Forward
 ) -> None:
-    per_layer = " on average over the layers" if cmp.layer_ranks else ""
-    st.subheader(f"r = {cmp.rank} of L = {L} tokens ({cmp.rank / L:.0%}){per_layer}, {config.form} form")
+    if cmp.layer_ranks:  # the mean of the ranks the layers ran (their rounding can leave it off the budget)
+        mean = sum(cmp.layer_ranks) / len(cmp.layer_ranks)
+        shown = f"{mean:.1f}".removesuffix(".0")
+        st.subheader(
+            f"r = {shown} of L = {L} tokens ({mean / L:.0%}) on average over the layers, {config.form} form"
+        )
+    else:
+        st.subheader(f"r = {cmp.rank} of L = {L} tokens ({cmp.rank / L:.0%}), {config.form} form")
     if cmp.layer_ranks:
         st.caption("Each ATP layer's r on this text: " + ", ".join(map(str, cmp.layer_ranks)) + ".")
     k1, k2, k3 = st.columns(3)

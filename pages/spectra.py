@@ -6,6 +6,7 @@ import streamlit as st
 from atp_app import navigation, runtime, widgets
 from atp_app.sidebar import page_inputs
 from atp_viz.analysis import lengths, spectra
+from atp_viz.core.ranks import format_layers
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
 from atp_viz.outputs import export
@@ -58,6 +59,10 @@ def _matrix(i: int) -> np.ndarray:
     return cap.layers[i].resid if use_resid else cap.layers[i].x
 
 
+def _span(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 sinks = [lengths.sink_ratio(layer.resid) for layer in cap.layers]
 worst = int(np.argmax(sinks))
 if sinks[worst] > 10:
@@ -65,8 +70,8 @@ if sinks[worst] > 10:
     resid_r90 = [spectra.spectrum(cap.layers[i].resid).rank_for(0.9) for i in sink_layers]
     st.warning(
         f"**Attention sink.** In the residual stream the first token's row is up to {sinks[worst]:.0f}x the "
-        f"median token's (layers {sink_layers[0]}-{sink_layers[-1]}). There that one row holds most of the "
-        f"energy: those layers need only {min(resid_r90)}-{max(resid_r90)} components for 90% of it, a "
+        f"median token's (layers {format_layers(tuple(sink_layers))}). There that one row holds most of the "
+        f"energy: those layers need only {_span(min(resid_r90), max(resid_r90))} components for 90% of it, a "
         "'rank 1' that says nothing about the other tokens. Tick *Leave out the first token* to see them. "
         + (
             "The layer's input norm rescales every token before Q/K/V, so the attention input X (what ATP "

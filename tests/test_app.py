@@ -186,6 +186,8 @@ def test_explorer_shares_one_budget_over_the_layers():
     n = int(at.subheader[0].value.split("of L = ")[1].split()[0])
     per_layer = [int(r) for r in rs.removesuffix(".").split(": ")[1].split(", ")]
     assert len(per_layer) == 6 and len(set(per_layer)) > 1 and abs(np.mean(per_layer) - n / 4) <= 1
+    # the heading's r is the mean of the layers' r, as the caption lists them
+    assert float(at.subheader[0].value.split()[2]) == pytest.approx(np.mean(per_layer), abs=0.05)
     at.slider(key="rank_frac").set_value(0.05).run()  # 0.05 of L in 1/64 steps over 6 layers: 19 steps
     shares = next(c.value for c in at.caption if c.value.startswith("Each layer's share of L"))
     assert "the budget 0.05 became 0.0495" in shares

@@ -351,8 +351,9 @@ def text_windows(tokenizer, text: str, seq_len: int, label: str = "text") -> Win
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of {seq_len}: use a longer "
-                         "text or a shorter window.")  # fmt: skip
+        tokens = f"{len(ids)} token{'' if len(ids) == 1 else 's'}"
+        raise ValueError(f"The text has {tokens}, fewer than one window of {seq_len}: use a longer text or a "
+                         "shorter window.")  # fmt: skip
     stream = torch.tensor(ids)
     return Windows(
         ids=tuple(stream[k * seq_len : (k + 1) * seq_len][None] for k in range(n)),

@@ -134,7 +134,9 @@ def parse_layers(spec: str, n_layers: int) -> Literal["all"] | tuple[int, ...]:
             raise ValueError(f"Cannot read layers {spec!r}: use 'all', '3', '0-5' or '1,3,7'.") from None
     bad = sorted(i for i in out if not 0 <= i < n_layers)
     if bad:
-        raise ValueError(f"Layers {bad} do not exist: this model has layers 0-{n_layers - 1}.")
+        raise ValueError(
+            f"Layers {format_layers(tuple(bad))} do not exist: this model has layers 0-{n_layers - 1}."
+        )
     return tuple(sorted(out))
 
 

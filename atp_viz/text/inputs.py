@@ -116,7 +116,8 @@ def tokenize(tokenizer, text: str, max_tokens: int, *, min_tokens: int = 2) -> T
             ids[0, -1] = sep
     if ids.shape[1] < min_tokens:
         raise TextError(
-            f"The text has {ids.shape[1]} token(s); at least {min_tokens} are needed for a spectrum "
+            f"The text has {ids.shape[1]} token{'' if ids.shape[1] == 1 else 's'}; at least {min_tokens} are "
+            "needed for a spectrum "
             "(a single token is a rank-1 matrix by definition). Type a longer text."
         )
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids[0].tolist()))
