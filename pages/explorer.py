@@ -233,6 +233,10 @@ def _metrics(
         f"dense {cmp.dense_seconds * 1e3:.0f} ms."
     )
     if sel.model_key.startswith(TUNED_PREFIX):
+        st.caption(
+            "Dense here is this tuned model's own weights with dense attention; the table below also "
+            "compares with the original model."
+        )
         _before_after(config, dense, run)
     fig = plots.layer_error_figure(
         cmp.layer_rel_error, title=f"Relative error of each layer's output ({cmp.errors_at})"
