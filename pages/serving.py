@@ -241,9 +241,14 @@ if go and form_names and ranks:
     except BusyError as err:
         st.warning(str(err))
         st.stop()
-    exact = (
-        f"; each chunk also reads the first {sinks} tokens and the {window} before it exactly" if keep else ""
-    )
+    first = f"the first {sinks} tokens and " if sinks else ""
+    exact = f"; each chunk also reads {first}the {window} before it exactly" if keep else ""
+    if keep and window + sinks >= seq_len - chunk:  # the longest past a chunk has is seq_len - chunk
+        st.warning(
+            f"The exact window ({window}{f' + {sinks} sinks' if sinks else ''}) covers the whole past of "
+            f"every chunk (at most {seq_len - chunk} tokens here): nothing is compressed, so the ATP rows "
+            "equal dense. Use longer windows of text or a smaller exact window."
+        )
     st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{exact}.")
     if split_how and not any("layer_ranks" in r for r in rows):
         st.warning(

@@ -246,6 +246,10 @@ def test_serving_page_encoder_message_and_decoder_generation():
     assert all("exact window 32 + 2 sinks" in r for r in ranks[1:])
     assert all("window alone" in c.proto.spec for c in _charts(at)), "no reference line for the window alone"
     assert any("basis from keys" in c.value and "2 tokens and the 32" in c.value for c in at.caption)
+    assert not any("covers the whole past" in w.value for w in at.warning)
+    at.number_input(key="ppl_window").set_value(96).run()  # 128-token windows in chunks of 32: past <= 96
+    at.button(key="ppl_go").click().run()
+    assert any("covers the whole past of every chunk" in w.value for w in at.warning)
 
 
 def test_serving_perplexity_grid_shares_each_budget_over_the_layers(tmp_path, monkeypatch):
