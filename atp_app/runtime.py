@@ -10,7 +10,7 @@ import streamlit as st
 import torch
 
 from atp_app.widgets import progress
-from atp_viz.analysis import compare
+from atp_viz.analysis import compare, spectra
 from atp_viz.analysis.capture import Capture, capture
 from atp_viz.deploy import jobs
 from atp_viz.deploy.settings import Settings, SettingsError, load_settings
@@ -84,6 +84,17 @@ def _load_model(key: str, settings: Settings) -> LoadedModel:
 @st.cache_resource(show_spinner="Running the model and capturing every layer...", max_entries=8)
 def get_capture(model_key: str, text: str, attentions: str | tuple[int, ...] = "auto") -> Capture:
     return capture(get_model(model_key), text, attentions=attentions)
+
+
+@st.cache_resource(show_spinner="Singular values of every layer...", max_entries=16)
+def layer_spectra(
+    model_key: str, text: str, resid: bool, centered: bool, skip_first: bool
+) -> tuple[spectra.Spectrum, ...]:
+    """Every layer's spectrum of the attention input X (or of the residual stream): once per text and
+    choice, not on every rerun (30 SVDs for SmolLM2), shared like the capture they come from."""
+    cap = get_capture(model_key, text)
+    xs = [layer.resid if resid else layer.x for layer in cap.layers]
+    return tuple(spectra.layer_spectra(xs, centered=centered, skip_first=skip_first))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

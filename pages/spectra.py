@@ -67,7 +67,8 @@ sinks = [lengths.sink_ratio(layer.resid) for layer in cap.layers]
 worst = int(np.argmax(sinks))
 if sinks[worst] > 10:
     sink_layers = [i for i, r in enumerate(sinks) if r > 10]
-    resid_r90 = [spectra.spectrum(cap.layers[i].resid).rank_for(0.9) for i in sink_layers]
+    resid = runtime.layer_spectra(sel.model_key, sel.text, True, False, False)
+    resid_r90 = [resid[i].rank_for(0.9) for i in sink_layers]
     st.warning(
         f"**Attention sink.** In the residual stream the first token's row is up to {sinks[worst]:.0f}x the "
         f"median token's (layers {format_layers(tuple(sink_layers))}). There that one row holds most of the "
@@ -86,7 +87,8 @@ chosen = st.multiselect("Layers", layer_ids, default=layer_ids, format_func=lamb
 if not chosen:
     st.info("Pick at least one layer.")
     st.stop()
-sps = spectra.layer_spectra([_matrix(i) for i in chosen], centered=centered, skip_first=skip_first)
+every_layer = runtime.layer_spectra(sel.model_key, sel.text, use_resid, centered, skip_first)
+sps = [every_layer[i] for i in chosen]
 labels = [f"layer {i}" for i in chosen]
 
 what = "the residual stream (block input)" if use_resid else "the attention input X"

@@ -47,12 +47,23 @@ def test_spectra_page_charts_and_length_study():
     assert any("fraction of components needed" in m.value for m in at.markdown)
 
 
-def test_spectra_options_rerun():
+def test_spectra_options_rerun(monkeypatch):
+    """Each choice of matrix and decomposition computes every layer's SVD once; a rerun that changes
+    only how they are drawn (the log scale) computes none."""
+    from atp_viz.analysis import spectra
+
+    calls = []
+    real = spectra.layer_spectra
+    monkeypatch.setattr(spectra, "layer_spectra", lambda *a, **k: calls.append(k) or real(*a, **k))
     at = _app("pages/spectra.py").run()
     at.checkbox(key="skip_first").check().run()
     at.radio(key="spectra_mode").set_value("PCA (centred)").run()
     assert not at.exception, at.exception
     assert len(_charts(at)) == 5
+    n = len(calls)
+    at.checkbox(key="log_scale").uncheck().run()
+    assert not at.exception, at.exception
+    assert len(calls) == n
 
 
 @pytest.mark.parametrize("text", ["", "   "])
