@@ -11,7 +11,7 @@ from atp_viz.core.progress import within
 from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
-from atp_viz.hf.tuned import basis_of, chunked_mode_of
+from atp_viz.hf.tuned import basis_of, chunked_mode_of, settings_of
 from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
@@ -51,9 +51,14 @@ def _generate(model_key: str, text: str, rank, form: str, n_new: int):
 st.subheader("Generation: dense cache vs ATP-compressed prompt cache")
 c1, c2, c3 = st.columns([3, 2, 2])
 frac = c1.slider("Rank r / prompt length", 0.05, 1.0, 0.5, 0.05, key="serve_rank")
+tuned_form = settings_of(sel.model_key).get("form", forms.DEFAULT)  # a tuned run starts in its own form
+if st.session_state.get("_serve_model") != sel.model_key:
+    st.session_state.pop("serve_form", None)
+    st.session_state["_serve_model"] = sel.model_key
 form = c2.radio(
     "Form",
     forms.names(),
+    index=forms.names().index(tuned_form),
     horizontal=True,
     key="serve_form",
     help="; ".join(f"{n}: {forms.get(n).description}" for n in forms.names())

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from atp_viz import forms
 from atp_viz.analysis import serving
 from atp_viz.analysis.finetune import objectives, training
 from atp_viz.analysis.finetune.config import TuneConfig
@@ -291,6 +292,10 @@ def test_the_serving_page_reads_a_window_run_as_it_was_tuned(tmp_path, monkeypat
     assert not at.exception, at.exception
     assert (at.number_input(key="ppl_window").value, at.number_input(key="ppl_sinks").value) == (16, 2)
     assert at.radio(key="ppl_update").value == "moments"
+    assert at.radio(key="serve_form").value == "pksoftmax"  # generation too starts in the run's form
+    at.selectbox(key="model_choice").set_value("tiny-llama").run()
+    assert at.radio(key="serve_form").value == forms.DEFAULT  # and another model in the default
+    at.selectbox(key="model_choice").set_value(f"{TUNED_PREFIX}{run}").run()
     at.number_input(key="ppl_windows").set_value(1).run()
     at.number_input(key="ppl_seq").set_value(96).run()
     at.number_input(key="ppl_chunk").set_value(16).run()
