@@ -248,7 +248,7 @@ if go and form_names and ranks:
         st.stop()
     first = f"the first {sinks} tokens and " if sinks else ""
     exact = f"; each chunk also reads {first}the {window} before it exactly" if keep else ""
-    if keep and window + sinks >= seq_len - chunk:  # the longest past a chunk has is seq_len - chunk
+    if keep and keep.covers(seq_len - chunk):  # the longest past a chunk has is seq_len - chunk
         st.warning(
             f"The exact window ({window}{f' + {sinks} sinks' if sinks else ''}) covers the whole past of "
             f"every chunk (at most {seq_len - chunk} tokens here): nothing is compressed, so the ATP rows "

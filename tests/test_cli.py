@@ -156,3 +156,46 @@ def test_finetune_command_runs_both_stages_and_copies_its_record(tmp_path, text_
     assert len(meta["transfer_losses"]) == 2 and len(meta["losses"]) == 1
     assert meta["command"][:3] == ["python", "-m", "atp_viz"] and "--transfer-steps" in meta["command"]
     assert meta["settings"]["form"] == "taylor2" and meta["settings"]["transfer_steps"] == 2
+
+
+def test_perplexity_and_compare_read_a_tuned_decoder_as_tuned_and_say_when_not(tmp_path, text_file):
+    """A run's window length, chunk, rank mode and rank are the defaults; each one given otherwise is
+    named in a note and in the JSON."""
+    from atp_viz.analysis.finetune import training
+    from atp_viz.analysis.finetune.config import TuneConfig
+
+    cfg = TuneConfig(model="tiny-llama", steps=1, seq_len=48, chunk=16, rank_mode="effective", eval_windows=1)
+    run = training.train(cfg, tmp_path / "run", texts=[text_file.read_text() * 6]).out_dir
+    long_text, out = tmp_path / "long.txt", tmp_path / "p.json"
+    long_text.write_text(text_file.read_text() * 6)
+    argv = ["perplexity", "--model", f"tuned:{run}", "--text-file", str(long_text), "--ranks", "0.5",
+            "--forms", "exact", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert (got["seq_len"], got["chunk"], got["rank_mode"]) == (48, 16, "effective")
+    assert "not_as_tuned" not in got
+    assert main([*argv, "--rank-mode", "past", "--seq-len", "40"]) == 0
+    note = json.loads(out.read_text())["not_as_tuned"]
+    assert "--rank-mode past (tuned: effective)" in note and "--seq-len 40 (tuned: 48)" in note
+    argv = ["compare", "--model", f"tuned:{run}", "--text-file", str(text_file), "--new-tokens", "0"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "not_as_tuned" not in json.loads(out.read_text())
+    assert main([*argv, "--rank", "0.25", "--json", str(out)]) == 0
+    assert "tuned at r = 0.5 L (pass --rank 0.5)" in json.loads(out.read_text())["not_as_tuned"]
+
+
+def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, text_file, capsys):
+    spectra = ["spectra", "--model", "tiny-bert", "--text-file", str(text_file)]
+    assert main([*spectra, "--json", str(tmp_path)]) == 2
+    assert "is a folder: give a file" in capsys.readouterr().err
+    assert main([*spectra, "--json", str(text_file / "x.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    ppl = ["perplexity", "--model", "tiny-gpt2", "--ranks", "4", "--forms", "exact", "--windows", "1"]
+    assert main([*ppl, "--seq-len", "4096", "--chunk", "1024"]) == 2
+    assert "reads at most" in capsys.readouterr().err
+    compare = ["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--layer-ranks", "0.5,0.25"]
+    assert main([*compare, "--rank", "0.5"]) == 2
+    assert "mean is 0.375" in capsys.readouterr().err
+    out = tmp_path / "c.json"
+    assert main([*compare, "--json", str(out)]) == 0  # no --rank: the shares' mean is the budget
+    assert json.loads(out.read_text())["config"]["rank"] == 0.375

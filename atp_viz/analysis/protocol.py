@@ -90,6 +90,9 @@ def module_windows(
         owner += [i] * len(piece)
     stream, owners = torch.tensor(ids), np.asarray(owner)
     n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"These modules hold {len(ids)} tokens, fewer than one window of {seq_len}: use "
+                         "shorter windows.")  # fmt: skip
     keep = _spread(n, max_windows)
     return Windows(
         ids=tuple(stream[k * seq_len : (k + 1) * seq_len][None] for k in keep),
@@ -345,19 +348,22 @@ def encoder_summary(cosines: np.ndarray, modules: Sequence[str], reference: np.n
     return row
 
 
-def text_windows(tokenizer, text: str, seq_len: int, label: str = "text") -> Windows:
+def text_windows(
+    tokenizer, text: str, seq_len: int, label: str = "text", *, max_windows: int | None = None
+) -> Windows:
     """A user's text cut into non-overlapping windows of ``seq_len`` tokens (the last partial one
-    dropped), all labelled ``label``; ValueError when not even one window fits."""
+    dropped; ``max_windows`` keeps an evenly spread subset), all labelled ``label``; ValueError when not
+    even one window fits."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
         tokens = f"{len(ids)} token{'' if len(ids) == 1 else 's'}"
         raise ValueError(f"The text has {tokens}, fewer than one window of {seq_len}: use a longer text or a "
                          "shorter window.")  # fmt: skip
-    stream = torch.tensor(ids)
+    stream, keep = torch.tensor(ids), _spread(n, max_windows)
     return Windows(
-        ids=tuple(stream[k * seq_len : (k + 1) * seq_len][None] for k in range(n)),
-        module_of=tuple(np.zeros(seq_len, dtype=int) for _ in range(n)),
+        ids=tuple(stream[k * seq_len : (k + 1) * seq_len][None] for k in keep),
+        module_of=tuple(np.zeros(seq_len, dtype=int) for _ in keep),
         module_names=(label,),
     )
 

@@ -166,6 +166,10 @@ class ExactKeep:
         if self.sinks < 0 or self.window < 0:
             raise ValueError(f"sinks and window are token counts >= 0, got {self.sinks} and {self.window}.")
 
+    def covers(self, n_past: int) -> bool:
+        """True when a past of ``n_past`` tokens is read exactly whole: nothing left to compress."""
+        return self.sinks + self.window >= n_past
+
     def split(self, n: int) -> tuple[int, int]:
         """(a, b) for a past of n tokens: [a, b) is the middle; [0, a) and [b, n) are kept exactly."""
         a = min(self.sinks, n)

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from atp_viz.cli import bench, compare, finetune, generate, perplexity, report, results, spectra
+from atp_viz.cli.common import check_output
 from atp_viz.hf.model_info import ModelLoadError
 from atp_viz.text.inputs import TextError
 
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = ["python", "-m", "atp_viz", *(sys.argv[1:] if argv is None else argv)]  # for the records
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        if getattr(args, "json", None):
+            check_output(args.json)
+        if getattr(args, "out", None):
+            check_output(args.out, folder=True)
         return args.func(args)
     except (ModelLoadError, TextError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,33 @@ def exact_keep(args: argparse.Namespace):
     if (args.sinks or drop) and not args.window:
         raise ValueError("--sinks and --drop-middle need a --window")
     return ExactKeep(args.sinks, args.window, drop_rest=drop) if args.window else None
+
+
+def check_context(loaded, n_tokens: int) -> None:
+    """ValueError with a sentence when windows of ``n_tokens`` are longer than the model reads."""
+    if loaded.info.max_tokens < n_tokens:
+        raise ValueError(
+            f"{loaded.info.label} reads at most {loaded.info.max_tokens} tokens; --seq-len {n_tokens} is "
+            "longer."
+        )
+
+
+def check_output(path: str, *, folder: bool = False) -> None:
+    """ValueError with a sentence when ``path`` cannot be written (a file where a folder is needed, or the
+    other way round; no write access): asked before a command computes anything, so no result is lost
+    at the end."""
+    target = Path(path).expanduser()
+    if target.exists() and target.is_dir() != folder:
+        raise ValueError(
+            f"{path} is a {'file' if folder else 'folder'}: give a {'folder' if folder else 'file'}."
+        )
+    parent = target if folder and target.exists() else target.parent
+    while not parent.exists():  # the folders that will be created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path} cannot be written: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{path} cannot be written: no write access to {parent}.")
 
 
 def write_json(obj, out: str | None) -> None:

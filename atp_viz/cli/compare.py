@@ -111,10 +111,26 @@ def _as_tuned_by_default(args: argparse.Namespace) -> None:
     trained = settings_of(args.model)
     args.form = args.form or trained.get("form", forms.DEFAULT)
     args.basis = args.basis or trained.get("basis_from", "input")
-    args.rank = trained.get("rank", 0.5) if args.rank is None else args.rank
     own = trained.get("layer_ranks")
+    typed = _typed_shares(args.layer_ranks)
+    if args.rank is None:  # typed shares: their mean is the budget
+        args.rank = sum(typed) / len(typed) if typed else trained.get("rank", 0.5)
+    elif typed and abs(sum(typed) / len(typed) - float(args.rank)) > SAME_BUDGET and list(typed) != own:
+        mean = sum(typed) / len(typed)
+        raise ValueError(
+            f"The per-layer shares' mean is {mean!r}, not --rank {args.rank}: give --rank {mean!r}."
+        )
     if args.layer_ranks is None and own and abs(float(args.rank) - float(trained["rank"])) <= SAME_BUDGET:
         args.layer_ranks = format_layer_shares(own)
+
+
+def _typed_shares(how: str | None) -> tuple[float, ...]:
+    """Per-layer shares typed on the command line (empty for none, 'one', 'measured' or 'spectrum')."""
+    from atp_viz.core.ranks import parse_layer_shares
+
+    if not how or how.strip() in ("one", "measured", "spectrum"):
+        return ()
+    return parse_layer_shares(how)
 
 
 def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
@@ -133,7 +149,8 @@ def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
 def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> None:
     """A tuned model run under another form, basis or choice of per-layer ranks than it was tuned with:
     say so (and in the JSON)."""
-    from atp_viz.core.ranks import describe_window, format_layer_shares
+    from atp_viz.analysis.allocation import SAME_BUDGET
+    from atp_viz.core.ranks import describe, describe_window, format_layer_shares
     from atp_viz.hf.model_info import TUNED_PREFIX
     from atp_viz.hf.tuned import read_settings
 
@@ -157,6 +174,12 @@ def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> Non
             if tuned_ranks
             else "this model was tuned with one rank for every layer; this run uses per-layer ranks"
         )
+    if (
+        not isinstance(trained["rank"], type(args.rank))
+        or abs(float(args.rank) - trained["rank"]) > SAME_BUDGET
+    ):
+        note += "; " if note else ""
+        note += f"this model was tuned at {describe(trained['rank'])} (pass --rank {trained['rank']:g})"
     if trained.get("window"):
         note += "; " if note else ""
         window = describe_window(trained["window"], trained.get("sinks", 0))

@@ -11,6 +11,7 @@ from atp_viz.cli.common import (
     MODEL_HELP,
     add_exact_window,
     add_form,
+    check_context,
     exact_keep,
     rank_list_arg,
     read_text_file,
@@ -33,16 +34,22 @@ def register(sub) -> None:
     pp.add_argument("--model", default="smollm2", help=MODEL_HELP)
     pp.add_argument("--text-file", help="a text cut into windows (default: the held-out docstring modules)")
     pp.add_argument(
-        "--windows", type=int, default=24, help="held-out windows, spread over the stream (0: all)"
+        "--windows",
+        type=int,
+        default=24,
+        help="windows, spread over the held-out stream or the text (0: all)",
     )
-    pp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    pp.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
+    pp.add_argument("--seq-len", type=int, help="tokens per window (default: a tuned model's own, else 512)")
+    pp.add_argument("--chunk", type=int, help="tokens per chunk (default: a tuned model's own, else 128)")
     pp.add_argument(
         "--ranks", type=rank_list_arg,
         help=f"ints or shares of L (default: {','.join(map(str, DEFAULT_RANKS))}, and a tuned model's own "
         "rank)",
     )  # fmt: skip
-    pp.add_argument("--rank-mode", choices=RANK_MODES, default="past", help="what a share of L means")
+    pp.add_argument(
+        "--rank-mode", choices=RANK_MODES,
+        help="what a share of L means (default: a tuned model's own, else past)",
+    )  # fmt: skip
     pp.add_argument(
         "--basis-from", choices=("input", "keys"), default=None,
         help="basis source of the past: attention inputs X or the keys (default: a tuned model's own, "
@@ -71,26 +78,28 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import base_model_of, basis_of, chunked_mode_of
 
+    trained = chunked_mode_of(args.model)  # a tuned model is read as it was tuned unless told otherwise
+    trained["basis_from"] = basis_of(args.model)
+    not_as_tuned = _as_tuned(args, trained)
     if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
         raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
-    trained = chunked_mode_of(args.model)  # a tuned model is read as it was tuned unless told otherwise
-    if args.ranks is None:
-        own = (
-            [trained["rank"]] if trained["rank"] is not None and trained["rank"] not in DEFAULT_RANKS else []
-        )
-        args.ranks = [*DEFAULT_RANKS, *own]
-    if args.window is None:
-        args.window = trained["window"]
-        args.sinks = trained["sinks"] if args.sinks is None else args.sinks
-    args.sinks = 0 if args.sinks is None else args.sinks
-    basis_update = args.basis_update or trained["basis_update"]
+    basis_update, basis_from = args.basis_update, args.basis_from
     keep = exact_keep(args)
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
+    if keep is not None and not keep.drop_rest and keep.covers(args.seq_len - args.chunk):
+        print(
+            f"note: the exact window ({args.window} + {args.sinks} sinks) covers the whole past of every "
+            f"chunk (at most {args.seq_len - args.chunk} tokens): nothing is compressed, every row equals "
+            "dense. Use a longer --seq-len or a smaller --window.",
+            file=sys.stderr,
+        )
     loaded = load_model(args.model)
-    basis_from = args.basis_from or basis_of(args.model)
+    check_context(loaded, args.seq_len)
     if args.text_file:
-        windows = protocol.text_windows(loaded.tokenizer, read_text_file(args.text_file), args.seq_len)
+        windows = protocol.text_windows(
+            loaded.tokenizer, read_text_file(args.text_file), args.seq_len, max_windows=args.windows or None
+        )
         source = args.text_file
     else:
         windows = protocol.heldout_windows(loaded.tokenizer, args.seq_len, max_windows=args.windows or None)
@@ -124,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "basis_update": basis_update,
             "layer_ranks": args.layer_ranks
             or ("as tuned, at its own rank" if trained["layer_ranks"] else None),
+            **({"not_as_tuned": not_as_tuned} if not_as_tuned else {}),
             "scored": f"predictions from positions {args.chunk} .. {args.seq_len - 2} of each window "
             "(whose past is compressed), dense included",
             "intervals": "95%, bootstrap over windows (2000 resamples, seed 0), differences paired",
@@ -134,6 +144,33 @@ def run(args: argparse.Namespace) -> int:
         args.json,
     )
     return 0
+
+
+def _as_tuned(args: argparse.Namespace, trained: dict) -> str:
+    """Fill the settings left out with how a tuned model was tuned (else the usual defaults), and say
+    which settings given differ from it (empty for an untuned model or a run read as tuned)."""
+    if args.ranks is None:
+        own = (
+            [trained["rank"]] if trained["rank"] is not None and trained["rank"] not in DEFAULT_RANKS else []
+        )
+        args.ranks = [*DEFAULT_RANKS, *own]
+    if args.sinks is None:  # a window of one's own keeps the run's sinks only if the run had a window
+        args.sinks = trained["sinks"] if trained["window"] or args.window is None else 0
+    fallback = {"seq_len": 512, "chunk": 128, "rank_mode": "past", "window": 0, "basis_update": "recompute",
+                "basis_from": "input"}  # fmt: skip
+    differs = []
+    for name, default in fallback.items():
+        given, own = getattr(args, name), trained.get(name)
+        if given is None:
+            setattr(args, name, default if own is None else own)
+        elif own is not None and trained["rank"] is not None and given != own:
+            differs.append(f"--{name.replace('_', '-')} {given} (tuned: {own})")
+    if trained["rank"] is not None and args.sinks != trained["sinks"] and args.window:
+        differs.append(f"--sinks {args.sinks} (tuned: {trained['sinks']})")
+    note = f"this model is read otherwise than it was tuned: {', '.join(differs)}" if differs else ""
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return note
 
 
 def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dict):

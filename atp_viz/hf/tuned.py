@@ -103,10 +103,15 @@ def basis_of(key: str) -> str:
 
 def chunked_mode_of(key: str) -> dict:
     """How a tuned model read its past in training, as the perplexity defaults: {"rank", "sinks", "window",
-    "basis_update", "layer_ranks"} (its rank; exact sinks and window; basis update; per-layer shares, empty
-    for one rank). Any other model: rank None, zeros, "recompute" and no per-layer shares."""
+    "basis_update", "layer_ranks", "seq_len", "chunk", "rank_mode"} (its rank; exact sinks and window;
+    basis update; per-layer shares, empty for one rank; window and chunk lengths and rank mode, None where
+    the run did not record them). Any other model: rank None, zeros, "recompute", no per-layer shares and
+    None."""
     s = settings_of(key)
     return {
+        "seq_len": s.get("seq_len"),
+        "chunk": s.get("chunk"),
+        "rank_mode": s.get("rank_mode"),
         "rank": s.get("rank"),
         "sinks": s.get("sinks", 0),
         "window": s.get("window", 0),

@@ -303,6 +303,10 @@ def check_fits(cfg: TuneConfig, info: ModelInfo) -> None:
             "Measured per-layer ranks are for encoders (the loss is the sentence embedding's cosine): a "
             "decoder takes them from the spectra, or as given."
         )
+    if is_dec and cfg.seq_len > info.max_tokens:
+        raise ValueError(
+            f"{info.label} reads at most {info.max_tokens} tokens; seq_len {cfg.seq_len} is longer."
+        )
     if cfg.layer_ranks and len(cfg.layer_ranks) != info.n_layers:
         raise ValueError(
             f"{len(cfg.layer_ranks)} per-layer ranks given; {cfg.model} has {info.n_layers} layers."
