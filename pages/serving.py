@@ -134,30 +134,35 @@ src = st.radio(
     ],
     key="ppl_src",
 )
+trained = chunked_mode_of(sel.model_key)  # a tuned model starts out read the way it was tuned
+if st.session_state.get("_ppl_model") != sel.model_key:
+    # Another model: the widgets whose defaults come from it start from them again (a kept value would
+    # read a tuned run otherwise than it was tuned, or an untuned model as the last tuned run).
+    for key in (
+        "ppl_seq", "ppl_chunk", "ppl_rank_mode", "ppl_basis", "ppl_window", "ppl_sinks", "ppl_update",
+        "ppl_ranks", "ppl_layer_split",
+    ):  # fmt: skip
+        st.session_state.pop(key, None)
+    st.session_state["_ppl_model"] = sel.model_key
 p1, p2, p3, p4 = st.columns(4)
 n_windows = p1.number_input(
     "Windows (held-out text)", 1, 200, 8, key="ppl_windows", disabled=not src.startswith("Held")
 )
+seq_top = min(4096, info.max_tokens)
 seq_len = p2.number_input(
-    "Tokens per window", 64, min(4096, info.max_tokens), min(512, info.max_tokens), 64, key="ppl_seq"
+    "Tokens per window", 64, seq_top, max(64, min(trained["seq_len"] or 512, seq_top)), 64, key="ppl_seq"
 )
-chunk = p3.number_input("Chunk size", 8, 2048, 128, 8, key="ppl_chunk")
+chunk = p3.number_input("Chunk size", 8, 2048, trained["chunk"] or 128, 8, key="ppl_chunk")
 rank_mode = p4.radio(
     "Rank",
     RANK_MODES,
+    index=RANK_MODES.index(trained["rank_mode"] or "past"),
     key="ppl_rank_mode",
     format_func=RANK_MODE_LABELS.get,
     help="For a share of L: 'past' keeps that share of the compressed past (the current chunk is attended "
     "exactly on top); 'effective' makes the attended share of the key set equal it on average (the paper's "
     "r = L/2). Ints are numbers of principal keys either way.",
 )
-trained = chunked_mode_of(sel.model_key)  # a tuned model starts out read the way it was tuned
-if st.session_state.get("_ppl_model") != sel.model_key:
-    # Another model: the widgets whose defaults come from it start from them again (a kept value would
-    # read a tuned run otherwise than it was tuned, or an untuned model as the last tuned run).
-    for key in ("ppl_basis", "ppl_window", "ppl_sinks", "ppl_update", "ppl_ranks", "ppl_layer_split"):
-        st.session_state.pop(key, None)
-    st.session_state["_ppl_model"] = sel.model_key
 q1, q2, q3, q4 = st.columns(4)
 basis_from = q1.radio(
     "Basis from", ["input", "keys"], index=["input", "keys"].index(basis_of(sel.model_key)), key="ppl_basis",

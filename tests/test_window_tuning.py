@@ -292,6 +292,7 @@ def test_the_serving_page_reads_a_window_run_as_it_was_tuned(tmp_path, monkeypat
     assert not at.exception, at.exception
     assert (at.number_input(key="ppl_window").value, at.number_input(key="ppl_sinks").value) == (16, 2)
     assert at.radio(key="ppl_update").value == "moments"
+    assert (at.number_input(key="ppl_seq").value, at.number_input(key="ppl_chunk").value) == (96, 16)
     assert at.radio(key="serve_form").value == "pksoftmax"  # generation too starts in the run's form
     at.selectbox(key="model_choice").set_value("tiny-llama").run()
     assert at.radio(key="serve_form").value == forms.DEFAULT  # and another model in the default
