@@ -243,6 +243,12 @@ def test_prefill_bench_with_a_window(tmp_path, capsys):
     assert "need a --window" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--window", "16"]) == 2  # not the layer bench's option
     assert "belong to --prefill" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--rank", "7", "--form", "linear"]) == 2  # prefill's options: not ignored
+    assert "--form, --rank belong to --prefill" in capsys.readouterr().err
+    assert main(["bench", "--prefill", "--tiny", "--lengths", "64"]) == 2  # and the other way round
+    assert "--lengths, --tiny belong to the layer bench" in capsys.readouterr().err
+    assert main(["bench", "--model-rank", "0"]) == 2
+    assert "--model-rank must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("form", "basis"), [("linear", "keys"), ("pksoftmax", "keys"), ("linear", "input")])

@@ -83,17 +83,17 @@ def _prefill_arguments(b: argparse.ArgumentParser) -> None:
         "keys, basis timed), timed and scored on the same positions in one run",
     )
     p.add_argument("--prefill", action="store_true", help="run the prefill benchmark instead")
-    p.add_argument("--model", default="smollm2", help="a decoder: smollm2 (default), tuned:DIR, a local path")
+    p.add_argument("--model", help="a decoder: smollm2 (default), tuned:DIR, a local path")
     p.add_argument(
         "--tokens", type=arg_type(timing.parse_lengths), help="comma-separated L (default 2048,4096,8192)"
     )
-    p.add_argument("--form", default="exact", help="attention form (default exact)")
-    p.add_argument("--rank", type=int, default=128, help="principal keys of the past (default 128)")
-    p.add_argument("--chunk", type=int, default=prefill.DEFAULT_CHUNK, help="chunk size (default 256)")
-    p.add_argument("--basis-from", choices=("input", "keys"), default="input", help="basis source")
-    p.add_argument("--basis-method", default="randomized", help="exact, randomized (default) or sketch")
+    p.add_argument("--form", help="attention form (default exact)")
+    p.add_argument("--rank", type=int, help="principal keys of the past (default 128)")
+    p.add_argument("--chunk", type=int, help=f"chunk size (default {prefill.DEFAULT_CHUNK})")
+    p.add_argument("--basis-from", choices=("input", "keys"), help="basis source (default input)")
+    p.add_argument("--basis-method", help="exact, randomized (default) or sketch")
     p.add_argument(
-        "--basis-update", choices=("recompute", "moments"), default="recompute",
+        "--basis-update", choices=("recompute", "moments"),
         help="recompute: an SVD of the whole past per chunk (every form); moments: running sums of the "
         "past, cost independent of its length (linear, pksoftmax)",
     )  # fmt: skip
@@ -143,6 +143,32 @@ def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
+PREFILL_DEFAULTS = {
+    "model": "smollm2", "form": "exact", "rank": 128, "chunk": prefill.DEFAULT_CHUNK, "basis_from": "input",
+    "basis_method": "randomized", "basis_update": "recompute",
+}  # fmt: skip
+LAYER_ONLY = ("lengths", "ranks", "tiny", "no_model", "model_length", "model_rank", "model_repeats", "warmup")
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Options of the other benchmark are refused, not silently ignored; counts must be at least 1."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.prefill:
+        given = [flag(n) for n in LAYER_ONLY if getattr(args, n) not in (None, False)]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} belong to the layer bench, not --prefill (there: --tokens, --rank)."
+            )
+    else:
+        names = [*PREFILL_DEFAULTS, "tokens", "window", "sinks", "drop_middle"]
+        given = [flag(n) for n in names if getattr(args, n) not in (None, False, 0)]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong to --prefill.")
+    for name in ("repeats", "max_repeats", "model_length", "model_rank", "model_repeats", "rank", "chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}.")
+
+
 def _say(args: argparse.Namespace):
     if getattr(args, "quiet", False):
         return None
@@ -156,6 +182,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import base_model_of
 
+    for name, default in PREFILL_DEFAULTS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     keep = exact_keep(args)
     lengths = args.tokens or (2048, 4096, 8192)
     repeats = args.repeats or prefill.DEFAULT_REPEATS
@@ -191,10 +219,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    _check_mode(args)
     if args.prefill:
         return run_prefill(args)
-    if args.window or args.sinks or args.drop_middle:
-        raise ValueError("--window, --sinks and --drop-middle belong to --prefill")
     o = _options(args)
     t0 = time.perf_counter()
     settings = {
