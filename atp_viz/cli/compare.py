@@ -38,6 +38,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import compare
+    from atp_viz.core.progress import stderr_progress
     from atp_viz.core.ranks import parse_layers
     from atp_viz.hf.engine import ATPConfig
     from atp_viz.hf.models import load_model
@@ -60,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     run_ = compare.forward(loaded, tok, config)
     result = compare.compare(dense, run_).as_dict(loaded.tokenizer)
     result.update(model=args.model, text_file=args.text_file, truncation_notice=tok.notice)
-    if tok.notice:
-        print(f"note: {tok.notice}", file=sys.stderr)
+    for notice in [tok.notice, *result.get("notices", [])]:  # e.g. a rank above L, clamped
+        if notice:
+            print(f"note: {notice}", file=sys.stderr)
     if loaded.info.is_decoder and args.new_tokens > 0:
         cont = compare.continuation(loaded, tok, config, n_new=args.new_tokens)
         result["continuation"] = {
@@ -73,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     _against_original(args.model, loaded, tok, run_, result)
     _warn_if_not_as_tuned(args, result, config)
     if args.sweep:
-        sw = compare.error_sweep(loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens))
+        sw = compare.error_sweep(
+            loaded, tok, dense, config, compare.sweep_ranks(tok.n_tokens), progress=stderr_progress()
+        )
         result["sweep"] = {
             "metric": sw.metric,
             "ranks": sw.ranks.tolist(),
