@@ -199,3 +199,24 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
     out = tmp_path / "c.json"
     assert main([*compare, "--json", str(out)]) == 0  # no --rank: the shares' mean is the budget
     assert json.loads(out.read_text())["config"]["rank"] == 0.375
+
+
+def test_generate_compares_caches_and_reads_a_tuned_run_as_tuned(tmp_path, text_file, capsys):
+    from atp_viz.analysis.finetune import training
+    from atp_viz.core.ranks import resolve_rank
+    from atp_viz.analysis.finetune.config import TuneConfig
+
+    out = tmp_path / "g.json"
+    argv = ["generate", "--prompt-file", str(text_file), "--max-new-tokens", "3", "--json", str(out)]
+    assert main([*argv, "--model", "tiny-llama"]) == 0
+    got = json.loads(out.read_text())
+    assert (got["form"], got["basis_from"]) == (forms.DEFAULT, "input") and got["token_agreement"] is not None
+    cfg = TuneConfig(model="tiny-llama", form="pksoftmax", rank=0.25, basis_from="keys", steps=1, seq_len=48,
+                     chunk=16, eval_windows=1)  # fmt: skip
+    run = training.train(cfg, tmp_path / "run", texts=[text_file.read_text() * 6]).out_dir
+    assert main([*argv, "--model", f"tuned:{run}"]) == 0
+    got = json.loads(out.read_text())
+    assert (got["form"], got["basis_from"]) == ("pksoftmax", "keys")
+    assert got["rank"] == resolve_rank(0.25, got["prompt_tokens"])[0]
+    assert main([*argv, "--model", "tiny-llama", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err

@@ -12,27 +12,49 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation: dense KV cache vs ATP-compressed prompt cache")
     g.add_argument("--model", default="smollm2", help=MODEL_HELP)
     g.add_argument("--prompt-file", required=True)
-    g.add_argument("--rank", type=rank_arg, default=0.5)
-    add_form(g)
+    g.add_argument(
+        "--rank", type=rank_arg, help="int (principal keys) or share of the prompt (default: a tuned model's "
+        "own, else 0.5)",
+    )  # fmt: skip
+    add_form(g, default=None)
+    g.add_argument("--basis-from", choices=("input", "keys"), help="default: a tuned model's own, else input")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json")
     g.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from atp_viz import forms
     from atp_viz.analysis import serving
-    from atp_viz.core.ranks import resolve_rank
+    from atp_viz.core.ranks import describe_window, resolve_rank
     from atp_viz.hf.models import load_model
+    from atp_viz.hf.tuned import settings_of
     from atp_viz.text.inputs import tokenize
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    trained = settings_of(args.model)  # a tuned model generates as it was tuned unless told otherwise
+    args.form = args.form or trained.get("form", forms.DEFAULT)
+    args.rank = trained.get("rank", 0.5) if args.rank is None else args.rank
+    args.basis_from = args.basis_from or trained.get("basis_from", "input")
+    if trained.get("window"):
+        window = describe_window(trained["window"], trained.get("sinks", 0))
+        print(
+            f"note: this model was tuned behind an {window}; generation compresses the whole prompt "
+            "without one (perplexity and bench --prefill read it as tuned).",
+            file=sys.stderr,
+        )
     loaded = load_model(args.model)
     tok = tokenize(loaded.tokenizer, read_text_file(args.prompt_file), loaded.info.max_tokens, min_tokens=1)
     ids = tok.input_ids.to(loaded.device)
     r, notice = resolve_rank(args.rank, tok.n_tokens)
-    if notice:
-        print(f"note: {notice}", file=sys.stderr)
+    for note in (tok.notice, notice):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     dense = serving.generate(loaded, ids, rank=None, max_new_tokens=args.max_new_tokens)
-    comp = serving.generate(loaded, ids, rank=r, form=args.form, max_new_tokens=args.max_new_tokens)
+    comp = serving.generate(
+        loaded, ids, rank=r, form=args.form, max_new_tokens=args.max_new_tokens, basis_from=args.basis_from
+    )
     share, first = serving.agreement(dense.new_ids, comp.new_ids)
     dec = loaded.tokenizer.decode
     result = {
@@ -40,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": tok.n_tokens,
         "rank": r,
         "form": args.form,
+        "basis_from": args.basis_from,
+        "truncation_notice": tok.notice,
         "dense_text": dec(list(dense.new_ids)),
         "atp_text": dec(list(comp.new_ids)),
         "first_divergence": first,
