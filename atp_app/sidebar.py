@@ -58,18 +58,18 @@ def _tuned_choice(raw: str, options: list[str]) -> str | None:
     it), or None after saying why it cannot be shown."""
     folder = tuned.run_folder(raw.removeprefix(TUNED_PREFIX))
     if not folder.is_dir():
-        st.info(f"The link's tuned run {folder} is not on this machine; showing the default model instead.")
+        st.info(f"The tuned run {folder} is not on this machine; showing the default model instead.")
         return None
     try:
         meta = tuned.read_settings(folder)
     except ModelLoadError as err:
-        st.info(f"The link's tuned run cannot be shown: {err} Showing the default model instead.")
+        st.info(f"The tuned run cannot be shown: {err} Showing the default model instead.")
         return None
     key = tuned.run_key(folder)
     if key in options:
         return key
     if "metrics" not in meta:
-        st.info(f"The link's tuned run {folder} has not finished; showing the default model instead.")
+        st.info(f"The tuned run {folder} has not finished; showing the default model instead.")
         return None
     return raw
 

@@ -8,10 +8,11 @@ from atp_app.sidebar import offer_decoder, page_inputs
 from atp_viz import forms
 from atp_viz.analysis import allocation, protocol, serving
 from atp_viz.core.progress import within
-from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, resolve_rank
+from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, describe_window, resolve_rank
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
-from atp_viz.hf.tuned import basis_of, chunked_mode_of, settings_of
+from atp_viz.hf.engine import BASIS_SOURCES
+from atp_viz.hf.tuned import as_tuned
 from atp_viz.text.inputs import TextError, tokenize
 
 MAX_PROMPT = 1024
@@ -33,7 +34,7 @@ if not info.is_decoder:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _generate(model_key: str, text: str, rank, form: str, n_new: int):
+def _generate(model_key: str, text: str, rank, form: str, n_new: int, basis_from: str = "input"):
     m = runtime.get_model(model_key)
     tok = tokenize(m.tokenizer, text, min(MAX_PROMPT, m.info.max_tokens), min_tokens=1)
     r, notice = resolve_rank(rank, tok.n_tokens)
@@ -43,22 +44,27 @@ def _generate(model_key: str, text: str, rank, form: str, n_new: int):
             m, ids, rank=None, max_new_tokens=n_new, progress=within(bar, 0, 0.5, "dense: ")
         )
         comp = serving.generate(
-            m, ids, rank=r, form=form, max_new_tokens=n_new, progress=within(bar, 0.5, 1, "ATP cache: ")
-        )
+            m, ids, rank=r, form=form, max_new_tokens=n_new, basis_from=basis_from,
+            progress=within(bar, 0.5, 1, "ATP cache: "),
+        )  # fmt: skip
     return tok, r, notice, dense, comp
 
 
 st.subheader("Generation: dense cache vs ATP-compressed prompt cache")
-c1, c2, c3 = st.columns([3, 2, 2])
-frac = c1.slider("Rank r / prompt length", 0.05, 1.0, 0.5, 0.05, key="serve_rank")
-tuned_form = settings_of(sel.model_key).get("form", forms.DEFAULT)  # a tuned run starts in its own form
+trained = as_tuned(sel.model_key)  # a tuned model starts out read the way it was tuned, here and below
 if st.session_state.get("_serve_model") != sel.model_key:
-    st.session_state.pop("serve_form", None)
+    for key in ("serve_form", "serve_rank"):
+        st.session_state.pop(key, None)
     st.session_state["_serve_model"] = sel.model_key
+share = trained["rank"] if isinstance(trained["rank"], float) else 0.5  # the slider takes shares only
+c1, c2, c3 = st.columns([3, 2, 2])
+frac = c1.slider(
+    "Rank r / prompt length", 0.05, 1.0, min(1.0, max(0.05, round(share * 20) / 20)), 0.05, key="serve_rank"
+)
 form = c2.radio(
     "Form",
     forms.names(),
-    index=forms.names().index(tuned_form),
+    index=forms.names().index(trained["form"]),
     horizontal=True,
     key="serve_form",
     help="; ".join(f"{n}: {forms.get(n).description}" for n in forms.names())
@@ -67,8 +73,11 @@ form = c2.radio(
 n_new = c3.number_input("New tokens (at most)", 1, 64, 32, key="serve_new")
 if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="primary"):
     try:
-        tok, r, notice, dense, comp = _generate(sel.model_key, sel.text, frac, form, int(n_new))
+        tok, r, notice, dense, comp = _generate(
+            sel.model_key, sel.text, frac, form, int(n_new), trained["basis_from"]
+        )
     except ValueError as err:
+        widgets.forget_run("serve_go")  # the button starts it again; reruns do not retry
         st.error(str(err))
         st.stop()
     except BusyError as err:
@@ -93,6 +102,8 @@ if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="p
         delta_color="off",
     )
     k4.metric("KV cache, dense", f"{dense.kv_cache_bytes / 1e6:.2f} MB")
+    if trained["rank"] is not None:
+        st.caption(f"The prompt's basis: the {BASIS_SOURCES[trained['basis_from']]}, as this run was tuned.")
     dec = [loaded.tokenizer.decode([i]) for i in dense.new_ids]
     atp_dec = [loaded.tokenizer.decode([i]) for i in comp.new_ids]
     gen_row = {
@@ -134,7 +145,6 @@ src = st.radio(
     ],
     key="ppl_src",
 )
-trained = chunked_mode_of(sel.model_key)  # a tuned model starts out read the way it was tuned
 if st.session_state.get("_ppl_model") != sel.model_key:
     # Another model: the widgets whose defaults come from it start from them again (a kept value would
     # read a tuned run otherwise than it was tuned, or an untuned model as the last tuned run).
@@ -152,7 +162,11 @@ seq_top = min(4096, info.max_tokens)
 seq_len = p2.number_input(
     "Tokens per window", 64, seq_top, max(64, min(trained["seq_len"] or 512, seq_top)), 64, key="ppl_seq"
 )
-chunk = p3.number_input("Chunk size", 8, 2048, trained["chunk"] or 128, 8, key="ppl_chunk")
+chunk = p3.number_input("Chunk size", 8, 2048, min(2048, max(8, trained["chunk"] or 128)), 8, key="ppl_chunk")
+if trained["seq_len"] and (seq_len, chunk) != (trained["seq_len"], trained["chunk"]):
+    st.caption(
+        f"This run was tuned on windows of {trained['seq_len']} tokens in chunks of {trained['chunk']}."
+    )
 rank_mode = p4.radio(
     "Rank",
     RANK_MODES,
@@ -165,7 +179,7 @@ rank_mode = p4.radio(
 )
 q1, q2, q3, q4 = st.columns(4)
 basis_from = q1.radio(
-    "Basis from", ["input", "keys"], index=["input", "keys"].index(basis_of(sel.model_key)), key="ppl_basis",
+    "Basis from", ["input", "keys"], index=["input", "keys"].index(trained["basis_from"]), key="ppl_basis",
     horizontal=True, help="the past's attention inputs X (the paper's) or its keys (default: what a tuned "
     "model was tuned with)",
 )  # fmt: skip
@@ -253,11 +267,10 @@ if go and form_names and ranks:
         st.stop()
     first = f"the first {sinks} tokens and " if sinks else ""
     exact = f"; each chunk also reads {first}the {window} before it exactly" if keep else ""
-    if keep and keep.covers(seq_len - chunk):  # the longest past a chunk has is seq_len - chunk
+    if keep and keep.covers(seq_len, chunk):
         st.warning(
-            f"The exact window ({window}{f' + {sinks} sinks' if sinks else ''}) covers the whole past of "
-            f"every chunk (at most {seq_len - chunk} tokens here): nothing is compressed, so the ATP rows "
-            "equal dense. Use longer windows of text or a smaller exact window."
+            f"The {describe_window(window, sinks)} covers the whole past of every chunk: nothing is "
+            "compressed, so the ATP rows equal dense. Use longer windows of text or a smaller exact window."
         )
     st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{exact}.")
     if split_how and not any("layer_ranks" in r for r in rows):

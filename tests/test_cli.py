@@ -203,8 +203,8 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
 
 def test_generate_compares_caches_and_reads_a_tuned_run_as_tuned(tmp_path, text_file, capsys):
     from atp_viz.analysis.finetune import training
-    from atp_viz.core.ranks import resolve_rank
     from atp_viz.analysis.finetune.config import TuneConfig
+    from atp_viz.core.ranks import resolve_rank
 
     out = tmp_path / "g.json"
     argv = ["generate", "--prompt-file", str(text_file), "--max-new-tokens", "3", "--json", str(out)]

@@ -146,7 +146,7 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
     import json
 
     from atp_viz.cli import main
-    from atp_viz.hf.tuned import basis_of
+    from atp_viz.hf.tuned import as_tuned
 
     calls = []
     real = serving.chunked_logits
@@ -177,8 +177,8 @@ def test_perplexity_command_reads_sinks_and_window(tmp_path, monkeypatch, capsys
     run = tmp_path / "run"
     run.mkdir()
     (run / "atp_tuning.json").write_text(json.dumps({"settings": {"form": "exact", "basis_from": "keys"}}))
-    assert basis_of(f"tuned:{run}") == "keys"
-    assert basis_of("smollm2") == "input"
+    assert as_tuned(f"tuned:{run}")["basis_from"] == "keys"
+    assert as_tuned("smollm2")["basis_from"] == "input"
 
 
 @pytest.mark.parametrize(("form", "drop"), [("exact", True), ("exact", False), ("linear", False)])
@@ -242,7 +242,7 @@ def test_prefill_bench_with_a_window(tmp_path, capsys):
     assert main(argv[: argv.index("--window")] + ["--sinks", "2"]) == 2
     assert "need a --window" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--window", "16"]) == 2  # not the layer bench's option
-    assert "belong to --prefill" in capsys.readouterr().err
+    assert "--window belongs to --prefill" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--rank", "7", "--form", "linear"]) == 2  # prefill's options: not ignored
     assert "--form, --rank belong to --prefill" in capsys.readouterr().err
     assert main(["bench", "--prefill", "--tiny", "--lengths", "64"]) == 2  # and the other way round

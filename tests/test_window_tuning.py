@@ -141,6 +141,29 @@ def test_a_window_run_trains_the_gate_saves_and_reloads(tmp_path):
         res.metrics["rows"]["atp_tuned"]["perplexity"], rel=1e-5
     )
     assert (rows["pksoftmax"]["basis_update"], rows["exact"]["basis_update"]) == ("moments", "recompute")
+    assert (
+        main(
+            [*argv, "--chunk", "16", "--ranks", "4", "--forms", "exact", "--window", "0", "--json", str(out)]
+        )
+        == 0
+    )
+    ppl = json.loads(out.read_text())  # no window asked for: none, and no sinks either (they need one)
+    assert (ppl["exact_window"], ppl["exact_sinks"]) == (0, 0) and "--window 0 (tuned: 16)" in ppl[
+        "not_as_tuned"
+    ]
+    # `bench --prefill` reads it as tuned too: its form, keys, chunk, window, sinks and basis update
+    argv = ["bench", "--prefill", "--model", f"tuned:{tmp_path / 'run'}", "--tokens", "64", "--repeats", "1",
+            "--max-repeats", "1", "--basis-method", "exact", "--json", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert (r["form"], r["rank"], r["chunk"], r["basis_from"], r["basis_update"]) == (
+        "pksoftmax",
+        4,
+        16,
+        "keys",
+        "moments",
+    )
+    assert (r["exact_window"], r["exact_sinks"]) == (16, 2)
     # `compare` reads one text in one pass: the run's form, basis and rank by default, and it says that
     # the window is not read, and which command reads it.
     text = tmp_path / "t.txt"

@@ -166,9 +166,11 @@ class ExactKeep:
         if self.sinks < 0 or self.window < 0:
             raise ValueError(f"sinks and window are token counts >= 0, got {self.sinks} and {self.window}.")
 
-    def covers(self, n_past: int) -> bool:
-        """True when a past of ``n_past`` tokens is read exactly whole: nothing left to compress."""
-        return self.sinks + self.window >= n_past
+    def covers(self, seq_len: int, chunk: int) -> bool:
+        """True when every chunk of a ``seq_len``-token window read in chunks of ``chunk`` reads its whole
+        past exactly: nothing is left to compress (the last chunk, from ``(seq_len - 1) // chunk * chunk``,
+        has the longest past)."""
+        return self.sinks + self.window >= (seq_len - 1) // chunk * chunk
 
     def split(self, n: int) -> tuple[int, int]:
         """(a, b) for a past of n tokens: [a, b) is the middle; [0, a) and [b, n) are kept exactly."""

@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = ["python", "-m", "atp_viz", *(sys.argv[1:] if argv is None else argv)]  # for the records
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        if getattr(args, "json", None):
-            check_output(args.json)
+        for name in ("json", "json_copy"):
+            if getattr(args, name, None):
+                check_output(getattr(args, name))
         if getattr(args, "out", None):
             check_output(args.out, folder=True)
         return args.func(args)

@@ -97,7 +97,7 @@ def _prefill_arguments(b: argparse.ArgumentParser) -> None:
         help="recompute: an SVD of the whole past per chunk (every form); moments: running sums of the "
         "past, cost independent of its length (linear, pksoftmax)",
     )  # fmt: skip
-    add_exact_window(p, drop_middle=True)
+    add_exact_window(p, drop_middle=True, tuned_default=True)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,13 +157,14 @@ def _check_mode(args: argparse.Namespace) -> None:
         given = [flag(n) for n in LAYER_ONLY if getattr(args, n) not in (None, False)]
         if given:
             raise ValueError(
-                f"{', '.join(given)} belong to the layer bench, not --prefill (there: --tokens, --rank)."
+                f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to the layer bench, not "
+                "--prefill (there: --tokens, --rank)."
             )
     else:
         names = [*PREFILL_DEFAULTS, "tokens", "window", "sinks", "drop_middle"]
         given = [flag(n) for n in names if getattr(args, n) not in (None, False, 0)]
         if given:
-            raise ValueError(f"{', '.join(given)} belong to --prefill.")
+            raise ValueError(f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to --prefill.")
     for name in ("repeats", "max_repeats", "model_length", "model_rank", "model_repeats", "rank", "chunk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}.")
@@ -180,9 +181,18 @@ def run_prefill(args: argparse.Namespace) -> int:
     import torch
 
     from atp_viz.hf.models import load_model
-    from atp_viz.hf.tuned import base_model_of
+    from atp_viz.hf.tuned import as_tuned, base_model_of
 
-    for name, default in PREFILL_DEFAULTS.items():
+    if args.model is not None:  # a tuned model is read as it was tuned, unless told otherwise
+        trained = as_tuned(args.model)
+        # a run tuned at a share of L gives its form and basis; one tuned at a number of keys its past too
+        names = ["form", "basis_from", "basis_update"]
+        names += ["rank", "chunk", "window"] if isinstance(trained["rank"], int) else []
+        for name in names:
+            setattr(args, name, trained[name] if getattr(args, name) is None else getattr(args, name))
+        if args.sinks is None and args.window and trained["window"]:
+            args.sinks = trained["sinks"]
+    for name, default in {**PREFILL_DEFAULTS, "window": 0, "sinks": 0}.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     keep = exact_keep(args)
     lengths = args.tokens or (2048, 4096, 8192)

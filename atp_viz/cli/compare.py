@@ -107,19 +107,20 @@ def run(args: argparse.Namespace) -> int:
 def _as_tuned_by_default(args: argparse.Namespace) -> None:
     """A tuned model (``tuned:DIR``) is read as it was tuned, unless told otherwise: its form, basis and
     rank, and its per-layer shares when the rank is its own (as ``perplexity`` and the Serving page do)."""
-    from atp_viz import forms
     from atp_viz.analysis.allocation import SAME_BUDGET
     from atp_viz.core.ranks import format_layer_shares
-    from atp_viz.hf.tuned import settings_of
+    from atp_viz.hf.tuned import as_tuned
 
-    trained = settings_of(args.model)
-    args.form = args.form or trained.get("form", forms.DEFAULT)
-    args.basis = args.basis or trained.get("basis_from", "input")
-    own = trained.get("layer_ranks")
-    typed = _typed_shares(args.layer_ranks)
-    if args.rank is None:  # typed shares: their mean is the budget
-        args.rank = sum(typed) / len(typed) if typed else trained.get("rank", 0.5)
-    elif typed and abs(sum(typed) / len(typed) - float(args.rank)) > SAME_BUDGET and list(typed) != own:
+    trained = as_tuned(args.model)
+    args.form = args.form or trained["form"]
+    args.basis = args.basis or trained["basis_from"]
+    own = list(trained["layer_ranks"])
+    typed = list(_typed_shares(args.layer_ranks))
+    if args.rank is None:  # typed shares: their mean is the budget (the run's own shares: its rank)
+        mean = sum(typed) / len(typed) if typed else None
+        args.rank = trained["rank"] if (not typed or typed == own) and trained["rank"] is not None else mean
+        args.rank = 0.5 if args.rank is None else args.rank
+    elif typed and abs(sum(typed) / len(typed) - float(args.rank)) > SAME_BUDGET and typed != own:
         mean = sum(typed) / len(typed)
         raise ValueError(
             f"The per-layer shares' mean is {mean!r}, not --rank {args.rank}: give --rank {mean!r}."
@@ -161,6 +162,8 @@ def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> Non
     if not args.model.startswith(TUNED_PREFIX):
         return
     trained = read_settings(args.model[len(TUNED_PREFIX) :])["settings"]
+    if trained.get("attention") == "dense":  # a control trained no ATP setting: any one can be compared
+        return
     basis = trained.get("basis_from", "input")
     tuned_ranks = format_layer_shares(trained.get("layer_ranks") or ())
     given = format_layer_shares(config.layer_ranks or ())

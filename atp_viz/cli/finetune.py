@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.reevaluate:
         return _reevaluate(args)
+    if not (args.steps or args.transfer_steps):  # every run's JSON already holds the untuned figures
+        raise ValueError("--steps and --transfer-steps are both 0: nothing would be trained.")
 
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,

@@ -24,24 +24,23 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atp_viz import forms
     from atp_viz.analysis import serving
     from atp_viz.core.ranks import describe_window, resolve_rank
     from atp_viz.hf.models import load_model
-    from atp_viz.hf.tuned import settings_of
+    from atp_viz.hf.tuned import as_tuned
     from atp_viz.text.inputs import tokenize
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    trained = settings_of(args.model)  # a tuned model generates as it was tuned unless told otherwise
-    args.form = args.form or trained.get("form", forms.DEFAULT)
-    args.rank = trained.get("rank", 0.5) if args.rank is None else args.rank
-    args.basis_from = args.basis_from or trained.get("basis_from", "input")
-    if trained.get("window"):
-        window = describe_window(trained["window"], trained.get("sinks", 0))
+    trained = as_tuned(args.model)  # a tuned model generates as it was tuned unless told otherwise
+    args.form = args.form or trained["form"]
+    args.rank = (0.5 if trained["rank"] is None else trained["rank"]) if args.rank is None else args.rank
+    args.basis_from = args.basis_from or trained["basis_from"]
+    if trained["window"]:
         print(
-            f"note: this model was tuned behind an {window}; generation compresses the whole prompt "
-            "without one (perplexity and bench --prefill read it as tuned).",
+            f"note: this model was tuned behind an {describe_window(trained['window'], trained['sinks'])}; "
+            "generation compresses the whole prompt without one (perplexity and bench --prefill read it as "
+            "tuned).",
             file=sys.stderr,
         )
     loaded = load_model(args.model)

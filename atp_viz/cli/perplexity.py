@@ -75,23 +75,20 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import protocol
     from atp_viz.core.progress import stderr_progress
+    from atp_viz.core.ranks import describe_window
     from atp_viz.hf.models import load_model
-    from atp_viz.hf.tuned import base_model_of, basis_of, chunked_mode_of
+    from atp_viz.hf.tuned import as_tuned, base_model_of
 
-    trained = chunked_mode_of(args.model)  # a tuned model is read as it was tuned unless told otherwise
-    trained["basis_from"] = basis_of(args.model)
+    trained = as_tuned(args.model)  # a tuned model is read as it was tuned unless told otherwise
     not_as_tuned = _as_tuned(args, trained)
-    if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
-        raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
     basis_update, basis_from = args.basis_update, args.basis_from
     keep = exact_keep(args)
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
-    if keep is not None and not keep.drop_rest and keep.covers(args.seq_len - args.chunk):
+    if keep is not None and not keep.drop_rest and keep.covers(args.seq_len, args.chunk):
         print(
-            f"note: the exact window ({args.window} + {args.sinks} sinks) covers the whole past of every "
-            f"chunk (at most {args.seq_len - args.chunk} tokens): nothing is compressed, every row equals "
-            "dense. Use a longer --seq-len or a smaller --window.",
+            f"note: the {describe_window(args.window, args.sinks)} covers the whole past of every chunk: "
+            "nothing is compressed, every row equals dense. Use a longer --seq-len or a smaller --window.",
             file=sys.stderr,
         )
     loaded = load_model(args.model)
@@ -154,19 +151,22 @@ def _as_tuned(args: argparse.Namespace, trained: dict) -> str:
             [trained["rank"]] if trained["rank"] is not None and trained["rank"] not in DEFAULT_RANKS else []
         )
         args.ranks = [*DEFAULT_RANKS, *own]
-    if args.sinks is None:  # a window of one's own keeps the run's sinks only if the run had a window
-        args.sinks = trained["sinks"] if trained["window"] or args.window is None else 0
+    if args.sinks is None:  # the run's sinks, unless this run reads no window
+        args.sinks = trained["sinks"] if args.window != 0 else 0
     fallback = {"seq_len": 512, "chunk": 128, "rank_mode": "past", "window": 0, "basis_update": "recompute",
                 "basis_from": "input"}  # fmt: skip
+    tuned = trained["rank"] is not None and trained["attention"] != "dense"  # a control tuned no ATP setting
     differs = []
     for name, default in fallback.items():
         given, own = getattr(args, name), trained.get(name)
         if given is None:
             setattr(args, name, default if own is None else own)
-        elif own is not None and trained["rank"] is not None and given != own:
+        elif tuned and own is not None and given != own:
             differs.append(f"--{name.replace('_', '-')} {given} (tuned: {own})")
-    if trained["rank"] is not None and args.sinks != trained["sinks"] and args.window:
+    if tuned and args.sinks != trained["sinks"] and args.window:
         differs.append(f"--sinks {args.sinks} (tuned: {trained['sinks']})")
+    if args.windows < 0 or args.seq_len < 4 or not 1 <= args.chunk < args.seq_len - 1:
+        raise ValueError("--windows must be >= 0, --seq-len >= 4 and 1 <= --chunk < --seq-len - 1")
     note = f"this model is read otherwise than it was tuned: {', '.join(differs)}" if differs else ""
     if note:
         print(f"note: {note}", file=sys.stderr)

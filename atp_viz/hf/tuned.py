@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from atp_viz import forms
 from atp_viz.core.progress import ProgressFn
 from atp_viz.core.ranks import describe_layer_shares, describe_window
 from atp_viz.hf import checkpoints
@@ -68,8 +69,8 @@ def run_key(folder: str | Path) -> str:
     path = run_folder(folder)
     try:
         return f"{TUNED_PREFIX}{path.resolve().relative_to(REPO_ROOT)}"
-    except ValueError:  # outside the repository (the cache's runs): its own path
-        return f"{TUNED_PREFIX}{path}"
+    except ValueError:  # outside the repository (the cache's runs): its own path, however it was written
+        return f"{TUNED_PREFIX}{path.resolve()}"
 
 
 def read_settings(folder: str | Path) -> dict:
@@ -96,27 +97,25 @@ def settings_of(key: str) -> dict:
     return read_settings(key[len(TUNED_PREFIX) :])["settings"]
 
 
-def basis_of(key: str) -> str:
-    """The basis source a ``tuned:<folder>`` model was trained with ("input", X, for any other model)."""
-    return settings_of(key).get("basis_from", "input")
-
-
-def chunked_mode_of(key: str) -> dict:
-    """How a tuned model read its past in training, as the perplexity defaults: {"rank", "sinks", "window",
-    "basis_update", "layer_ranks", "seq_len", "chunk", "rank_mode"} (its rank; exact sinks and window;
-    basis update; per-layer shares, empty for one rank; window and chunk lengths and rank mode, None where
-    the run did not record them). Any other model: rank None, zeros, "recompute", no per-layer shares and
-    None."""
+def as_tuned(key: str) -> dict:
+    """How a tuned model was tuned, as the defaults every command and page reads it with (one place, so
+    that they agree): {"form", "basis_from", "rank", "rank_mode", "seq_len", "chunk", "sinks", "window",
+    "basis_update", "layer_ranks", "attention"}. ``rank`` is None for any other model, which gets the usual
+    defaults (the default form, "input" basis, zeros, "recompute", no per-layer shares, "atp"); a setting an
+    older run did not record is None. ``attention`` "dense": a control, which trained no ATP setting."""
     s = settings_of(key)
     return {
+        "form": s.get("form", forms.DEFAULT),
+        "basis_from": s.get("basis_from", "input"),
+        "rank": s.get("rank"),
+        "rank_mode": s.get("rank_mode"),
         "seq_len": s.get("seq_len"),
         "chunk": s.get("chunk"),
-        "rank_mode": s.get("rank_mode"),
-        "rank": s.get("rank"),
         "sinks": s.get("sinks", 0),
         "window": s.get("window", 0),
         "basis_update": s.get("basis_update", "recompute"),
         "layer_ranks": tuple(s.get("layer_ranks") or ()),
+        "attention": s.get("attention", "atp"),
     }
 
 
@@ -166,7 +165,7 @@ def load_tuned(
     model.eval()
     info = replace(
         loaded.info,
-        key=f"{TUNED_PREFIX}{folder}",
+        key=run_key(folder),  # tuned:data/tuned/NAME for a shipped run: no server path in records
         label=tuned_label(meta),
         source=f"{loaded.info.source} + LoRA adapters from {folder}",
     )
