@@ -415,3 +415,14 @@ def test_a_skipped_step_logs_its_loss_without_a_torch_warning():
         warnings.simplefilter("error")
         assert training._update(loss, [w], opt, sched, 0) is False
     assert torch.equal(w.detach(), torch.ones(2))
+
+
+def test_a_setting_the_other_kind_of_model_reads_is_said_to_be_ignored(tmp_path, caplog):
+    cfg = TuneConfig(model="tiny-bert", steps=1, batch=4, eval_texts=2, kl_weight=5.0, rank_mode="effective")
+    with caplog.at_level("WARNING"):
+        training.train(cfg, tmp_path / "run", texts=SHORT_TEXTS)
+    assert "rank_mode, kl_weight are not read by an encoder: this run ignores them." in caplog.text
+    decoder = models.load_model("tiny-llama").info
+    assert training.ignored_settings(TuneConfig(model="tiny-llama", batch=4, seq_len=64), decoder) == [
+        "batch"
+    ]

@@ -251,6 +251,11 @@ def train(
     check_fits(
         cfg, loaded.info
     )  # before the texts are prepared: a setting the model cannot take fails at once
+    ignored = ignored_settings(cfg, loaded.info)
+    if ignored:
+        kind = "a decoder" if loaded.info.is_decoder else "an encoder"
+        logger.warning("%s %s not read by %s: this run ignores them.", ", ".join(ignored),
+                       "is" if len(ignored) == 1 else "are", kind)  # fmt: skip
     say(0.02, "Preparing the training texts (standard-library docstrings, by module)...")
     data = _training_data(cfg, loaded, texts)
     if not heldout_available(loaded, cfg):
@@ -282,6 +287,17 @@ def train(
     _write_json(out / SETTINGS_FILE, meta)
     say(1.0, "Done.")
     return result
+
+
+ENCODER_ONLY = ("hidden_weight", "batch", "max_tokens", "eval_texts")  # TuneConfig fields per model kind
+DECODER_ONLY = ("rank_mode", "kl_weight", "seq_len", "chunk", "eval_windows")
+
+
+def ignored_settings(cfg: TuneConfig, info: ModelInfo) -> list[str]:
+    """The settings given (other than their defaults) that only the other kind of model reads."""
+    default = TuneConfig()
+    other = ENCODER_ONLY if info.is_decoder else DECODER_ONLY
+    return [name for name in other if getattr(cfg, name) != getattr(default, name)]
 
 
 def check_fits(cfg: TuneConfig, info: ModelInfo) -> None:
