@@ -88,3 +88,10 @@ def test_calibration_uses_training_texts_and_keeps_the_budget(load):
     assert len(texts) == 4 and not any(t in held for t in texts)
     shares = allocation.calibrated_layer_ranks(loaded, 0.5, texts)
     assert len(shares) == loaded.info.n_layers and np.mean(shares) == pytest.approx(0.5, abs=1 / 64)
+
+
+def test_typed_shares_serve_their_mean_or_the_rank_their_run_records():
+    shares = (0.375, 0.28125)  # a split's 1/64 rounding: mean 0.328125, the run records 0.33
+    assert allocation.typed_budget(shares) == pytest.approx(0.328125)
+    assert allocation.typed_budget(shares, shares, 0.33) == 0.33
+    assert allocation.typed_budget((0.5, 0.25), shares, 0.33) == pytest.approx(0.375)  # not that run's

@@ -195,7 +195,7 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
     assert "reads at most" in capsys.readouterr().err
     compare = ["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--layer-ranks", "0.5,0.25"]
     assert main([*compare, "--rank", "0.5"]) == 2
-    assert "mean is 0.375" in capsys.readouterr().err
+    assert "serve r = 0.375 L, not --rank 0.5" in capsys.readouterr().err
     out = tmp_path / "c.json"
     assert main([*compare, "--json", str(out)]) == 0  # no --rank: the shares' mean is the budget
     assert json.loads(out.read_text())["config"]["rank"] == 0.375

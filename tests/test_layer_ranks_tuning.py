@@ -15,6 +15,7 @@ from atp_viz.analysis import allocation
 from atp_viz.analysis.finetune import evaluation, training
 from atp_viz.analysis.finetune.config import TuneConfig
 from atp_viz.cli import main
+from atp_viz.core.ranks import format_layer_shares
 from atp_viz.hf import tuned
 from atp_viz.hf.engine import ATPConfig
 from atp_viz.outputs.result_tuning import render_runs
@@ -366,6 +367,9 @@ def test_a_decoder_run_trains_and_evaluates_with_per_layer_ranks(load, tmp_path,
     assert rows[0.25]["layer_ranks"] == list(shares) and "layer_ranks" not in rows[0.5]
     assert main([*argv, "--layer-ranks", "one", "--json", str(tmp_path / "p.json")]) == 0
     assert not any("layer_ranks" in r for r in json.loads((tmp_path / "p.json").read_text())["rows"])
+    # its own shares typed out serve its own budget, whatever their mean's rounding
+    own = ["--ranks", "0.25", "--layer-ranks", format_layer_shares(shares)]
+    assert main([*argv[:-2], *own, "--json", str(tmp_path / "p.json")]) == 0
     # without --ranks: the default key counts and the run's own budget, read with its shares
     assert main([*argv[:-2], "--json", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]

@@ -305,6 +305,14 @@ def given_shares(text: str, loaded: LoadedModel) -> tuple[float, ...]:
     return shares
 
 
+def typed_budget(shares, tuned_shares=(), tuned_rank: float | None = None) -> float:
+    """The budget per-layer shares typed by a user serve: their mean, or the rank a run tuned with exactly
+    these shares records (the split's rounding can leave their mean off it)."""
+    if tuned_rank is not None and tuple(map(float, shares)) == tuple(map(float, tuned_shares)):
+        return float(tuned_rank)
+    return float(np.mean(shares))
+
+
 def budget_splitter(
     how: str,
     loaded: LoadedModel,

@@ -107,23 +107,23 @@ def run(args: argparse.Namespace) -> int:
 def _as_tuned_by_default(args: argparse.Namespace) -> None:
     """A tuned model (``tuned:DIR``) is read as it was tuned, unless told otherwise: its form, basis and
     rank, and its per-layer shares when the rank is its own (as ``perplexity`` and the Serving page do)."""
-    from atp_viz.analysis.allocation import SAME_BUDGET
+    from atp_viz.analysis.allocation import SAME_BUDGET, typed_budget
     from atp_viz.core.ranks import format_layer_shares
     from atp_viz.hf.tuned import as_tuned
 
     trained = as_tuned(args.model)
     args.form = args.form or trained["form"]
     args.basis = args.basis or trained["basis_from"]
-    own = list(trained["layer_ranks"])
-    typed = list(_typed_shares(args.layer_ranks))
-    if args.rank is None:  # typed shares: their mean is the budget (the run's own shares: its rank)
-        mean = sum(typed) / len(typed) if typed else None
-        args.rank = trained["rank"] if (not typed or typed == own) and trained["rank"] is not None else mean
-        args.rank = 0.5 if args.rank is None else args.rank
-    elif typed and abs(sum(typed) / len(typed) - float(args.rank)) > SAME_BUDGET and typed != own:
-        mean = sum(typed) / len(typed)
+    own = trained["layer_ranks"]
+    typed = _typed_shares(args.layer_ranks)
+    serves = typed_budget(typed, own, trained["rank"] if own else None) if typed else None
+    if (
+        args.rank is None
+    ):  # typed shares serve their budget (their mean, or the rank of the run tuned with them)
+        args.rank = serves if typed else (0.5 if trained["rank"] is None else trained["rank"])
+    elif typed and abs(serves - float(args.rank)) > SAME_BUDGET:
         raise ValueError(
-            f"The per-layer shares' mean is {mean!r}, not --rank {args.rank}: give --rank {mean!r}."
+            f"The per-layer shares serve r = {serves!r} L, not --rank {args.rank}: give --rank {serves!r}."
         )
     if args.layer_ranks is None and own and abs(float(args.rank) - float(trained["rank"])) <= SAME_BUDGET:
         args.layer_ranks = format_layer_shares(own)

@@ -201,11 +201,19 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dic
     how = args.layer_ranks.strip()
     if how == "measured":
         raise ValueError("Measured per-layer ranks are for encoders; a decoder takes 'spectrum' or shares.")
-    split = allocation.budget_splitter(how, loaded, basis_source=basis_from, progress=stderr_progress())
-    missed = [r for r in args.ranks if split(r) is None]  # given shares serve their own mean only
-    if missed:
-        mean = sum(allocation.given_shares(how, loaded)) / loaded.info.n_layers
+    budget = None  # typed shares serve one budget: their mean, or the rank of the run tuned with them
+    if how != "spectrum":
+        budget = allocation.typed_budget(allocation.given_shares(how, loaded), *trained_split(trained))
+    split = allocation.budget_splitter(
+        how, loaded, basis_source=basis_from, budget=budget, progress=stderr_progress()
+    )
+    if any(split(r) is None for r in args.ranks):
         raise ValueError(
-            f"The per-layer shares' mean is {mean!r}: give it as the one rank (--ranks {mean!r})."
+            f"The per-layer shares serve r = {budget!r} L: give it as the one rank (--ranks {budget!r})."
         )
     return split
+
+
+def trained_split(trained: dict) -> tuple[tuple[float, ...], float | None]:
+    """A tuned run's per-layer shares and the rank they serve (empty and None for one rank)."""
+    return (trained["layer_ranks"], trained["rank"]) if trained["layer_ranks"] else ((), None)
