@@ -117,9 +117,8 @@ def _as_tuned_by_default(args: argparse.Namespace) -> None:
     own = trained["layer_ranks"]
     typed = _typed_shares(args.layer_ranks)
     serves = typed_budget(typed, own, trained["rank"] if own else None) if typed else None
-    if (
-        args.rank is None
-    ):  # typed shares serve their budget (their mean, or the rank of the run tuned with them)
+    # typed shares serve their budget: their mean, or the rank of the run tuned with them
+    if args.rank is None:
         args.rank = serves if typed else (0.5 if trained["rank"] is None else trained["rank"])
     elif typed and abs(serves - float(args.rank)) > SAME_BUDGET:
         raise ValueError(
