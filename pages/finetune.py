@@ -163,10 +163,7 @@ if start:
             rank_mode=rank_mode, basis_from=basis_from, attention=attention,
             layer_ranks_from=layer_ranks_from,
         )  # fmt: skip
-        if not (cfg.steps or cfg.transfer_steps):
-            raise ValueError(
-                "Both stages have 0 steps: nothing would be trained. Give either stage some steps."
-            )
+        training.check_trains(cfg)
         training.check_fits(cfg, runtime.get_model(model).info)  # before a job starts, not in it
     except (ValueError, ModelLoadError) as err:
         st.error(str(err))

@@ -193,6 +193,8 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
     ppl = ["perplexity", "--model", "tiny-gpt2", "--ranks", "4", "--forms", "exact", "--windows", "1"]
     assert main([*ppl, "--seq-len", "4096", "--chunk", "1024"]) == 2
     assert "reads at most" in capsys.readouterr().err
+    assert main(["finetune", "--model", "tiny-bert", "--steps", "0", "--out", str(tmp_path / "run")]) == 2
+    assert "nothing would be trained" in capsys.readouterr().err and not (tmp_path / "run").exists()
     compare = ["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--layer-ranks", "0.5,0.25"]
     assert main([*compare, "--rank", "0.5"]) == 2
     assert "serve r = 0.375 L, not --rank 0.5" in capsys.readouterr().err

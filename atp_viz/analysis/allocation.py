@@ -307,7 +307,8 @@ def given_shares(text: str, loaded: LoadedModel) -> tuple[float, ...]:
 
 def typed_budget(shares, tuned_shares=(), tuned_rank: float | None = None) -> float:
     """The budget per-layer shares typed by a user serve: their mean, or the rank a run tuned with exactly
-    these shares records (the split's rounding can leave their mean off it)."""
+    these shares records (the split's rounding can leave their mean off it). A run tuned with one rank
+    has no shares, so typed ones serve their mean."""
     if tuned_rank is not None and tuple(map(float, shares)) == tuple(map(float, tuned_shares)):
         return float(tuned_rank)
     return float(np.mean(shares))

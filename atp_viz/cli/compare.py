@@ -116,7 +116,7 @@ def _as_tuned_by_default(args: argparse.Namespace) -> None:
     args.basis = args.basis or trained["basis_from"]
     own = trained["layer_ranks"]
     typed = _typed_shares(args.layer_ranks)
-    serves = typed_budget(typed, own, trained["rank"] if own else None) if typed else None
+    serves = typed_budget(typed, own, trained["rank"]) if typed else None
     # typed shares serve their budget: their mean, or the rank of the run tuned with them
     if args.rank is None:
         args.rank = serves if typed else (0.5 if trained["rank"] is None else trained["rank"])

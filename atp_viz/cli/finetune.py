@@ -154,13 +154,10 @@ def _layer_ranks(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis.finetune.config import TuneConfig
-    from atp_viz.analysis.finetune.training import train
+    from atp_viz.analysis.finetune.training import check_trains, train
 
     if args.reevaluate:
         return _reevaluate(args)
-    if not (args.steps or args.transfer_steps):  # every run's JSON already holds the untuned figures
-        raise ValueError("--steps and --transfer-steps are both 0: nothing would be trained.")
-
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,
         basis_from=args.basis_from, attention=args.attention,
@@ -171,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         window=args.window, sinks=args.sinks, basis_update=args.basis_update, form_init=args.form_init,
         train_text=args.train_text, **_layer_ranks(args),
     )  # fmt: skip
+    check_trains(cfg)  # every run's JSON already holds the untuned figures
     res = train(cfg, args.out, progress=stderr_progress(), command=args.argv)
     from atp_viz.analysis.finetune.evaluation import metrics_table
     from atp_viz.hf.tuned import SETTINGS_FILE

@@ -203,7 +203,8 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dic
         raise ValueError("Measured per-layer ranks are for encoders; a decoder takes 'spectrum' or shares.")
     budget = None  # typed shares serve one budget: their mean, or the rank of the run tuned with them
     if how != "spectrum":
-        budget = allocation.typed_budget(allocation.given_shares(how, loaded), *trained_split(trained))
+        shares = allocation.given_shares(how, loaded)
+        budget = allocation.typed_budget(shares, trained["layer_ranks"], trained["rank"])
     split = allocation.budget_splitter(
         how, loaded, basis_source=basis_from, budget=budget, progress=stderr_progress()
     )
@@ -212,8 +213,3 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dic
             f"The per-layer shares serve r = {budget!r} L: give it as the one rank (--ranks {budget!r})."
         )
     return split
-
-
-def trained_split(trained: dict) -> tuple[tuple[float, ...], float | None]:
-    """A tuned run's per-layer shares and the rank they serve (empty and None for one rank)."""
-    return (trained["layer_ranks"], trained["rank"]) if trained["layer_ranks"] else ((), None)

@@ -65,7 +65,8 @@ def run_folder(folder: str | Path) -> Path:
 
 def run_key(folder: str | Path) -> str:
     """The model key that names a run in links and lists: ``tuned:data/tuned/NAME`` for a shipped run (the
-    same on every checkout, and no server path in a shared link), the folder as given otherwise."""
+    same on every checkout, and no server path in a shared link), its resolved absolute path otherwise
+    (a cache's runs), so two spellings of one folder are one key."""
     path = run_folder(folder)
     try:
         return f"{TUNED_PREFIX}{path.resolve().relative_to(REPO_ROOT)}"

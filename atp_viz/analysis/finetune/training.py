@@ -300,6 +300,13 @@ def ignored_settings(cfg: TuneConfig, info: ModelInfo) -> list[str]:
     return [name for name in other if getattr(cfg, name) != getattr(default, name)]
 
 
+def check_trains(cfg: TuneConfig) -> None:
+    """ValueError when a run would train nothing (0 + 0 steps): asked where a user starts a run (the page,
+    the command line); ``train`` itself takes such a run, the base model with an evaluation."""
+    if not (cfg.steps or cfg.transfer_steps):
+        raise ValueError("Both stages have 0 steps (--steps, --transfer-steps): nothing would be trained.")
+
+
 def check_fits(cfg: TuneConfig, info: ModelInfo) -> None:
     """The settings that only one kind of model takes (ValueError with a sentence otherwise); the
     Fine-tuning page asks before it starts a run."""
