@@ -91,6 +91,8 @@ if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="p
         )
     if notice:
         st.info(notice)
+    if dense.context_notice or comp.context_notice:
+        st.info(dense.context_notice or comp.context_notice)
     share, first = serving.agreement(dense.new_ids, comp.new_ids)
     k1, k2, k3, k4 = st.columns(4)
     k1.metric("Prompt tokens / rank", f"{tok.n_tokens} / {r}")
@@ -125,7 +127,7 @@ if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="p
     st.caption(
         "First diverging token: " + ("none" if first is None else f"position {first} (highlighted)") + ". "
         "Cache sizes count float32 keys/values of all layers at the end of generation; the tokens generated "
-        "so far are kept exactly in both. Generation stops at EOS or the token limit."
+        "so far are kept exactly in both. Generation stops at EOS, the token limit or the model's context."
     )
 
 st.subheader("Strictly causal perplexity")

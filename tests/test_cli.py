@@ -213,6 +213,7 @@ def test_generate_compares_caches_and_reads_a_tuned_run_as_tuned(tmp_path, text_
     assert main([*argv, "--model", "tiny-llama"]) == 0
     got = json.loads(out.read_text())
     assert (got["form"], got["basis_from"]) == (forms.DEFAULT, "input") and got["token_agreement"] is not None
+    assert {got["stop_reason_dense"], got["stop_reason_atp"]} <= {"max_new_tokens", "eos"}
     cfg = TuneConfig(model="tiny-llama", form="pksoftmax", rank=0.25, basis_from="keys", steps=1, seq_len=48,
                      chunk=16, eval_windows=1)  # fmt: skip
     run = training.train(cfg, tmp_path / "run", texts=[text_file.read_text() * 6]).out_dir

@@ -116,6 +116,22 @@ def test_generation_compressed_full_rank_exact_equals_dense(load):
     assert low.kv_cache_bytes < dense.kv_cache_bytes
 
 
+def test_generation_says_when_the_models_context_ended_it(load):
+    import dataclasses
+
+    loaded = load("tiny-llama")
+    ids = _ids(loaded)
+    L = ids.shape[1]
+    short = dataclasses.replace(loaded, info=dataclasses.replace(loaded.info, max_tokens=L + 3))
+    for rank in (None, 4):
+        gen = serving.generate(short, ids, rank=rank, form="exact", max_new_tokens=6)
+        assert len(gen.new_ids) == 3 and gen.stop_reason == "context"
+        assert "3 new tokens of the 6 asked" in gen.context_notice
+        roomy = serving.generate(loaded, ids, rank=rank, form="exact", max_new_tokens=3)
+        assert roomy.stop_reason == "max_new_tokens" and roomy.context_notice is None
+        assert roomy.new_ids == gen.new_ids  # the limit ends it, and changes no token before it
+
+
 def test_agreement_counts_positions_and_finds_the_first_divergence():
     assert serving.agreement((1, 2, 3, 4), (1, 2, 9, 4)) == (0.75, 2)
     assert serving.agreement((1, 2), (1, 2)) == (1.0, None)

@@ -419,6 +419,19 @@ class Generation:
     kv_cache_bytes: int  # at the end of generation
     dense_kv_cache_bytes: int  # a dense cache of the same tokens
     seconds: float
+    stop_reason: str = "max_new_tokens"  # or "eos", "context" (the model's limit), "stopped" (asked to)
+    asked: int = 0  # max_new_tokens as asked
+
+    @property
+    def context_notice(self) -> str | None:
+        """What a user must be told when the model's context, not the request, ended generation."""
+        if self.stop_reason != "context":
+            return None
+        n = len(self.new_ids)
+        return (
+            f"Generation stopped after {n} new token{'s' if n != 1 else ''} of the {self.asked} asked: the "
+            f"prompt ({self.prompt_tokens} tokens) and the new tokens fill the model's context."
+        )
 
 
 @torch.inference_mode()
@@ -465,11 +478,15 @@ def generate(
     eos = loaded.tokenizer.eos_token_id
     new: list[int] = []
     nxt = int(logits[-1].argmax())
+    reason = None
     for t in range(max_new_tokens):
         new.append(nxt)
         if progress:
             progress((t + 1) / max_new_tokens, f"token {t + 1} of at most {max_new_tokens}")
-        if nxt == eos or L + len(new) >= info.max_tokens or (stop is not None and stop()):
+        if t + 1 == max_new_tokens:
+            break
+        reason = _stop_reason(nxt == eos, L + len(new) >= info.max_tokens, stop is not None and stop())
+        if reason:
             break
         logits = _run_piece(loaded, plan, torch.tensor([[nxt]], device=prompt_ids.device), L + t)
         nxt = int(logits[-1].argmax())
@@ -484,7 +501,14 @@ def generate(
         else kv_bytes(info, L + n_tail, 0, None, form),
         dense_kv_cache_bytes=kv_bytes(info, L + n_tail, 0, None, form),
         seconds=time.perf_counter() - t0,
+        stop_reason=reason or "max_new_tokens",
+        asked=max_new_tokens,
     )
+
+
+def _stop_reason(eos: bool, full: bool, asked_to: bool) -> str | None:
+    """Why generation ends before the requested count (None: it goes on)."""
+    return "eos" if eos else "context" if full else "stopped" if asked_to else None
 
 
 def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int | None]:

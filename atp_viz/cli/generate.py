@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     comp = serving.generate(
         loaded, ids, rank=r, form=args.form, max_new_tokens=args.max_new_tokens, basis_from=args.basis_from
     )
+    for name, g in (("dense", dense), ("ATP", comp)):
+        if g.context_notice:
+            print(f"note ({name}): {g.context_notice}", file=sys.stderr)
     share, first = serving.agreement(dense.new_ids, comp.new_ids)
     dec = loaded.tokenizer.decode
     result = {
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         "truncation_notice": tok.notice,
         "dense_text": dec(list(dense.new_ids)),
         "atp_text": dec(list(comp.new_ids)),
+        "stop_reason_dense": dense.stop_reason,
+        "stop_reason_atp": comp.stop_reason,
         "first_divergence": first,
         "token_agreement": share,
         "kv_cache_bytes_dense": dense.kv_cache_bytes,
