@@ -84,6 +84,19 @@ def test_spectra_json(tmp_path, text_file):
     assert main(["spectra", "--model", "tiny-bert", "--text-file", str(text_file), "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     assert len(d["layers"]) == 2 and d["layers"][0]["rank_for"]["0.9"] >= 1
+    assert d["n_tokens_analysed"] == d["n_tokens"]
+    skip = ["spectra", "--model", "tiny-bert", "--text-file", str(text_file), "--skip-first"]
+    assert main([*skip, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_tokens_analysed"] == d["n_tokens"] - 1
+
+
+def test_verbose_is_read_before_or_after_the_command():
+    from atp_viz.cli import build_parser
+
+    cmd = ["spectra", "--text-file", "t.txt"]
+    for argv in (["-v", *cmd], [*cmd, "-v"], [*cmd, "--verbose"]):
+        assert build_parser().parse_args(argv).verbose is True, argv
+    assert build_parser().parse_args(cmd).verbose is False
 
 
 def test_bad_inputs_exit_2(tmp_path, text_file, capsys):

@@ -80,7 +80,7 @@ def singular_values(
     if skip_first:
         t = t[1:]
     if t.shape[0] == 0:
-        raise ValueError("no rows left (a single token with skip_first)")
+        raise ValueError("The text has a single token: leaving out the first leaves nothing to analyse.")
     if centered:
         t = t - t.mean(dim=0, keepdim=True)
     return torch.linalg.svdvals(t).numpy()

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         [layer.x for layer in cap.layers], centered=args.centered, skip_first=args.skip_first
     )
     rows = []
-    print(f"{cap.info.label}: L = {cap.n_tokens} tokens, d = {cap.info.d_model}", file=sys.stderr)
+    kept = f" ({sps[0].n_rows} analysed: the first left out)" if args.skip_first else ""
+    print(f"{cap.info.label}: L = {cap.n_tokens} tokens{kept}, d = {cap.info.d_model}", file=sys.stderr)
     for note in cap.notes:
         print(f"note: {note}", file=sys.stderr)
     header = "layer  erank  " + "  ".join(f"r@{t:.0%}" for t in spectra.THRESHOLDS)
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "n_tokens": cap.n_tokens,
             "n_tokens_before_truncation": cap.n_original,
+            "n_tokens_analysed": sps[0].n_rows,
             "centered": args.centered,
             "skip_first": args.skip_first,
             "load_seconds": t_load,
