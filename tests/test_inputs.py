@@ -62,6 +62,20 @@ def test_unknown_model_offline(monkeypatch):
         load_model("nobody/no-such-model-xyz")
 
 
+def test_a_mistyped_shipped_model_is_named_at_once(monkeypatch):
+    import atp_viz.hf.checkpoints as checkpoints
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("asked the hub for a name one typo from a shipped model")
+
+    monkeypatch.setattr(checkpoints, "_load_config", no_hub)
+    for typo, meant in (("smolm2", "smollm2"), ("SmolLM2", "smollm2"), ("minlm", "minilm")):
+        with pytest.raises(ModelLoadError, match=f"Did you mean '{meant}'"):
+            load_model(typo)
+    with pytest.raises(AssertionError, match="asked the hub"):  # other names still go to the hub
+        load_model("gpt2")
+
+
 def test_missing_folder():
     with pytest.raises(ModelLoadError, match="No such folder"):
         load_model("./no/such/folder")

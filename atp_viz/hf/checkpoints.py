@@ -170,6 +170,20 @@ def _refuse_remote_code(key: str, auto_map) -> None:
         )
 
 
+def _refuse_near_miss(key: str) -> None:
+    """A name one typo away from a model shipped here is that model mistyped, not a hub id: say so at once
+    (asking the hub first takes about 30 s of retries without a network, and then cannot suggest it)."""
+    import difflib
+
+    ours = [c.key for c in (*BUNDLED, *TINY)]
+    near = difflib.get_close_matches(key.lower(), ours, n=1, cutoff=0.8)
+    if "/" not in key and near:
+        raise ModelLoadError(
+            f"'{key}' is not a model here. Did you mean '{near[0]}'? (Bundled: "
+            f"{', '.join(c.key for c in BUNDLED)}; tiny random: {', '.join(c.key for c in TINY)}.)"
+        )
+
+
 def _load_config(source: str | Path, key: str, **kwargs):
     from transformers import AutoConfig
 
@@ -332,6 +346,7 @@ def _load_other(key: str, device: str | None, place: dict[str, Any] | None = Non
     elif key.startswith((".", "/", "~")):
         raise ModelLoadError(f"No such folder: {path}")
     else:
+        _refuse_near_miss(key)
         source = key
         where = f"hub id {key}"
     config = _load_config(source, key, **kwargs)
