@@ -257,7 +257,9 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     at.run()
     assert not at.exception, at.exception
     assert at.selectbox(key="model_choice").value == f"{TUNED_PREFIX}{run}"
-    label = f"TINY-BERT + ATP-tuned r=0.5 (exact) · {run.name}"  # the folder tells same-setting runs apart
+    label = (
+        f"Tiny random BERT + ATP-tuned r=0.5 (exact) · {run.name}"  # the folder tells same-setting runs apart
+    )
     assert label in at.selectbox(key="model_choice").options
     table = at.dataframe[0].value  # the only table of an encoder's explorer (AppTest keeps no df key)
     assert len(table) == 4 and table["setting"].iloc[0].startswith("original model, dense")

@@ -204,7 +204,7 @@ def test_run_labels_name_the_window_one_way():
         assert "exact window 512 + 4 sinks" in text, text
     control = {"model": "smollm2", "rank": 0.5, "form": "exact", "attention": "dense"}
     label = tuned.tuned_label({"settings": control})
-    assert label.startswith("SMOLLM2 + dense-tuned control (trained without ATP"), label
+    assert label.startswith("SmolLM2-135M-Instruct + dense-tuned control (trained without ATP"), label
 
 
 def test_at_e_one_half_a_past_of_one_repeated_token_is_read_as_dense_attention_reads_it():

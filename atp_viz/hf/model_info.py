@@ -96,6 +96,12 @@ TINY: tuple[ModelChoice, ...] = (
 DEFAULT_MODEL = "minilm"
 
 
+def short_name(key: str) -> str:
+    """How a label names a model: a shipped one by its name ("SmolLM2-135M-Instruct"), another by its key."""
+    choice = next((c for c in (*BUNDLED, *TINY) if c.key == key), None)
+    return key if choice is None else choice.label.split(" (")[0]
+
+
 def cache_dir() -> Path:
     """Where converted weights live: ``$ATP_VIZ_CACHE``, else ``$XDG_CACHE_HOME/atp_viz`` (``~/.cache``)."""
     env = os.environ.get("ATP_VIZ_CACHE")

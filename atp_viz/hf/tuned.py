@@ -18,7 +18,7 @@ from atp_viz import forms
 from atp_viz.core.progress import ProgressFn
 from atp_viz.core.ranks import describe_layer_shares, describe_window
 from atp_viz.hf import checkpoints
-from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir
+from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel, ModelLoadError, cache_dir, short_name
 
 SETTINGS_FILE = "atp_tuning.json"
 PARAMS_FILE = "atp_params.safetensors"  # trained per-head parameters of the attention form, if any
@@ -141,10 +141,10 @@ def tuned_label(meta: dict) -> str:
         # It trained no ATP parameter, so the rank and form are only the default of its ATP rows (any
         # rank can be compared against it): the label leads with what it is.
         what = f"trained without ATP; ATP rows default to r={s['rank']:g}, {s['form']}{basis}"
-        return f"{s['model'].upper()} + dense-tuned control ({what})"
+        return f"{short_name(s['model'])} + dense-tuned control ({what})"
     if s.get("layer_ranks"):
         basis += f", per-layer ranks ({s.get('layer_ranks_from', 'given')})"
-    return f"{s['model'].upper()} + ATP-tuned r={s['rank']:g} ({s['form']}{basis})"
+    return f"{short_name(s['model'])} + ATP-tuned r={s['rank']:g} ({s['form']}{basis})"
 
 
 def load_tuned(
