@@ -568,3 +568,50 @@ def test_fused_attention_is_the_dense_reference(monkeypatch, gqa):
     torch.testing.assert_close(
         att.fused_attention(q, k, v, mask=allowed, scaling=0.3), ref, atol=1e-6, rtol=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The centred basis: the mean token first, then the centred input's principal directions
+# ------------------------------------------------------------------------------------------------
+
+
+def _projector(u):
+    return u @ u.mT
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized", "sketch"])
+def test_centred_basis_is_the_mean_then_the_centred_principal_directions(method):
+    x = _randn(2, 40, 24, seed=3) + 5 * _randn(1, 1, 24, seed=4)  # a large common part, as in real keys
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 31:] = False
+    for r in (1, 6, 23):
+        u = principal_basis(x, r, method, valid=valid, centre=True)
+        assert u.shape == (2, 40, r)
+        for b, n in ((0, 40), (1, 31)):
+            ub = u[b, :n]
+            torch.testing.assert_close(ub.mT @ ub, torch.eye(r, dtype=ub.dtype), atol=1e-10, rtol=0)
+            torch.testing.assert_close(ub[:, 0], torch.full((n,), n**-0.5, dtype=ub.dtype))
+            assert u[b, n:].abs().max() == 0 if n < 40 else True  # nothing on padding
+            if method == "exact" and r > 1:  # the rest: the top r - 1 directions of the centred rows
+                xc = x[b, :n] - x[b, :n].mean(0)
+                top = torch.linalg.svd(xc, full_matrices=False).U[:, : r - 1]
+                torch.testing.assert_close(_projector(ub[:, 1:]), _projector(top), atol=1e-8, rtol=0)
+
+
+def test_centred_basis_rebuilds_the_mean_and_ignores_a_common_shift():
+    x = _randn(30, 16, seed=5)
+    shift = 7 * _randn(1, 16, seed=6)
+    u = principal_basis(x, 4, centre=True)
+    torch.testing.assert_close((_projector(u) @ x).mean(0), x.mean(0))  # the mean token, exactly
+    torch.testing.assert_close(_projector(principal_basis(x + shift, 4, centre=True)), _projector(u))
+    plain = _projector(principal_basis(x, 4))  # the plain SVD's subspace moves with the shift
+    assert (_projector(principal_basis(x + shift, 4)) - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_form_on_a_full_rank_centred_basis_equals_dense(causal):
+    x = _randn(1, 12, 20, seed=7) + 3
+    q, k, v = _qkv_from_x(x, 4, 2, 8)
+    u = principal_basis(x, 12, centre=True)
+    out = atp_attention(q, k, v, u, form="exact", causal=causal)
+    torch.testing.assert_close(out, dense_attention(q, k, v, causal=causal), atol=1e-10, rtol=0)

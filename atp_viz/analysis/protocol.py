@@ -224,10 +224,12 @@ def score_decoder(
     basis_update: str = "recompute",
     progress: ProgressFn | None = None,
     layer_ranks=None,
+    centre_basis: bool = False,
 ) -> DecoderScores:
     """Strictly causal chunked predictions of every window (``rank`` None: dense, the past exact;
     ``keep``: sinks and a window read exactly, :class:`atp_viz.analysis.serving.ExactKeep`;
-    ``basis_update`` and ``layer_ranks``: as in :func:`atp_viz.analysis.serving.chunked_logits`)."""
+    ``basis_update``, ``layer_ranks`` and ``centre_basis``: as in
+    :func:`atp_viz.analysis.serving.chunked_logits`)."""
     from atp_viz.analysis import serving
 
     if rank_mode not in RANK_MODES:
@@ -239,6 +241,7 @@ def score_decoder(
                 logits = serving.chunked_logits(
                     loaded, ids, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
                     basis_from=basis_from, keep=keep, basis_update=basis_update, layer_ranks=layer_ranks,
+                    centre_basis=centre_basis,
                 )  # fmt: skip
         except NonFiniteError:
             out.broken += 1

@@ -64,9 +64,10 @@ class LayerMemory:
 
 
 def compressed(
-    mem: LayerMemory, rank: int, *, basis_from: str = "input", method: str = "exact"
+    mem: LayerMemory, rank: int, *, basis_from: str = "input", method: str = "exact", centre: bool = False
 ) -> LayerMemory:
-    """A new memory holding ``mem``'s exact past as r principal keys/values (basis from that past).
+    """A new memory holding ``mem``'s exact past as r principal keys/values (basis from that past;
+    ``centre``: its mean token first, :func:`atp_viz.core.basis.principal_basis`).
 
     ``mem`` itself is left as it is, so a caller can keep the exact past and re-compress it later.
     """
@@ -74,7 +75,7 @@ def compressed(
         return LayerMemory()
     n = mem.k.shape[1]
     src = mem.x if basis_from == "input" else mem.k.transpose(0, 1).reshape(n, -1)  # (n, Hkv*dh)
-    u = _basis.principal_basis(src, min(rank, n), method)  # (n, r)
+    u = _basis.principal_basis(src, min(rank, n), method, centre=centre)  # (n, r)
     return LayerMemory(past=forms.compress(u, mem.k, mem.v))
 
 
@@ -191,7 +192,7 @@ def _kept(mem: LayerMemory, a: int, b: int) -> LayerMemory:
 
 def windowed(
     mem: LayerMemory, keep: ExactKeep, rank, chunk_len: int, *, rank_mode: str = "past",
-    basis_from: str = "input", method: str = "exact",
+    basis_from: str = "input", method: str = "exact", centre: bool = False,
 ) -> LayerMemory:  # fmt: skip
     """A chunk's view of an exact past ``mem``: the sinks and the window exactly (the tail), the middle
     compressed to principal keys from the middle's tokens alone (``rank`` of the middle's length), or
@@ -203,7 +204,7 @@ def windowed(
     if b > a and rank is not None and not keep.drop_rest:
         middle = LayerMemory(k=mem.k[:, a:b], v=mem.v[:, a:b], x=mem.x[a:b])
         r = ranks.chunk_rank(rank, b - a, chunk_len, rank_mode)
-        view.past = compressed(middle, r, basis_from=basis_from, method=method).past
+        view.past = compressed(middle, r, basis_from=basis_from, method=method, centre=centre).past
     return view
 
 
@@ -267,19 +268,11 @@ def _chunk_views(stores, c: int, start: int, C: int, layer_rank: list, opts: dic
             for m, rank in layers
         ]
     if keep is not None and c:
-        return [
-            windowed(m, keep, rank, C, rank_mode=mode, basis_from=opts["basis_from"], method=opts["method"])
-            for m, rank in layers
-        ]
+        return [windowed(m, keep, rank, C, rank_mode=mode, **opts["basis"]) for m, rank in layers]
     if layer_rank[0] is None or c == 0:
         # Dense: the exact past is the tail; a shallow copy, since the store grows during the chunk.
         return [LayerMemory(k=m.k, v=m.v, x=m.x) for m in stores]
-    return [
-        compressed(
-            m, ranks.chunk_rank(rank, start, C, mode), basis_from=opts["basis_from"], method=opts["method"]
-        )
-        for m, rank in layers
-    ]
+    return [compressed(m, ranks.chunk_rank(rank, start, C, mode), **opts["basis"]) for m, rank in layers]
 
 
 def _ranks_by_layer(rank, layer_ranks, n_layers: int) -> list:
@@ -307,6 +300,7 @@ def chunked_logits(
     keep: ExactKeep | None = None,
     progress: ProgressFn | None = None,
     layer_ranks: Sequence[int | float] | None = None,
+    centre_basis: bool = False,
 ) -> torch.Tensor:
     """Logits ``[L, V]`` where chunk c attends to chunks < c compressed to ``rank`` principal
     keys/values (basis from those past tokens only) and to itself exactly and causally. With
@@ -329,7 +323,8 @@ def chunked_logits(
     ``linear``); ``rank`` then counts the middle's principal keys (a share: of the middle). With
     ``keep.drop_rest`` it is the window alone, one softmax, whatever ``rank`` and ``form`` say.
     Runs under autograd when the caller enables it (fine-tuning trains through it; the basis is a
-    constant there, see ``atp_viz.core.basis.principal_basis``).
+    constant there, see ``atp_viz.core.basis.principal_basis``). ``centre_basis``: each basis has the
+    past's mean token as its first column (recompute only).
     """
     if not loaded.info.is_decoder:
         raise ValueError("perplexity needs a decoder (causal LM)")
@@ -364,6 +359,11 @@ def chunked_logits(
             f"The {form} form rebuilds every past key from U_r, which running sums do not keep: use "
             "basis_update='recompute' with it, or a linear-cost form (linear, pksoftmax)."
         )
+    if moments and centre_basis:
+        raise ValueError(
+            "A centred basis is built for basis_update='recompute' only: running sums would need the mean "
+            "folded into their eigendecomposition, which is not built."
+        )
     # The exact past of every layer, appended to as each chunk is processed (its keys and values as
     # computed when that chunk was current); each chunk attends to a fresh compression of it. With
     # moments, only the running sums of that past (and the exact sinks and window, if any).
@@ -379,8 +379,7 @@ def chunked_logits(
         "keep": keep,
         "rank_mode": rank_mode,
         "moments": moments,
-        "basis_from": basis_from,
-        "method": method,
+        "basis": {"basis_from": basis_from, "method": method, "centre": centre_basis},
     }
     all_logits = []
     n_chunks = math.ceil(L / chunk)

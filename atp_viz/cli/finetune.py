@@ -41,6 +41,11 @@ def register(sub) -> None:
         help="what the basis U_r decomposes: the attention input X (the paper) or the keys",
     )  # fmt: skip
     f.add_argument(
+        "--centre-basis", action="store_true",
+        help="U_r's first column is the mean token, the rest the principal directions of the centred input "
+        "(same rank and cost; README: 'A centred basis')",
+    )  # fmt: skip
+    f.add_argument(
         "--layer-ranks", metavar="HOW", dest="layer_ranks_how",
         help="one rank per layer with mean --rank: 'measured' (encoders: by what each layer's rank costs "
         "the output on training texts), 'spectrum' (by each layer's spectrum), or shares (0.375,0.125,...)",
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return _reevaluate(args)
     cfg = TuneConfig(
         model=args.model, rank=args.rank, form=args.form, rank_mode=args.rank_mode, steps=args.steps,
-        basis_from=args.basis_from, attention=args.attention,
+        basis_from=args.basis_from, centre_basis=args.centre_basis, attention=args.attention,
         lr=args.lr, lora_r=args.lora_r, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
         hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
         lora_alpha=2 * args.lora_r, batch=args.batch, max_tokens=args.max_tokens, seq_len=args.seq_len,

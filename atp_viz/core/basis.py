@@ -89,8 +89,14 @@ def principal_basis(
     valid: torch.Tensor | None = None,
     niter: int = 2,
     generator: torch.Generator | None = None,
+    centre: bool = False,
 ) -> torch.Tensor:
     """Top-``rank`` left singular vectors of ``x``: ``[..., L, d] -> [..., L, rank]``, orthonormal columns.
+
+    ``centre=True`` (the centred basis, see :func:`_centred`): the first column is the mean direction
+    ``1 / sqrt(n)`` over the real tokens, the other ``rank - 1`` the top left singular vectors of ``x``
+    with its mean token subtracted. Still ``rank`` orthonormal columns, so every cost and cache is the
+    same; the mean key and value are then rebuilt exactly.
 
     ``method="exact"`` uses ``torch.linalg.svd(full_matrices=False)``. We never use an eigen-
     decomposition of ``x x^T`` or ``x^T x``: it is cheaper only by a constant factor and squares the
@@ -175,6 +181,10 @@ def principal_basis(
         mask = valid.to(device=x.device, dtype=work)
         xw = xw * mask.unsqueeze(-1)  # (..., L, d)
 
+    if centre:
+        xw, mean_col = _centred(xw, mask)
+        if rank == 1:
+            return mean_col.to(out_dtype)
     m = min(rank, L, d)
     path = basis_path(L, d, rank, method)
     if path == "randomized":
@@ -191,11 +201,32 @@ def principal_basis(
     # leak into padded rows, so they are rebuilt by the completion step (as are columns beyond min(L, d)).
     tol = S[..., :1] * (max(L, d) * torch.finfo(work).eps)
     good = S.gt(tol)  # (..., m); singular values are sorted, so the good columns are leading
-    if rank > m or (mask is not None and not bool(good.all())):
+    if centre:  # the mean column leads; the centred directions with sigma > 0 are orthogonal to it
+        U = torch.cat([mean_col, U[..., : rank - 1]], dim=-1)
+        good = torch.cat([torch.ones_like(good[..., :1]), good[..., : rank - 1]], dim=-1)
+        m = U.shape[-1]
+    if rank > m or not bool(good.all()) and (mask is not None or centre):
         U = _complete_basis(U, good, mask, rank)
     elif mask is not None:
         U = U * mask.unsqueeze(-1)  # exact zeros on padding rows (the SVD leaves ~eps there)
     return _fix_signs(U).to(out_dtype)
+
+
+def _centred(xw: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` less its mean token over the real rows (zero on padding), and the mean direction
+    ``1 / sqrt(n)`` on the real rows as a column ``[..., L, 1]``.
+
+    Why: attention inputs and keys share a large common part (BERT's keys carry the bias b_k in every
+    token; hidden states are anisotropic), so the top singular vector of the raw input is roughly the
+    all-ones direction mixed with real structure, and every later direction is bent by it. Giving the
+    mean its own column and the remaining r - 1 to the centred input's principal directions rebuilds the
+    mean key and value exactly and spends the rest on how tokens differ. That is the part a softmax sees:
+    adding one vector to every key moves all of a query's logits by the same amount.
+    """
+    w = torch.ones(xw.shape[:-1], dtype=xw.dtype, device=xw.device) if mask is None else mask
+    n = w.sum(dim=-1, keepdim=True).clamp_min(1)  # (..., 1)
+    mean = (xw * w.unsqueeze(-1)).sum(dim=-2, keepdim=True) / n.unsqueeze(-1)  # (..., 1, d)
+    return (xw - mean) * w.unsqueeze(-1), (w / n.sqrt()).unsqueeze(-1)
 
 
 def _sketch_svd(

@@ -47,6 +47,9 @@ class ATPConfig:
     basis_source: BasisSource = "input"
     basis_method: Literal["exact", "randomized", "sketch"] = "exact"
     lowrank_linear: bool = False
+    # The mean token as the basis's first column and the centred input's principal directions after it
+    # (:func:`atp_viz.core.basis.principal_basis`, ``centre``); same rank, same cost.
+    centre_basis: bool = False
     # One rank per layer (e.g. :func:`atp_viz.analysis.spectra.allocate`'s shares under one budget),
     # used instead of ``rank``; ``rank`` then only labels the budget.
     layer_ranks: tuple[int | float, ...] | None = None
@@ -80,6 +83,7 @@ class ATPConfig:
         extra = "" if self.basis_source == "input" else ", basis from keys"
         extra += ", low-rank linear layers" if self.lowrank_linear else ""
         extra += "" if self.basis_method == "exact" else f", {self.basis_method} basis"
+        extra += ", centred basis" if self.centre_basis else ""
         if self.layer_ranks is not None:
             r = f"per-layer ranks (budget {r})"
         return f"ATP {self.form} {r}{extra}"
@@ -115,7 +119,9 @@ class ATPPlan:
             r, notice = _ranks.resolve_rank(self.config.rank_of(layer), n)
             if notice and notice not in self.notices:
                 self.notices.append(notice)
-            u = _basis.principal_basis(x[b], r, self.config.basis_method, valid=valid[b])  # (L, r)
+            u = _basis.principal_basis(
+                x[b], r, self.config.basis_method, valid=valid[b], centre=self.config.centre_basis
+            )  # (L, r)
             bases.append(u)
             ranks.append(r)
         r_max = max(ranks)

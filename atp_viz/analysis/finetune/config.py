@@ -43,6 +43,7 @@ class TuneConfig:
     form: str = "exact"  # a name in atp_viz.forms
     rank_mode: str = "past"  # decoders: "past" (share of the compressed past) or "effective" (core.ranks)
     basis_from: str = "input"  # what U_r decomposes: "input" (X, the paper) or "keys" (engine.BASIS_SOURCES)
+    centre_basis: bool = False  # the mean token as U_r's first column (engine.ATPConfig.centre_basis)
     attention: str = "atp"  # while training: "atp" or "dense" (a control run; TRAIN_ATTENTION)
     steps: int = 200  # stage 2: end-to-end LoRA with ATP in place
     lr: float = 1e-3  # AdamW on the adapters only; LoRA tolerates a high rate
@@ -98,6 +99,8 @@ class TuneConfig:
             )
         if self.basis_update not in ("recompute", "moments"):
             raise ValueError(f"basis_update must be 'recompute' or 'moments', got {self.basis_update!r}")
+        if self.basis_update == "moments" and self.centre_basis:
+            raise ValueError("A centred basis is built for basis_update='recompute' only.")
         if self.basis_update == "moments" and form.needs_basis_rows:
             raise ValueError(
                 f"The {self.form} form rebuilds every past key from U_r: use basis_update='recompute'."
@@ -190,7 +193,7 @@ class TuneConfig:
         return {
             "form": self.form, "chunk": self.chunk, "rank_mode": self.rank_mode,
             "basis_from": self.basis_from, "basis_update": self.basis_update, "keep": self.keep,
-            "layer_ranks": self.layer_ranks or None,
+            "layer_ranks": self.layer_ranks or None, "centre_basis": self.centre_basis,
         }  # fmt: skip
 
     @property
@@ -203,12 +206,14 @@ class TuneConfig:
         if self.layer_ranks_pending:  # never silently one rank for every layer instead
             raise ValueError(f"The per-layer ranks ({self.layer_ranks_from}) are not chosen yet.")
         return ATPConfig(
-            rank=self.rank, form=self.form, basis_source=self.basis_from, layer_ranks=self.layer_ranks or None
-        )
+            rank=self.rank, form=self.form, basis_source=self.basis_from, centre_basis=self.centre_basis,
+            layer_ranks=self.layer_ranks or None,
+        )  # fmt: skip
 
     def label(self) -> str:
         mode = "" if self.rank_mode == "past" else f", {self.rank_mode} rank"
         basis = "" if self.basis_from == "input" else f", basis from {self.basis_from}"
+        basis += ", centred" if self.centre_basis else ""
         basis += "" if self.basis_update == "recompute" else f", {self.basis_update}"
         basis += f", {describe_window(self.window, self.sinks)}" if self.window else ""
         rank = f"{self.rank:g}L" if isinstance(self.rank, float) else str(self.rank)

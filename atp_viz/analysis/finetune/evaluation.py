@@ -54,9 +54,11 @@ def _cache_path(cfg: TuneConfig, setting: str, n_items: int) -> Path | None:
         key.update(window=cfg.window, sinks=cfg.sinks, basis_update=cfg.basis_update)
     if cfg.layer_ranks:  # likewise: the untuned row runs the run's own per-layer ranks
         key.update(layer_ranks=list(cfg.layer_ranks))
+    if cfg.centre_basis:  # likewise
+        key.update(centre_basis=True)
     if setting == "dense":
         key.update(rank=None, form=None, rank_mode=None, basis_from=None)
-        for k in ("window", "sinks", "basis_update", "layer_ranks"):
+        for k in ("window", "sinks", "basis_update", "layer_ranks", "centre_basis"):
             key.pop(k, None)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "eval" / f"{cfg.model}-{setting}-{digest}.npz"
@@ -202,6 +204,7 @@ def evaluate(
         rows, note = _encoder_rows(reference, tuned, cfg, progress, cache=cache)
     return {
         "rank": cfg.rank, "form": cfg.form, "rank_mode": cfg.rank_mode, "basis_from": cfg.basis_from,
+        **({"centre_basis": True} if cfg.centre_basis else {}),
         **({"layer_ranks": list(cfg.layer_ranks)} if cfg.layer_ranks else {}),
         "trained_with": cfg.attention, "what": note + _control_note(cfg), "rows": rows,
         "protocol": "atp_viz.analysis.protocol (held-out modules: atp_viz.text.corpus.HELDOUT_MODULES)",

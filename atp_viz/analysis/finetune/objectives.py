@@ -98,7 +98,7 @@ def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def decoder_losses(
     loaded: LoadedModel, ids: torch.Tensor, rank, form: str, chunk: int, rank_mode: str = "past", params=None,
     with_logits: bool = False, basis_from: str = "input", basis_update: str = "recompute", keep=None,
-    layer_ranks=None,
+    layer_ranks=None, centre_basis: bool = False,
 ):  # fmt: skip
     """The decoder objective: per-position next-token losses ``[L - chunk - 1]`` of the predictions
     made at positions chunk .. L-2 (entry j: the logits at position chunk + j, which attend to the
@@ -121,6 +121,7 @@ def decoder_losses(
         basis_update=basis_update,
         keep=keep,
         layer_ranks=layer_ranks,
+        centre_basis=centre_basis,
     )  # (L, V)
     target = ids[0, chunk + 1 :].to(logits.device)
     pred = logits[chunk:-1]  # logits at i predict token i + 1; i >= chunk has a compressed past
