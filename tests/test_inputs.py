@@ -8,7 +8,7 @@ import pytest
 
 from atp_viz.hf.model_info import ModelLoadError
 from atp_viz.hf.models import load_model
-from atp_viz.text.inputs import MAX_UPLOAD_BYTES, TextError, decode_upload, samples, tokenize
+from atp_viz.text.inputs import MAX_UPLOAD_BYTES, TextError, decode_upload, readable_tokens, samples, tokenize
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t  ", None])
@@ -110,3 +110,15 @@ def test_local_folder_roundtrip(load, tmp_path):
     loaded = load_model(str(tmp_path), device="cpu")
     assert loaded.info.is_decoder and loaded.info.n_kv_heads == 2
     assert loaded.info.source.startswith("local folder")
+
+
+def test_byte_level_tokens_show_as_text_not_as_their_byte_stand_ins(load):
+    tok = tokenize(load("smollm2").tokenizer, "Café — über\nx", 100)
+    shown = readable_tokens(tok.tokens)
+    assert "é" in shown and " —" in shown and "\\n" in shown  # not 'Ã©', 'ĠâĢĶ', 'Ċ'
+    assert not any(ch in "".join(shown) for ch in "ÃâĠĊ")
+    assert " \\xc3" in shown and "\\xbc" in shown  # ü split over two tokens: its bytes, escaped
+    bert = tokenize(
+        load("minilm").tokenizer, "Café — über", 100
+    ).tokens  # WordPiece: as the vocabulary has it
+    assert bert[0] == "[CLS]" and "cafe" in bert

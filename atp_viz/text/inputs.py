@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def tokenize(tokenizer, text: str, max_tokens: int, *, min_tokens: int = 2) -> T
             "needed for a spectrum "
             "(a single token is a rank-1 matrix by definition). Type a longer text."
         )
-    tokens = tuple(tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+    tokens = token_texts(tokenizer, ids[0].tolist())
     return Tokenized(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -130,10 +131,38 @@ def tokenize(tokenizer, text: str, max_tokens: int, *, min_tokens: int = 2) -> T
     )
 
 
+def token_texts(tokenizer, ids: list[int]) -> tuple[str, ...]:
+    """Each token's own text. A byte-level BPE vocabulary (GPT-2, SmolLM2: "Ġ" for a space, "Ã©" for é)
+    writes every byte as a printable stand-in; its tokens are turned back into their bytes and read as
+    UTF-8, so "Ã©" shows as é. A character whose bytes are split over two tokens (ü as "Ã" + "¼") cannot be
+    shown by either alone: those bytes show as escapes (\\xc3, \\xbc), never as other letters. Other
+    vocabularies (WordPiece, SentencePiece) are their tokens as they are."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None or "ByteLevel" not in repr(decoder):
+        return tuple(tokens)
+    to_byte = _byte_decoder()
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    return tuple(
+        t if t in special or any(ch not in to_byte for ch in t)
+        else bytes(to_byte[ch] for ch in t).decode("utf-8", errors="backslashreplace")
+        for t in tokens
+    )  # fmt: skip
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet, stand-in character -> byte (transformers' own table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
 def readable_tokens(tokens: tuple[str, ...] | list[str]) -> list[str]:
-    """Tokens as a person reads them: byte-level BPE markers turned into spaces/newlines."""
+    """Tokens as a person reads them: SentencePiece's space marker as a space, a newline as \\n (byte-level
+    tokens are already text, :func:`token_texts`)."""
     out = []
     for t in tokens:
-        t = t.replace("\u0120", " ").replace("\u010a", "\\n").replace("\u2581", " ")
+        t = t.replace("\u0120", " ").replace("\u010a", "\\n").replace("\n", "\\n").replace("\u2581", " ")
         out.append(t)
     return out
