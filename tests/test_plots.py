@@ -38,6 +38,8 @@ def test_sweep_rank_axis_spans_its_data():
     lines = [s.x0 for s in fig.layout.shapes]
     assert np.log10(84) in lines and np.log10(round(169 / 4)) in lines
     assert all(lo <= x <= hi for x in lines)
+    # only the current rank is labelled: an annotation without text is drawn as "new text" by Plotly.js
+    assert [a.text for a in fig.layout.annotations] == ["r = 84"]
 
 
 def test_fraction_vs_length_has_the_d_over_L_ceiling():

@@ -213,13 +213,16 @@ def layer_error_figure(
 
 def log_vline(fig: go.Figure, x: float, *, color: str, dash: str | None = None, label: str = "") -> None:
     """A vertical line at data value ``x`` on a log x axis. Plotly reads a shape's x on a log axis as
-    log10(x), so ``add_vline(x=r)`` would land at 10^r; this converts."""
-    fig.add_vline(x=math.log10(x), line=dict(color=color, dash=dash, width=1), annotation_text=label or None)
+    log10(x), so ``add_vline(x=r)`` would land at 10^r; this converts. No label, no annotation: plotly
+    adds one even for ``annotation_text=None``, and Plotly.js draws an empty one as "new text"."""
+    line = dict(color=color, dash=dash, width=1)
+    fig.add_vline(x=math.log10(x), line=line, **({"annotation_text": label} if label else {}))
 
 
 def log_hline(fig: go.Figure, y: float, *, color: str, dash: str | None = None, label: str = "") -> None:
     """A horizontal line at data value ``y`` on a log y axis (see :func:`log_vline`)."""
-    fig.add_hline(y=math.log10(y), line=dict(color=color, dash=dash, width=1), annotation_text=label or None)
+    line = dict(color=color, dash=dash, width=1)
+    fig.add_hline(y=math.log10(y), line=line, **({"annotation_text": label} if label else {}))
 
 
 def log_range(values: Sequence[float], pad: float = 0.05) -> list[float]:
