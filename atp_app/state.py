@@ -46,6 +46,7 @@ RANK_UNITS = {"fraction": "fraction of L", "tokens": "tokens"}  # URL word -> th
 SAMPLE = "Sample"  # the text source whose choice (a sample's name) goes into links
 OTHER = "__other__"  # the sidebar's "Other: a local folder or hub id" choice
 _MISSING = object()
+DEFAULTED = "_view_defaulted"  # the view's names that hold a default nobody chose (fit_view filled them in)
 
 
 def view() -> dict[str, str]:
@@ -62,7 +63,9 @@ def get(name: str) -> str | None:
 
 
 def put(name: str, value: Any) -> None:
-    """Set one value of the view (None removes it); the URL follows at :func:`sync_url`."""
+    """Set one value of the view (None removes it); the URL follows at :func:`sync_url`. A value set here
+    is chosen: it no longer follows the model's or text's default (:func:`fit_view`)."""
+    st.session_state.get(DEFAULTED, set()).discard(name)
     v = view()
     if value is None:
         v.pop(name, None)
@@ -148,7 +151,13 @@ def fit_view(n_tokens: int, n_layers: int, n_heads: int, is_decoder: bool) -> No
         bases=tuple(BASIS_SOURCES),
         methods=METHODS,
     )
-    fitted, problems = urlstate.fit_view(view(), shape)
+    # A default nobody chose (the middle layer, the text's default query) follows the model and the text
+    # silently; only a value from the link or the user is checked and, when it no longer fits, named.
+    defaulted = st.session_state.setdefault(DEFAULTED, set())
+    chosen = {name: value for name, value in view().items() if name not in defaulted}
+    fitted, problems = urlstate.fit_view(chosen, shape)
+    defaulted.update(name for name in fitted if name not in chosen)
+    view().clear()
     view().update(fitted)
     first = not st.session_state.get("_view_fitted")  # the values came from the link
     st.session_state["_view_fitted"] = True

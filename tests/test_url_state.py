@@ -279,6 +279,24 @@ def test_switching_to_a_model_with_fewer_heads_resets_the_map_head():
     assert at.query_params["head"] == "0" and at.query_params["model"] == "tiny-bert"
 
 
+def test_a_default_nobody_chose_follows_the_model_and_text_silently():
+    """The map layer and query token start at the model's and text's defaults; until someone picks them
+    they follow a new model or text without a "Reset to fit" notice (and come back with the model). A
+    value the user picked that no longer fits is still named."""
+    at = _explorer(model="minilm", sample=SHORT)  # MiniLM: 6 layers, default 3
+    assert at.selectbox(key="map_layer").value == 3
+    at.selectbox(key="model_choice").set_value("tiny-bert").run()  # 2 layers, default 1
+    assert not at.exception, at.exception
+    assert at.selectbox(key="map_layer").value == 1 and "Reset to fit" not in _infos(at)
+    at.selectbox(key="sample").set_value("01_one_sentence").run()  # another text: another default query
+    assert "Reset to fit" not in _infos(at)
+    at.selectbox(key="model_choice").set_value("minilm").run()
+    assert at.selectbox(key="map_layer").value == 3 and "Reset to fit" not in _infos(at)
+    at.selectbox(key="map_layer").set_value(4).run()  # chosen: checked from now on
+    at.selectbox(key="model_choice").set_value("tiny-bert").run()
+    assert at.selectbox(key="map_layer").value == 1 and "layer=4 does not exist" in _infos(at)
+
+
 # ---- one view across pages --------------------------------------------------------------------------
 
 VIEW_KEYS = (
