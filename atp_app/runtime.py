@@ -118,6 +118,6 @@ def atp_forward(model_key: str, text: str, config: ATPConfig, map_layers: tuple[
     """The ATP run of a text at one setting, recording ``map_layers``' maps: shared, so clicking a query
     token, changing the colour scale or reopening a page does not run the model again. An error (a form
     that breaks down) is raised every time, never cached."""
-    return compare.forward(
-        get_model(model_key), tokenized(model_key, text), config, map_layers=list(map_layers)
-    )
+    loaded, tok = get_model(model_key), tokenized(model_key, text)
+    with progress(f"ATP run ({config.label()}) on {tok.n_tokens:,} tokens...") as bar:
+        return compare.forward(loaded, tok, config, map_layers=list(map_layers), progress=bar)

@@ -40,6 +40,31 @@ def test_exact_form_at_full_rank_equals_dense_end_to_end(load, key, source):
         np.testing.assert_allclose(a, d, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("key", ["tiny-llama", "minilm"])
+def test_a_centred_basis_reaches_every_layer_and_is_exact_at_full_rank(load, key):
+    loaded = load(key)
+    tok = _tok(loaded)
+    dense = compare.forward(loaded, tok)
+    full = compare.forward(loaded, tok, ATPConfig(rank=1.0, basis_source="keys", centre_basis=True))
+    np.testing.assert_allclose(_final(full), _final(dense), **TOL)
+    runs = {
+        c: compare.forward(
+            loaded, tok, ATPConfig(rank=0.25, basis_source="keys", centre_basis=c), map_layers=[0]
+        )
+        for c in (False, True)
+    }
+    assert not np.allclose(_final(runs[True]), _final(runs[False]), atol=1e-4)
+    basis = runs[True].maps[0]["basis"]  # (L, r): the mean direction first
+    np.testing.assert_allclose(basis[:, 0], np.full(tok.n_tokens, tok.n_tokens**-0.5), atol=1e-6)
+
+
+def test_an_atp_run_reports_progress_layer_by_layer(load):
+    loaded = load("tiny-llama")
+    seen = []
+    compare.forward(loaded, _tok(loaded), ATPConfig(rank=0.5), progress=lambda f, m: seen.append((f, m)))
+    assert seen == [(0.5, "layer 1 of 2"), (1.0, "layer 2 of 2")]
+
+
 @pytest.mark.parametrize("key", ["tiny-bert", "tiny-qwen2", "minilm"])
 def test_lowrank_linear_layers_at_full_rank_equal_dense(load, key):
     loaded = load(key)

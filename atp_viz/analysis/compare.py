@@ -66,10 +66,14 @@ def forward(
     config: ATPConfig | None = None,
     *,
     map_layers: Sequence[int] = (),
+    progress: ProgressFn | None = None,
 ) -> Forward:
-    """Run the model once on ``tok``, densely or with ATP per ``config``."""
+    """Run the model once on ``tok``, densely or with ATP per ``config`` (``progress``: after each ATP
+    layer; an ATP run on a long text takes many times the dense run)."""
     info = loaded.info
     plan = make_plan(config, info.n_layers, map_layers=map_layers, params=_params(loaded, config))
+    if plan is not None and progress is not None:
+        plan.on_layer = lambda i: progress((i + 1) / info.n_layers, f"layer {i + 1} of {info.n_layers}")
     ids = tok.input_ids.to(loaded.device)
     mask = tok.attention_mask.to(loaded.device)
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ the rank is a fraction, so a padded batch gives per sequence what the sequence g
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +102,7 @@ class ATPPlan:
     params: dict[int, dict[str, torch.Tensor]] | None = None  # the form's per-head parameters, per layer
     ranks: list[int] = field(default_factory=list)  # r per sequence of the batch
     layer_ranks: dict[int, int] = field(default_factory=dict)  # layer -> r of the batch's first sequence
+    on_layer: Callable[[int], None] | None = None  # called after each ATP layer (a caller's progress)
 
     def applies_to(self, layer: int) -> bool:
         return self.config.layers == "all" or layer in self.config.layers
@@ -162,6 +164,8 @@ class ATPPlan:
             state.record(layer, "basis", u)
         else:
             out = res
+        if self.on_layer is not None:
+            self.on_layer(layer)
         return out.transpose(1, 2).contiguous(), None  # (B, L, H, dh)
 
 
