@@ -197,6 +197,34 @@ def test_perplexity_and_compare_read_a_tuned_decoder_as_tuned_and_say_when_not(t
     assert "tuned at r = 0.5 L (pass --rank 0.5)" in json.loads(out.read_text())["not_as_tuned"]
 
 
+def test_a_run_tuned_with_a_centred_basis_is_read_with_it(tmp_path, text_file, capsys):
+    """The centred basis is part of how a run was tuned: compare and perplexity read it so by default, say
+    so when told otherwise, and the label names it."""
+    from atp_viz.analysis.finetune import training
+    from atp_viz.analysis.finetune.config import TuneConfig
+    from atp_viz.hf.tuned import read_settings, tuned_label
+
+    enc = TuneConfig(model="tiny-bert", steps=1, centre_basis=True, eval_texts=2, batch=4)
+    run = training.train(enc, tmp_path / "enc", texts=[text_file.read_text()] * 4).out_dir
+    assert "centred" in tuned_label(read_settings(str(run)))
+    out = tmp_path / "c.json"
+    argv = ["compare", "--model", f"tuned:{run}", "--text-file", str(text_file), "--json", str(out)]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert got["config"]["centre_basis"] is True and "not_as_tuned" not in got
+    assert main([*argv, "--no-centre-basis"]) == 0
+    assert "tuned with a centred basis (pass --centre-basis)" in json.loads(out.read_text())["not_as_tuned"]
+    dec = TuneConfig(model="tiny-llama", steps=1, seq_len=48, chunk=16, eval_windows=1, centre_basis=True)
+    run = training.train(dec, tmp_path / "dec", texts=[text_file.read_text() * 6]).out_dir
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(text_file.read_text() * 6)
+    argv = ["perplexity", "--model", f"tuned:{run}", "--text-file", str(long_text), "--ranks", "4",
+            "--forms", "exact", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0 and json.loads(out.read_text())["centre_basis"] is True
+    assert main([*argv[:-4], "--forms", "linear", "--basis-update", "moments"]) == 2
+    assert "--centre-basis needs --basis-update recompute" in capsys.readouterr().err
+
+
 def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, text_file, capsys):
     spectra = ["spectra", "--model", "tiny-bert", "--text-file", str(text_file)]
     assert main([*spectra, "--json", str(tmp_path)]) == 2

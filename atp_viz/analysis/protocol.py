@@ -384,11 +384,13 @@ def perplexity_grid(
     original=None,
     basis_update: str = "recompute",
     layer_split: Callable[[float], tuple[float, ...] | None] | None = None,
+    centre_basis: bool = False,
 ) -> list[dict]:
     """Dense, then each ``(rank, form)`` setting, on the same windows and scored positions: top-1 and
     perplexity with intervals, and each setting's paired difference to dense. One row per setting.
-    ``basis_from`` and ``keep`` (sinks and a window read exactly, the middle compressed) apply to every
-    ATP setting; with ``keep``, the window alone (the middle dropped) is a row of its own after dense.
+    ``basis_from``, ``centre_basis`` and ``keep`` (sinks and a window read exactly, the middle compressed)
+    apply to every ATP setting; with ``keep``, the window alone (the middle dropped) is a row of its own
+    after dense.
 
     ``original`` (a fine-tuned model's base model): its dense scores come first as the row "original
     dense", and every row also gets its paired difference to it (``top1_minus_original_dense``,
@@ -431,6 +433,7 @@ def perplexity_grid(
             scores = score_decoder(
                 loaded, windows, rank=rank, form=form, chunk=chunk, rank_mode=rank_mode,
                 basis_from=basis_from, keep=keep, basis_update=update, progress=sub, layer_ranks=per_layer,
+                centre_basis=centre_basis,
             )  # fmt: skip
         dense = scores if rank is None else dense
         row = {"rank": "dense" if rank is None else rank, "form": "-" if rank in (None, "window") else form}

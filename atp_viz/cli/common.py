@@ -60,6 +60,23 @@ def add_basis_method(parser: argparse.ArgumentParser, default: str = "exact") ->
     parser.add_argument("--basis-method", choices=basis.METHODS, default=default, help="how U_r is computed")
 
 
+def add_centre_basis(parser: argparse.ArgumentParser, *, tuned_default: bool = False) -> None:
+    """``--centre-basis``: U_r's first column is the mean token, the rest the centred input's principal
+    directions (:func:`atp_viz.core.basis.principal_basis`). ``tuned_default``: ``--no-centre-basis`` too,
+    and None when neither is given, for the command to fill in a tuned model's own."""
+    help_ = (
+        "U_r's first column is the mean token, the rest the principal directions of the centred input (same "
+        "rank and cost; README: 'A centred basis')"
+    )
+    if tuned_default:
+        parser.add_argument(
+            "--centre-basis", action=argparse.BooleanOptionalAction, default=None,
+            help=help_ + "; default: a tuned model's own, else off",
+        )  # fmt: skip
+    else:
+        parser.add_argument("--centre-basis", action="store_true", help=help_)
+
+
 def add_exact_window(parser, *, drop_middle: bool = False, tuned_default: bool = False) -> None:
     """``--window`` and ``--sinks`` (and ``--drop-middle``): past tokens read exactly, only the rest of the
     past compressed (:class:`atp_viz.analysis.serving.ExactKeep`); read back with :func:`exact_keep`.

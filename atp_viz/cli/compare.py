@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atp_viz.cli.common import MODEL_HELP, add_basis_method, add_form, rank_arg, read_text_file, write_json
+from atp_viz.cli.common import (
+    MODEL_HELP,
+    add_basis_method,
+    add_centre_basis,
+    add_form,
+    rank_arg,
+    read_text_file,
+    write_json,
+)
 from atp_viz.hf.engine import BASIS_SOURCES
 
 
@@ -29,6 +37,7 @@ def register(sub) -> None:
         help="basis from X (input) or from K (keys); default: a tuned model's own, else input",
     )  # fmt: skip
     add_basis_method(c)
+    add_centre_basis(c, tuned_default=True)
     c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
     c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
     c.add_argument("--sweep", action="store_true", help="also sweep the rank for every form")
@@ -55,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         basis_source=args.basis,
         lowrank_linear=args.lowrank_linear,
         basis_method=args.basis_method,
+        centre_basis=args.centre_basis,
         layer_ranks=_layer_ranks(args, loaded),
     )
     dense = compare.forward(loaded, tok)
@@ -114,6 +124,7 @@ def _as_tuned_by_default(args: argparse.Namespace) -> None:
     trained = as_tuned(args.model)
     args.form = args.form or trained["form"]
     args.basis = args.basis or trained["basis_from"]
+    args.centre_basis = trained["centre_basis"] if args.centre_basis is None else args.centre_basis
     own = trained["layer_ranks"]
     typed = _typed_shares(args.layer_ranks)
     serves = typed_budget(typed, own, trained["rank"]) if typed else None
@@ -171,6 +182,13 @@ def _warn_if_not_as_tuned(args: argparse.Namespace, result: dict, config) -> Non
         note = (
             f"this model was tuned with the {trained['form']} form and the basis from {basis}; this run uses "
             f"{args.form} and the basis from {args.basis} (pass --form {trained['form']} --basis {basis})"
+        )
+    if bool(trained.get("centre_basis")) != args.centre_basis:
+        note += "; " if note else ""
+        note += (
+            "this model was tuned with a centred basis (pass --centre-basis)"
+            if trained.get("centre_basis")
+            else "this model was tuned with the plain basis (pass --no-centre-basis)"
         )
     if tuned_ranks != given:
         note += "; " if note else ""

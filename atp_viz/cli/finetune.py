@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from atp_viz.cli.common import MODEL_HELP, add_exact_window, add_form, rank_arg
+from atp_viz.cli.common import MODEL_HELP, add_centre_basis, add_exact_window, add_form, rank_arg
 from atp_viz.core.progress import stderr_progress
 from atp_viz.core.ranks import RANK_MODES
 from atp_viz.hf.engine import BASIS_SOURCES
@@ -40,11 +40,7 @@ def register(sub) -> None:
         "--basis-from", choices=list(BASIS_SOURCES), default=d.basis_from,
         help="what the basis U_r decomposes: the attention input X (the paper) or the keys",
     )  # fmt: skip
-    f.add_argument(
-        "--centre-basis", action="store_true",
-        help="U_r's first column is the mean token, the rest the principal directions of the centred input "
-        "(same rank and cost; README: 'A centred basis')",
-    )  # fmt: skip
+    add_centre_basis(f)
     f.add_argument(
         "--layer-ranks", metavar="HOW", dest="layer_ranks_how",
         help="one rank per layer with mean --rank: 'measured' (encoders: by what each layer's rank costs "

@@ -9,6 +9,7 @@ import time
 
 from atp_viz.cli.common import (
     MODEL_HELP,
+    add_centre_basis,
     add_exact_window,
     add_form,
     check_context,
@@ -55,6 +56,7 @@ def register(sub) -> None:
         help="basis source of the past: attention inputs X or the keys (default: a tuned model's own, "
         "else input)",
     )  # fmt: skip
+    add_centre_basis(pp, tuned_default=True)
     add_exact_window(pp, tuned_default=True)
     pp.add_argument(
         "--basis-update", choices=("recompute", "moments"), default=None,
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     trained = as_tuned(args.model)  # a tuned model is read as it was tuned unless told otherwise
     not_as_tuned = _as_tuned(args, trained)
     basis_update, basis_from = args.basis_update, args.basis_from
+    if args.centre_basis and basis_update == "moments":
+        raise ValueError(
+            "--centre-basis needs --basis-update recompute (running sums cannot centre their basis)"
+        )
     keep = exact_keep(args)
     if keep is not None and args.rank_mode != "past":
         raise ValueError("--window counts ranks of the middle of the past: use --rank-mode past")
@@ -110,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     base = base_model_of(args.model)  # a tuned model is also compared with the model it was tuned from
     rows = protocol.perplexity_grid(
         loaded, windows, settings, chunk=args.chunk, rank_mode=args.rank_mode, basis_from=basis_from,
-        keep=keep, basis_update=basis_update, layer_split=_layer_split(args, loaded, basis_from, trained),
-        progress=stderr_progress(), original=load_model(base) if base else None,
+        centre_basis=args.centre_basis, keep=keep, basis_update=basis_update,
+        layer_split=_layer_split(args, loaded, basis_from, trained), progress=stderr_progress(),
+        original=load_model(base) if base else None,
     )  # fmt: skip
     for row in protocol.grid_table(rows):
         print("  ".join(f"{k}: {v}" for k, v in row.items()), file=sys.stderr)
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             "chunk": args.chunk,
             "rank_mode": args.rank_mode,
             "basis_from": basis_from,
+            "centre_basis": args.centre_basis,
             "exact_sinks": args.sinks,
             "exact_window": args.window,
             "basis_update": basis_update,
@@ -154,7 +162,7 @@ def _as_tuned(args: argparse.Namespace, trained: dict) -> str:
     if args.sinks is None:  # the run's sinks, unless this run reads no window
         args.sinks = trained["sinks"] if args.window != 0 else 0
     fallback = {"seq_len": 512, "chunk": 128, "rank_mode": "past", "window": 0, "basis_update": "recompute",
-                "basis_from": "input"}  # fmt: skip
+                "basis_from": "input", "centre_basis": False}  # fmt: skip
     tuned = trained["rank"] is not None and trained["attention"] != "dense"  # a control tuned no ATP setting
     differs = []
     for name, default in fallback.items():

@@ -100,14 +100,16 @@ def settings_of(key: str) -> dict:
 
 def as_tuned(key: str) -> dict:
     """How a tuned model was tuned, as the defaults every command and page reads it with (one place, so
-    that they agree): {"form", "basis_from", "rank", "rank_mode", "seq_len", "chunk", "sinks", "window",
-    "basis_update", "layer_ranks", "attention"}. ``rank`` is None for any other model, which gets the usual
-    defaults (the default form, "input" basis, zeros, "recompute", no per-layer shares, "atp"); a setting an
-    older run did not record is None. ``attention`` "dense": a control, which trained no ATP setting."""
+    that they agree): {"form", "basis_from", "centre_basis", "rank", "rank_mode", "seq_len", "chunk",
+    "sinks", "window", "basis_update", "layer_ranks", "attention"}. ``rank`` is None for any other model,
+    which gets the usual defaults (the default form, "input" basis, plain, zeros, "recompute", no per-layer
+    shares, "atp"); a setting an older run did not record is None. ``attention`` "dense": a control, which
+    trained no ATP setting."""
     s = settings_of(key)
     return {
         "form": s.get("form", forms.DEFAULT),
         "basis_from": s.get("basis_from", "input"),
+        "centre_basis": bool(s.get("centre_basis", False)),
         "rank": s.get("rank"),
         "rank_mode": s.get("rank_mode"),
         "seq_len": s.get("seq_len"),
@@ -135,6 +137,7 @@ def trained_setting(s: dict) -> str:
 def tuned_label(meta: dict) -> str:
     s = meta["settings"]
     basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"
+    basis += ", centred" if s.get("centre_basis") else ""
     if s.get("window"):  # trained behind an exact window: the rank counts the middle's principal keys
         basis += f", {describe_window(s['window'], s.get('sinks', 0))}, {s.get('basis_update', 'recompute')}"
     if s.get("attention", "atp") == "dense":
