@@ -1,4 +1,5 @@
-"""One view state for the whole app: model, text choice, rank, form, the basis (its source and method),
+"""One view state for the whole app: model, text choice, rank, form, the basis (its source, method and
+centring),
 the ranks per layer, the layers that run ATP and whether the linear layers' inputs are low-rank, layer,
 head, query token, the maps' colour scale and sink switch, and presenter mode. It persists across pages
 within a session and sits in the URL of every page, so a link to any page reproduces the view. Typed or
@@ -39,8 +40,8 @@ from atp_viz.hf.engine import BASIS_SOURCES
 
 VIEW = "_view"
 URL_PARAMS = (
-    "model", "sample", "rank", "form", "basis", "method", "split", "layers", "lowrank", "layer", "head",
-    "query", "scale", "sinks", "present",
+    "model", "sample", "rank", "form", "basis", "method", "centre", "split", "layers", "lowrank", "layer",
+    "head", "query", "scale", "sinks", "present",
 )  # fmt: skip
 RANK_UNITS = {"fraction": "fraction of L", "tokens": "tokens"}  # URL word -> the explorer's radio option
 SAMPLE = "Sample"  # the text source whose choice (a sample's name) goes into links

@@ -126,6 +126,12 @@ def _controls() -> ATPConfig | None:
         "Basis from", tuple(BASIS_SOURCES), horizontal=True, format_func=BASIS_SOURCES.get,
         **state.bind("basis_source", "basis", state.get("basis")),
     )  # fmt: skip
+    centre = d2.checkbox(
+        "Centred basis",
+        help="The mean token as U_r's first column, the top r - 1 directions of the centred input after it: "
+        "same rank and cost, and the mean key and value are rebuilt exactly (README: 'A centred basis').",
+        **state.bind("centre_basis", "centre", state.get("centre") == "1", lambda on: "1" if on else "0"),
+    )
     method = d4.selectbox(
         "Basis computed by",
         METHODS,
@@ -154,6 +160,7 @@ def _controls() -> ATPConfig | None:
             basis_source=source,
             lowrank_linear=lowrank,
             basis_method=method,
+            centre_basis=centre,
             layer_ranks=split.shares,
         )
     except (ValueError, TypeError) as err:
@@ -181,7 +188,8 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
     basis = trained.get("basis_from", "input")
     st.markdown(
         f"**Before / after fine-tuning** (this model was tuned at {tuned.trained_setting(trained)}, "
-        f"{trained['form']} form, basis from {BASIS_SOURCES.get(basis, basis)}; the current setting is "
+        f"{trained['form']} form, {'centred ' if trained.get('centre_basis') else ''}basis from "
+        f"{BASIS_SOURCES.get(basis, basis)}; the current setting is "
         f"{config.label()}). Every row is measured against the *original* model's dense run on this text."
     )
     if trained.get("window"):
@@ -198,7 +206,11 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
             f"was trained for (`python -m atp_viz compare --rank {mean} --layer-ranks {shares}` on the "
             "command line)."
         )
-    elif basis != config.basis_source or trained["form"] != config.form:
+    elif (
+        basis != config.basis_source
+        or trained["form"] != config.form
+        or bool(trained.get("centre_basis")) != config.centre_basis
+    ):
         st.info(
             "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
             "setting it never trained for: pick the tuned ones above to see what training did."

@@ -157,6 +157,12 @@ def test_a_link_names_the_layers_that_run_atp_and_the_low_rank_inputs():
     assert _metric_values(again) == _metric_values(at)
     at.checkbox(key="lowrank_linear").check().run()
     assert at.query_params["lowrank"] == "1" and _metric_values(at) != _metric_values(again)
+    plain = _metric_values(at)
+    at.checkbox(key="centre_basis").check().run()  # the centred basis: another number, in the link
+    assert at.query_params["centre"] == "1" and not at.exception, at.exception
+    assert _metric_values(at) != plain
+    centred = _explorer(**{k: at.query_params[k] for k in VIEW_KEYS})
+    assert centred.checkbox(key="centre_basis").value and _metric_values(centred) == _metric_values(at)
     at.text_input(key="atp_layers").input("0-99").run()
     assert not at.exception, at.exception
     assert "layers='0-99': Layers 2-99 do not exist" in _infos(at)  # a range, not 98 numbers
@@ -300,8 +306,8 @@ def test_a_default_nobody_chose_follows_the_model_and_text_silently():
 # ---- one view across pages --------------------------------------------------------------------------
 
 VIEW_KEYS = (
-    "model", "sample", "rank", "form", "basis", "method", "split", "layers", "lowrank", "layer", "head",
-    "query", "scale", "sinks",
+    "model", "sample", "rank", "form", "basis", "method", "centre", "split", "layers", "lowrank", "layer",
+    "head", "query", "scale", "sinks",
 )  # fmt: skip
 SHAPE = urlstate.ViewShape(
     n_tokens=20,
@@ -329,6 +335,7 @@ def test_fit_view_fills_defaults_and_names_bad_values():
         "split": "one",
         "layers": "all",
         "lowrank": "0",
+        "centre": "0",
         "layer": "3",
         "head": "0",
         "query": "10",
@@ -338,7 +345,7 @@ def test_fit_view_fills_defaults_and_names_bad_values():
     text = " ".join(problems)
     assert "rank=0.33" in text and "query=25 does not exist" in text and "scale='cubic'" in text
     good = {"rank": "7", "form": "linear", "layer": "5", "head": "3", "query": "19", "scale": "linear"}
-    good.update(basis="keys", method="randomized", split="spectrum", layers="0-2,5", lowrank="1")
+    good.update(basis="keys", method="randomized", split="spectrum", layers="0-2,5", lowrank="1", centre="1")
     view, problems = urlstate.fit_view({**good, "sinks": "hide"}, SHAPE)
     assert view == {**good, "sinks": "hide"} and not problems
     view, _ = urlstate.fit_view({"rank": "0.3"}, SHAPE)

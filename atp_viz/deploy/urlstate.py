@@ -1,7 +1,7 @@
 """The view in the URL: parsing and formatting the query parameters a shared link carries.
 
 ``?model=minilm&sample=04_attention_explainer&rank=0.25&form=exact&basis=input&method=exact&split=one
-&layers=all&lowrank=0&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter
+&centre=0&layers=all&lowrank=0&layer=3&head=5&query=84&scale=log&sinks=show`` (and ``present=1`` for presenter
 mode). Every parser raises :class:`ValueError` with a sentence for the user when a value cannot be used
 (the app then shows it and falls back to the default); the pages only read and write ``st.query_params``.
 """
@@ -86,6 +86,7 @@ def looks_like_model_id(raw: str) -> bool:
 DEFAULT_RANK = "0.50"
 SINKS = ("show", "hide")  # the maps' attention-sink columns: drawn, or left out
 LOWRANK = ("0", "1")  # the linear layers' inputs: as they are, or projected onto U_r (the paper's claim 3)
+CENTRE = ("0", "1")  # the basis: plain, or centred (the mean token first; core.basis.principal_basis)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class ViewShape:
 
 
 def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str], list[str]]:
-    """``view`` (the URL's strings: rank, form, basis, method, split, layers (which run ATP), lowrank,
+    """``view`` (the URL's strings: rank, form, basis, method, centre, split, layers (which run ATP), lowrank,
     layer (the one shown), head, query, scale, sinks, and others passed through) with every value that
     does not fit ``shape`` replaced by its default, with a sentence per replaced value saying why, and
     missing values filled in, so that a link names the whole view."""
@@ -119,6 +120,7 @@ def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str],
         "split": (lambda raw: parse_choice(raw, SPLITS, "split"), SPLITS[0]),
         "layers": (lambda raw: parse_layers(raw, shape.n_layers), "all"),
         "lowrank": (lambda raw: parse_choice(raw, LOWRANK, "lowrank"), LOWRANK[0]),
+        "centre": (lambda raw: parse_choice(raw, CENTRE, "centre"), CENTRE[0]),
         "layer": (
             lambda raw: str(parse_index(raw, shape.n_layers, "layer", "this model's layer list")),
             str(shape.default_layer),
