@@ -50,8 +50,8 @@ skip_first = c2.checkbox(
     "hold most of the energy and make a matrix look rank 1.",
 )
 log = c3.checkbox("Log scale", value=True, key="log_scale")
-if skip_first and cap.n_tokens < 3:
-    st.warning("Leaving out the first token needs at least 3 tokens; showing all tokens.")
+if skip_first and spectra.skip_first_refusal(cap.n_tokens):
+    st.warning(spectra.skip_first_refusal(cap.n_tokens) + " Showing all tokens.")
     skip_first = False
 
 

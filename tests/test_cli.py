@@ -90,6 +90,13 @@ def test_spectra_json(tmp_path, text_file):
     assert json.loads(out.read_text())["n_tokens_analysed"] == d["n_tokens"] - 1
 
 
+def test_spectra_refuses_to_leave_out_the_first_of_two_tokens(tmp_path, capsys):
+    two = tmp_path / "two.txt"
+    two.write_text("Hi there")  # two SmolLM2 tokens: one left, a rank-1 matrix by definition
+    assert main(["spectra", "--model", "smollm2", "--text-file", str(two), "--skip-first"]) == 2
+    assert "needs at least 3 tokens; the text has 2" in capsys.readouterr().err
+
+
 def test_verbose_is_read_before_or_after_the_command():
     from atp_viz.cli import build_parser
 

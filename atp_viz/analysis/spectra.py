@@ -67,6 +67,14 @@ class Spectrum:
         return self.rank_for(threshold) / self.n_rows
 
 
+def skip_first_refusal(n_tokens: int) -> str | None:
+    """Why the first token cannot be left out of a text of ``n_tokens`` (None: it can). Two tokens would
+    leave one, a rank-1 matrix by definition: no spectrum to read."""
+    if n_tokens >= 3:
+        return None
+    return f"Leaving out the first token needs at least 3 tokens; the text has {n_tokens}."
+
+
 def singular_values(
     x: np.ndarray | torch.Tensor, *, centered: bool = False, skip_first: bool = False
 ) -> np.ndarray:

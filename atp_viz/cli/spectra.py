@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     t_load = time.perf_counter() - t0
     cap = capture(loaded, text, attentions="none")
+    if args.skip_first and spectra.skip_first_refusal(cap.n_tokens):
+        raise ValueError(spectra.skip_first_refusal(cap.n_tokens))
     sps = spectra.layer_spectra(
         [layer.x for layer in cap.layers], centered=args.centered, skip_first=args.skip_first
     )
