@@ -99,16 +99,30 @@ def test_report_without_chromium_says_so(load, tmp_path, monkeypatch):
     }
 
 
+def test_a_report_into_a_used_folder_leaves_nothing_of_the_earlier_one(load, tmp_path, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium-here"))  # this report writes no PNG
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    for name in ("capture.npz", "figures/map_dense.png", "my_notes.txt"):
+        (out / name).write_text("from an earlier report, or the user's")
+    make_report(load("tiny-bert"), TEXT, out, ReportSettings(ranks=(2,)))
+    assert not (out / "capture.npz").exists() and not (out / "figures" / "map_dense.png").exists()
+    assert (out / "my_notes.txt").exists()  # not a report's file: left alone
+    page = (out / "report.html").read_text()
+    assert "its 2 files were removed first (capture.npz, figures/map_dense.png)" in page
+
+
 def test_report_cli(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     out = tmp_path / "out"
     rc = main(
         ["report", "--model", "tiny-llama", "--text-file", str(text), "--out", str(out), "--ranks", "1,3"]
-        + ["--no-png"]
+        + ["--no-png", "--map-rank", "5000"]
     )
     err = capsys.readouterr().err
     assert rc == 0, err
+    assert "note: " in err and "5000" in err  # the clamped map rank is said on the terminal as well
     assert "report: loading tiny-llama" in err and "report: done" in err and "sweep r = 3" in err
     assert "PNG files were not asked for" in (out / "report.html").read_text()
     assert [r["rank"] for r in json.loads((out / "sweep.json").read_text())] == [1, 3]

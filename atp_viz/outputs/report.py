@@ -210,6 +210,21 @@ def _write_pngs(sections: list[Section], settings: ReportSettings, write) -> str
     return None
 
 
+OWN_FILES = ("report.html", "spectra.npz", "sweep.csv", "sweep.json", "capture.npz")
+
+
+def _clear_earlier_report(out: Path) -> list[str]:
+    """Remove what an earlier report left in ``out`` (its own file names and ``figures/*.png``; nothing
+    else), so that no file from another model or text sits next to this one. Returns what was removed."""
+    old = [out / name for name in OWN_FILES] + sorted((out / "figures").glob("*.png"))
+    removed = []
+    for path in old:
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+    return removed
+
+
 def make_report(
     loaded: LoadedModel,
     text: str,
@@ -234,6 +249,8 @@ def make_report(
     if notice:
         report.notes.append(notice)
     report.notes[:0] = list(cap.notes)
+    for note in report.notes:  # on the terminal too, not only inside report.html
+        say(0.05, f"note: {note}")
 
     say(0.1, f"spectra of {info.n_layers} layers (L = {L})")
     sps = spectra.layer_spectra([lc.x for lc in cap.layers])
@@ -257,6 +274,14 @@ def make_report(
     say(0.85, f"attention maps, layer {layer}, head {settings.map_head}, r = {map_r}, {settings.form} form")
     sections += _map_sections(loaded, tok, cap, settings, layer, map_r)
     out.mkdir(parents=True, exist_ok=True)
+    stale = _clear_earlier_report(out)
+    if stale:
+        report.notes.append(
+            f"This folder held an earlier report; its {len(stale)} files were removed first ("
+            + ", ".join(stale)
+            + "), so every file here is this report's."
+        )
+        say(0.86, report.notes[-1])
 
     def write(name: str, data: bytes) -> None:
         path = out / name
