@@ -72,7 +72,8 @@ if sinks[worst] > 10:
     st.warning(
         f"**Attention sink.** In the residual stream the first token's row is up to {sinks[worst]:.0f}x the "
         f"median token's (layers {format_layers(tuple(sink_layers))}). There that one row holds most of the "
-        f"energy: those layers need only {_span(min(resid_r90), max(resid_r90))} components for 90% of it, a "
+        f"energy: those layers need only {_span(min(resid_r90), max(resid_r90))} "
+        f"component{'' if max(resid_r90) == 1 else 's'} for 90% of it, a "
         "'rank 1' that says nothing about the other tokens. Tick *Leave out the first token* to see them. "
         + (
             "The layer's input norm rescales every token before Q/K/V, so the attention input X (what ATP "

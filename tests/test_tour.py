@@ -251,6 +251,16 @@ def test_decoder_explanation_names_the_mask(captures):
     assert "causal mask M" in text and "tokens 1 to i" in text
 
 
+def test_explanations_count_in_good_english_at_rank_one_and_full_rank(captures):
+    cap = captures("tiny-bert")
+    L = cap.n_tokens
+    text = {r: " ".join(s.explain(tdata.tour_data(cap, 1, 0, r)) for s in steps.STEPS) for r in (1, L - 1, L)}
+    assert "gives 1 principal key and" in text[1] and "X' has 1 row instead of" in text[1]
+    assert "1 principal keys" not in text[1] and "1 rows" not in text[1]
+    assert f"X' has {L - 1} rows instead of {L}" in text[L - 1]
+    assert f"X' has {L} rows, as many as X" in text[L] and f"{L} rows instead of {L}" not in text[L]
+
+
 def test_maps_of_one_object_never_block_another(captures, monkeypatch):
     """Each TourData has its own lock (functools.cached_property's lock is shared by every instance on
     Python < 3.12: one session's long maps would block every other session's tour)."""

@@ -121,7 +121,7 @@ STEPS: tuple[Step, ...] = (
         "Principal tokens",
         "Instead of the {L} real tokens, ATP works with r = {r} **principal tokens**. Each principal token "
         "is a weighted mix of all real tokens (right: one column of weights U_r per principal token), and "
-        "together they summarise X (left: X' has {r} rows instead of {L}). They come out ordered: the "
+        "together they summarise X (left: X' has {rows}{instead}). They come out ordered: the "
         "first principal tokens carry the most energy, so the rows of X' fade from top to bottom. Mixing "
         "them back with the same weights, U_r X', gives the best possible rank-r copy of X.",
         r"X' = U_r^\top X = S_r V_r^\top \in \mathbb{R}^{r \times d},\qquad X \approx U_r X'",
@@ -131,8 +131,8 @@ STEPS: tuple[Step, ...] = (
         "principal_kv",
         "Principal keys and values",
         "Attention compares each query with the **keys** and averages the **values**. ATP mixes keys and "
-        "values with the same weights as the tokens: K' = U_r^T K gives {r} principal keys and V' = "
-        "U_r^T V gives {r} principal values, each with {dh} numbers (one attention head). Shown: key/value "
+        "values with the same weights as the tokens: K' = U_r^T K gives {keys} and V' = "
+        "U_r^T V gives {values}, each with {dh} numbers (one attention head). Shown: key/value "
         "head {kv_head} of layer {layer}. {rope_note} {gqa_note}",
         r"K' = U_r^\top K,\qquad V' = U_r^\top V \;\in\; \mathbb{R}^{r \times d_h}",
         principal_kv_figure,
@@ -141,7 +141,7 @@ STEPS: tuple[Step, ...] = (
         "attention",
         "Attention over r principal keys vs L tokens",
         "Dense attention lets each of the {L} queries look at all {L} keys: an L x L map (left). ATP's "
-        "**linear form**, the paper's, lets each query look at only {r} principal keys: an L x r map, so "
+        "**linear form**, the paper's, lets each query look at only {keys}: an L x r map, so "
         "the work grows like L times r instead of L squared. It gets there by replacing the softmax's "
         "exp(s) with 1 + s. The **exact form** is a reference: the ordinary softmax, on keys rebuilt from "
         "the r principal keys; its error is the cost of dropping components alone. The forms shown: "
