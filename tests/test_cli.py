@@ -116,6 +116,8 @@ def test_bad_inputs_exit_2(tmp_path, text_file, capsys):
     assert "do not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--rank", "half"])
+    assert main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--new-tokens", "5"]) == 0
+    assert "--new-tokens is for decoders" in capsys.readouterr().err  # read, and said to do nothing
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])

@@ -16,6 +16,8 @@ from atp_viz.cli.common import (
 )
 from atp_viz.hf.engine import BASIS_SOURCES
 
+NEW_TOKENS = 32
+
 
 def register(sub) -> None:
     c = sub.add_parser("compare", help="ATP vs dense on one text at one rank")
@@ -39,7 +41,9 @@ def register(sub) -> None:
     add_basis_method(c)
     add_centre_basis(c, tuned_default=True)
     c.add_argument("--lowrank-linear", action="store_true", help="low-rank inputs for the linear layers too")
-    c.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (decoders)")
+    c.add_argument(
+        "--new-tokens", type=int, default=NEW_TOKENS, help="greedy continuation length (decoders; 0: none)"
+    )
     c.add_argument("--sweep", action="store_true", help="also sweep the rank for every form")
     c.add_argument("--json", help="write the result here (default: stdout)")
     c.set_defaults(func=run)
@@ -56,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.text_file)
     _as_tuned_by_default(args)
     loaded = load_model(args.model)
+    if not loaded.info.is_decoder and args.new_tokens != NEW_TOKENS:
+        print(
+            "note: --new-tokens is for decoders (a greedy continuation); an encoder has none.",
+            file=sys.stderr,
+        )
+    if args.new_tokens < 0:
+        raise ValueError(f"--new-tokens must be 0 (no continuation) or more, got {args.new_tokens}")
     tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
     config = ATPConfig(
         rank=args.rank,
