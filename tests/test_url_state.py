@@ -41,6 +41,10 @@ def _infos(at: AppTest) -> str:
         ("1.00", ("fraction", 1.0)),
         ("0.05", ("fraction", 0.05)),
         ("7", ("tokens", 7)),
+        # a share the command line takes but the slider does not: this text's r, as compare --rank gives
+        ("0.33", ("tokens", 7)),
+        ("L/8", ("tokens", 3)),
+        ("0.01", ("tokens", 1)),
     ],
 )
 def test_parse_rank(raw, expected):
@@ -50,8 +54,7 @@ def test_parse_rank(raw, expected):
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        ("0.33", "steps of 0.05"),
-        ("1.5", "between 0.05 and 1"),
+        ("1.5", "not a share of L between 0 and 1"),
         ("0", "out of range"),
         ("21", "out of range"),
         ("abc", "neither"),
@@ -212,11 +215,20 @@ def test_changing_widgets_writes_the_url():
     assert again.selectbox(key="map_head").value == 2
 
 
+def test_a_link_with_a_share_off_the_sliders_steps_opens_that_rank_in_tokens():
+    at = _explorer(model="tiny-bert", sample=SHORT, rank="L/8")
+    assert not at.exception, at.exception
+    assert "defaults used" not in _infos(at)
+    assert at.radio(key="rank_unit").value == "tokens" and at.query_params["rank"].isdigit()
+    n_tokens = int(at.slider(key="rank_tokens").max)
+    assert at.slider(key="rank_tokens").value == resolve_rank(0.125, n_tokens)[0]
+
+
 def test_invalid_link_values_fall_back_with_a_message():
-    at = _explorer(model="tiny-bert", sample=SHORT, rank="0.33", form="cubic", layer="9", head="-1")
+    at = _explorer(model="tiny-bert", sample=SHORT, rank="1.5", form="cubic", layer="9", head="-1")
     assert not at.exception, at.exception
     info = _infos(at)
-    for part in ("rank=0.33", "form='cubic'", "layer=9 does not exist", "head=-1 does not exist"):
+    for part in ("rank=1.5", "form='cubic'", "layer=9 does not exist", "head=-1 does not exist"):
         assert part in info, info
     assert info.startswith("The link's values that do not fit: defaults used instead of")
     assert at.slider(key="rank_frac").value == 0.5
@@ -325,7 +337,7 @@ SHAPE = urlstate.ViewShape(
 
 
 def test_fit_view_fills_defaults_and_names_bad_values():
-    view, problems = urlstate.fit_view({"model": "m", "rank": "0.33", "query": "25", "scale": "cubic"}, SHAPE)
+    view, problems = urlstate.fit_view({"model": "m", "rank": "1.5", "query": "25", "scale": "cubic"}, SHAPE)
     assert view == {
         "model": "m",
         "rank": "0.50",
@@ -343,7 +355,7 @@ def test_fit_view_fills_defaults_and_names_bad_values():
         "sinks": "show",
     }
     text = " ".join(problems)
-    assert "rank=0.33" in text and "query=25 does not exist" in text and "scale='cubic'" in text
+    assert "rank=1.5" in text and "query=25 does not exist" in text and "scale='cubic'" in text
     good = {"rank": "7", "form": "linear", "layer": "5", "head": "3", "query": "19", "scale": "linear"}
     good.update(basis="keys", method="randomized", split="spectrum", layers="0-2,5", lowrank="1", centre="1")
     view, problems = urlstate.fit_view({**good, "sinks": "hide"}, SHAPE)

@@ -33,7 +33,9 @@ def format_rank(unit: str, value: float | int) -> str:
 def parse_rank(raw: str, n_tokens: int) -> tuple[str, float | int]:
     """``("fraction", f)`` for "0.25" (a multiple of 0.05 in [0.05, 1], the slider's values) or
     ``("tokens", r)`` for "83" (1 <= r <= the text's tokens). Read by the project's one rank parser
-    (:func:`atp_viz.core.ranks.parse_rank`), then checked against what the explorer's widgets offer."""
+    (:func:`atp_viz.core.ranks.parse_rank`), then checked against what the explorer's widgets offer. Any
+    other share of L the command line takes ("L/8", "0.333") is this text's r in tokens, as ATP resolves
+    it, so a link gives the numbers ``compare --rank`` gives."""
     raw = raw.strip()
     try:
         value = ranks.parse_rank(raw, check=False)
@@ -41,8 +43,10 @@ def parse_rank(raw: str, n_tokens: int) -> tuple[str, float | int]:
         raise _not_a_rank(raw) from None
     if isinstance(value, float):
         steps = round(value / FRACTION_STEP)
-        if not (FRACTION_STEP - 1e-9 <= value <= 1 + 1e-9) or abs(steps * FRACTION_STEP - value) > 1e-6:
-            raise ValueError(f"rank={raw} is not a fraction of L between 0.05 and 1 in steps of 0.05.")
+        if not 0 < value <= 1 + 1e-9:
+            raise ValueError(f"rank={raw} is not a share of L between 0 and 1.")
+        if value < FRACTION_STEP - 1e-9 or abs(steps * FRACTION_STEP - value) > 1e-6:
+            return "tokens", ranks.resolve_rank(value, n_tokens)[0]  # off the slider's steps: in tokens
         return "fraction", round(steps * FRACTION_STEP, 2)
     if not 1 <= value <= n_tokens:
         raise ValueError(f"rank={value} is out of range: this text has {n_tokens} tokens (r from 1 to L).")
