@@ -57,6 +57,16 @@ if not presenter:
     )
 layer, head = state.index("layer"), state.index("head")
 rank = state.rank_tokens(L)
+# What the explorer's view sets and the tour does not show: said, not silently dropped.
+_differs = []
+if state.get("split") not in (None, "one"):
+    _differs.append(
+        f"its own rank in each layer ({state.get('split')}); the tour keeps r = {rank} in every layer"
+    )
+if state.get("basis") not in (None, "input") or state.get("centre") == "1":
+    _differs.append("a basis from the keys or centred; the tour decomposes X itself, as the paper does")
+if _differs and not presenter:
+    st.caption("The explorer's view has " + " and ".join(_differs) + ".")
 
 
 def _go(delta: int) -> None:

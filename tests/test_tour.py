@@ -468,6 +468,22 @@ def test_tour_page_on_a_tiny_decoder():
     assert any("grouped-query" in m.value for m in at.markdown)
 
 
+def test_tour_says_which_of_the_explorers_settings_it_does_not_show():
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in {"model": "tiny-bert", "split": "spectrum", "basis": "keys", "centre": "1"}.items():
+        at.query_params[k] = v
+    at.switch_page("pages/tour.py")
+    at.run()
+    assert not at.exception, at.exception
+    said = " ".join(c.value for c in at.caption)
+    assert "its own rank in each layer (spectrum)" in said and "the tour decomposes X itself" in said
+    plain = AppTest.from_file(APP, default_timeout=120)
+    plain.query_params["model"] = "tiny-bert"
+    plain.switch_page("pages/tour.py")
+    plain.run()
+    assert "The explorer's view has" not in " ".join(c.value for c in plain.caption)
+
+
 def test_tour_page_uses_the_deployment_map_limit(monkeypatch, tmp_path):
     cfg = tmp_path / "atp_viz.toml"
     cfg.write_text("server_mode = false\nmax_map_tokens = 16\n")
