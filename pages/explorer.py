@@ -258,7 +258,11 @@ def _metrics(
     with e1:
         widgets.figure_downloads(fig, "explorer_layer_error")
     with e2:
-        widgets.table_downloads(export.metric_rows(cmp.as_dict(loaded.tokenizer)), "explorer_metrics")
+        # what the numbers are of: a file saved next to others must say its model, text and setting
+        what = {"model": sel.model_key, "text": sel.text_label, "setting": config.label()}
+        widgets.table_downloads(
+            export.metric_rows({**what, **cmp.as_dict(loaded.tokenizer)}), "explorer_metrics"
+        )
     if info.is_decoder:
         st.caption(
             "Decoder: errors are measured at the last token only. Under ATP every earlier position's state "
@@ -297,8 +301,12 @@ def _decoder_outputs(cmp: compare.Comparison, config: ATPConfig) -> None:
     )
 
 
-def _map(column, matrix, name: str, title: str, *, principal: bool = False, sinks=()) -> None:
-    """One map, block-averaged above the deployment's display size, on the view's colour scale."""
+def _map(
+    column, matrix, name: str, title: str, *, principal: bool = False, sinks=(), setting: str = ""
+) -> None:
+    """One map, block-averaged above the deployment's display size, on the view's colour scale. Its file
+    name says the model, layer and head, and ``setting`` (an ATP map's form and rank), so downloads of
+    several settings do not overwrite each other."""
     fig = maps_fig.token_map(
         matrix,
         READABLE,
@@ -312,7 +320,8 @@ def _map(column, matrix, name: str, title: str, *, principal: bool = False, sink
     )
     with column:
         widgets.chart(fig, key=name)
-        widgets.figure_downloads(fig, f"{name}_L{state.get('layer')}_H{state.get('head')}")
+        model = sel.model_key.rstrip("/").rsplit("/", 1)[-1].removeprefix(TUNED_PREFIX)
+        widgets.figure_downloads(fig, f"{name}_{model}_L{state.get('layer')}_H{state.get('head')}{setting}")
 
 
 def _map_widgets() -> tuple[bool, bool]:
@@ -349,20 +358,19 @@ def _map_widgets() -> tuple[bool, bool]:
     return show_maps, show_tokens
 
 
-def _attention_maps(maps: compare.AttentionMaps, cmp: compare.Comparison) -> None:
+def _attention_maps(maps: compare.AttentionMaps, cmp: compare.Comparison, form: str) -> None:
     sinks = token_view.sink_columns(maps.dense) if state.get("sinks") == "hide" else ()
+    r = maps.basis.shape[1]  # this layer's r (per-layer ranks)
+    atp, setting = f"ATP ({form}, r = {r})", f"_{form}_r{r}"
     a1, a2 = st.columns(2)
     b1, b2 = st.columns(2)
     _map(a1, maps.dense, "map_dense", "Dense attention (L x L)", sinks=sinks)
     _map(
-        a2,
-        maps.principal,
-        "map_principal",
-        f"ATP weights on {maps.basis.shape[1]} principal keys (L x r)",  # this layer's r (per-layer ranks)
-        principal=True,
-    )
-    _map(b1, maps.lifted, "map_lifted", "ATP lifted back to tokens (L x L)", sinks=sinks)
-    _map(b2, maps.difference, "map_diff", "ATP lifted minus dense", sinks=sinks)
+        a2, maps.principal, "map_principal", f"{atp} weights on {r} principal keys (L x r)", principal=True,
+        setting=setting,
+    )  # fmt: skip
+    _map(b1, maps.lifted, "map_lifted", f"{atp} lifted back to tokens (L x L)", sinks=sinks, setting=setting)
+    _map(b2, maps.difference, "map_diff", f"{atp} lifted minus dense", sinks=sinks, setting=setting)
     if state.get("sinks") == "hide" and not sinks:
         st.caption("No attention-sink column in this map.")
     st.caption(
@@ -438,7 +446,7 @@ def _attention_section(run: compare.Forward, cmp: compare.Comparison, config: AT
         dense_attn = runtime.get_capture(sel.model_key, sel.text, (layer,)).layers[layer].attn
     maps = compare.attention_maps(dense_attn, run, layer, head)
     if show_maps:
-        _attention_maps(maps, cmp)
+        _attention_maps(maps, cmp, config.form)
     if show_tokens:
         _token_views(maps, config)
 

@@ -167,6 +167,20 @@ def _title(at: AppTest, key: str) -> str:
     return json.loads(chart.proto.spec)["layout"]["title"]["text"]
 
 
+def test_explorer_maps_name_their_setting_in_titles_and_file_names():
+    """A teacher saving maps of several ranks and forms gets files that do not overwrite each other, and
+    figures that say what they show."""
+    at = _app("pages/explorer.py")
+    for k, v in {"model": "tiny-bert", "sample": "02_short_paragraph", "form": "linear", "rank": "5"}.items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception, at.exception
+    assert "ATP (linear, r = 5) weights on 5 principal keys" in _title(at, "map_principal")
+    assert _title(at, "map_diff").startswith("ATP (linear, r = 5) lifted minus dense")
+    keys = {b.key for b in at.get("download_button")}
+    assert {"dl_map_dense_tiny-bert_L1_H0_png", "dl_map_principal_tiny-bert_L1_H0_linear_r5_png"} <= keys
+
+
 def test_explorer_token_view_follows_the_clicked_token():
     at = _app("pages/explorer.py").run()
     assert "#84" in _title(at, "token_attention")  # MiniLM: the middle token of the default sample

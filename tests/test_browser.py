@@ -224,6 +224,7 @@ def test_explorer_slider_shared_link_and_downloads(server, new_page):
     values = {row["metric"]: row["value"] for row in rows}
     assert int(values["rank"]) == r1 and int(values["n_tokens"]) == L
     assert values["config.rank"] == "0.35" and values["config.form"] == "exact"
+    assert values["model"] and values["text"] and values["setting"].startswith("ATP exact")  # what it is of
     csv_err = [float(values[f"layer_relative_error.{i}"]) for i in range(len(err1))]
     assert csv_err == pytest.approx(err1, rel=1e-6)  # the file holds what the chart plots
     shown_cos = shared.locator('[data-testid="stMetric"]').filter(has_text="Sentence-embedding cosine")
