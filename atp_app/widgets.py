@@ -13,6 +13,7 @@ import streamlit as st
 from atp_app import state
 from atp_viz.core.progress import ProgressFn
 from atp_viz.figures.tour.layout import presenter_layout
+from atp_viz.hf.model_info import TUNED_PREFIX
 from atp_viz.outputs import export
 
 _RAN_FOR = "_ran_for"  # button key -> the inputs (model, text) its heavy job last ran on, this session
@@ -66,6 +67,11 @@ def _file_stem(name: str) -> str:
     if not stem:
         raise ValueError(f"A download needs a name with letters or digits, got {name!r}.")
     return stem
+
+
+def model_file_part(model_key: str) -> str:
+    """A model as a file name names it: its key, or a folder's (or tuned run's) last part."""
+    return model_key.rstrip("/").rsplit("/", 1)[-1].removeprefix(TUNED_PREFIX)
 
 
 def figure_downloads(fig, name: str) -> None:

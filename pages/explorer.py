@@ -320,7 +320,7 @@ def _map(
     )
     with column:
         widgets.chart(fig, key=name)
-        model = sel.model_key.rstrip("/").rsplit("/", 1)[-1].removeprefix(TUNED_PREFIX)
+        model = widgets.model_file_part(sel.model_key)
         widgets.figure_downloads(fig, f"{name}_{model}_L{state.get('layer')}_H{state.get('head')}{setting}")
 
 

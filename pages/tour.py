@@ -137,4 +137,6 @@ else:
     with st.spinner("Drawing..."):
         fig = step.build(data)
     widgets.chart(fig, key="tour_fig")  # both with presenter mode's large fonts when it is on
-    widgets.figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}")
+    # a file per setting: several saves do not overwrite each other
+    where = f"{widgets.model_file_part(sel.model_key)}_L{layer}_H{head}_r{data.rank}"
+    widgets.figure_downloads(fig, f"tour_{st.session_state.tour_step + 1}_{step.key}_{where}")

@@ -477,6 +477,9 @@ def test_tour_says_which_of_the_explorers_settings_it_does_not_show():
     assert not at.exception, at.exception
     said = " ".join(c.value for c in at.caption)
     assert "its own rank in each layer (spectrum)" in said and "the tour decomposes X itself" in said
+    # its figure's file says the model, layer, head and rank (several saves do not overwrite each other)
+    keys = [b.key for b in at.get("download_button")]
+    assert any(k.startswith("dl_tour_1_") and "_tiny-bert_L1_H0_r" in k for k in keys), keys
     plain = AppTest.from_file(APP, default_timeout=120)
     plain.query_params["model"] = "tiny-bert"
     plain.switch_page("pages/tour.py")
