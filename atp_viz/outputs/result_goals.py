@@ -24,7 +24,7 @@ from functools import partial
 from atp_viz import forms
 from atp_viz.analysis.protocol import interval
 from atp_viz.core.ranks import describe_window
-from atp_viz.outputs.result_tuning import PROTOCOL_TOKENS, _md, recipe_note, texts_of
+from atp_viz.outputs.result_tuning import PROTOCOL_TOKENS, _md, basis_note, recipe_note, texts_of
 
 MINILM_GOAL = {0.5: 0.99, 0.25: 0.97}  # cosine to the original dense model
 SMOLLM2_GOAL = {0.5: 1.0, 0.25: 2.0}  # top-1 points below the original dense model, at most
@@ -47,8 +47,7 @@ def _cheap_and_positive(form: str) -> bool:
 
 def _setting(run: dict) -> str:
     s = run["settings"]
-    basis = "" if s.get("basis_from", "input") == "input" else f", basis from {s['basis_from']}"
-    return f"{s['form']}{basis}{recipe_note(s)}, {s['transfer_steps']} + {s['steps']} steps"
+    return f"{s['form']}{basis_note(s)}{recipe_note(s)}, {s['transfer_steps']} + {s['steps']} steps"
 
 
 def _minilm(run: dict, share: float) -> tuple[tuple, str, str, bool]:

@@ -174,13 +174,14 @@ LENGTH_BUCKETS = ((24, 64), (64, 128), (128, 257))  # tokens, [lo, hi)
 
 
 def _shipped_run(form: str, basis: str, share: float) -> Path | None:
-    """The shipped MiniLM run (``data/tuned``) of this form, basis and rank, trained on the protocol's
-    texts (<= ``PROTOCOL_TOKENS``), with the best tuned cosine."""
+    """The shipped MiniLM run (``data/tuned``) of this form, basis (plain, as the length study runs it) and
+    rank, trained on the protocol's texts (<= ``PROTOCOL_TOKENS``), with the best tuned cosine."""
     from atp_viz.hf import tuned
 
     runs = [(d, m) for d, m in tuned.find_runs([tuned.SHIPPED_DIR]) if m["settings"]["model"] == "minilm"
             and m["settings"]["form"] == form and m["settings"].get("basis_from", "input") == basis
-            and m["settings"]["rank"] == share and texts_of(m["settings"]) == PROTOCOL_TOKENS]  # fmt: skip
+            and m["settings"]["rank"] == share and texts_of(m["settings"]) == PROTOCOL_TOKENS
+            and not m["settings"].get("centre_basis")]  # fmt: skip
     best = max(runs, key=lambda dm: dm[1]["metrics"]["rows"]["atp_tuned"]["cosine_mean"], default=None)
     return best[0] if best else None
 
@@ -263,6 +264,12 @@ _RECIPE = {
 }  # fmt: skip
 
 
+def basis_note(s: dict) -> str:
+    """', basis from keys, centred' for a run's basis (empty for the paper's: X, plain)."""
+    basis = s.get("basis_from", "input")
+    return ("" if basis == "input" else f", basis from {basis}") + (", centred" if s.get("centre_basis") else "")
+
+
 def recipe_note(s: dict) -> str:
     """', LoRA r = 32, hidden-state weight 4' for the recipe settings that differ from the defaults of
     ``finetune`` (empty for a default recipe); LoRA alpha only when it is not the CLI's 2 x r."""
@@ -315,10 +322,9 @@ def render_runs(data: list[dict]) -> str:
     for run in sorted(data, key=order):
         s, m = run["settings"], run["metrics"]["rows"]
         tuned = m["atp_tuned"]
-        basis = s.get("basis_from", "input")
         row = [
             forms.get(s["form"]).name
-            + ("" if basis == "input" else f", basis from {basis}")
+            + basis_note(s)
             + recipe_note(s)
             + (" (metrics re-measured: `finetune --reevaluate`)" if run.get("reevaluated") else ""),
             _rank(s)

@@ -19,6 +19,7 @@ from typing import Any
 
 from atp_viz.core.progress import ProgressFn
 from atp_viz.outputs import result_app as app_tables
+from atp_viz.outputs import result_centred as centred
 from atp_viz.outputs import result_control as control
 from atp_viz.outputs import result_gate as gate
 from atp_viz.outputs import result_goals as goals
@@ -139,6 +140,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
     _measured("forms-minilm", tuning.render_forms_minilm, 10, tuning.measure_forms_minilm),
     _measured("projection-split-minilm", tuning.render_projection_split, 3, tuning.measure_projection_split),
+    _measured("centred-minilm", centred.render_centred_minilm, 8, centred.measure_centred_minilm),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("layer-split-smollm2", tables.render_layer_split, 18, tables.measure_layer_split),
