@@ -34,7 +34,9 @@ if not info.is_decoder:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _generate(model_key: str, text: str, rank, form: str, n_new: int, basis_from: str = "input"):
+def _generate(
+    model_key: str, text: str, rank, form: str, n_new: int, basis_from: str = "input", centre: bool = False
+):
     m = runtime.get_model(model_key)
     tok = tokenize(m.tokenizer, text, min(MAX_PROMPT, m.info.max_tokens), min_tokens=1)
     r, notice = resolve_rank(rank, tok.n_tokens)
@@ -44,7 +46,7 @@ def _generate(model_key: str, text: str, rank, form: str, n_new: int, basis_from
             m, ids, rank=None, max_new_tokens=n_new, progress=within(bar, 0, 0.5, "dense: ")
         )
         comp = serving.generate(
-            m, ids, rank=r, form=form, max_new_tokens=n_new, basis_from=basis_from,
+            m, ids, rank=r, form=form, max_new_tokens=n_new, basis_from=basis_from, centre_basis=centre,
             progress=within(bar, 0.5, 1, "ATP cache: "),
         )  # fmt: skip
     return tok, r, notice, dense, comp
@@ -74,7 +76,7 @@ n_new = c3.number_input("New tokens (at most)", 1, 64, 32, key="serve_new")
 if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="primary"):
     try:
         tok, r, notice, dense, comp = _generate(
-            sel.model_key, sel.text, frac, form, int(n_new), trained["basis_from"]
+            sel.model_key, sel.text, frac, form, int(n_new), trained["basis_from"], trained["centre_basis"]
         )
     except ValueError as err:
         widgets.forget_run("serve_go")  # the button starts it again; reruns do not retry
@@ -105,7 +107,10 @@ if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="p
     )
     k4.metric("KV cache, dense", f"{dense.kv_cache_bytes / 1e6:.2f} MB")
     if trained["rank"] is not None:
-        st.caption(f"The prompt's basis: the {BASIS_SOURCES[trained['basis_from']]}, as this run was tuned.")
+        centred = ", centred" if trained["centre_basis"] else ""
+        st.caption(
+            f"The prompt's basis: the {BASIS_SOURCES[trained['basis_from']]}{centred}, as this run was tuned."
+        )
     dec = [loaded.tokenizer.decode([i]) for i in dense.new_ids]
     atp_dec = [loaded.tokenizer.decode([i]) for i in comp.new_ids]
     gen_row = {
@@ -185,6 +190,11 @@ basis_from = q1.radio(
     horizontal=True, help="the past's attention inputs X (the paper's) or its keys (default: what a tuned "
     "model was tuned with)",
 )  # fmt: skip
+centre = q1.checkbox(
+    "Centred basis", value=trained["centre_basis"], key="ppl_centre",
+    help="the past's mean token as U_r's first column (README: 'A centred basis'); with the SVD per chunk "
+    "only (default: what a tuned model was tuned with)",
+)  # fmt: skip
 window = q2.number_input(
     "Exact window (tokens)", 0, 8192, int(trained["window"]), 16, key="ppl_window",
     help="each chunk also reads the last N past tokens exactly, and only the rest of its past (the middle) "
@@ -218,7 +228,7 @@ split_how, split_budget = layer_split.grid_choice(st, sel.model_key, info)
 def _perplexity(
     model_key: str, text: str | None, n_windows: int, seq_len: int, chunk: int, settings: tuple, mode: str,
     basis_from: str = "input", keep: serving.ExactKeep | None = None, basis_update: str = "recompute",
-    split_how: str = "", split_budget: float | None = None,
+    split_how: str = "", split_budget: float | None = None, centre: bool = False,
 ):  # fmt: skip
     m = runtime.get_model(model_key)
     if text is None:
@@ -234,7 +244,8 @@ def _perplexity(
             )  # fmt: skip
         rows = protocol.perplexity_grid(
             m, windows, settings, chunk=chunk, rank_mode=mode, basis_from=basis_from, keep=keep,
-            basis_update=basis_update, layer_split=split, progress=within(bar, 0.05 if split else 0.0, 1.0),
+            basis_update=basis_update, centre_basis=centre, layer_split=split,
+            progress=within(bar, 0.05 if split else 0.0, 1.0),
         )  # fmt: skip
     return len(windows.ids), rows
 
@@ -260,6 +271,7 @@ if go and form_names and ranks:
             basis_update,
             split_how,
             split_budget,
+            centre,
         )
     except (ValueError, TextError) as err:
         st.error(str(err))
@@ -274,7 +286,10 @@ if go and form_names and ranks:
             f"The {describe_window(window, sinks)} covers the whole past of every chunk: nothing is "
             "compressed, so the ATP rows equal dense. Use longer windows of text or a smaller exact window."
         )
-    st.caption(f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{exact}.")
+    centred = " (centred)" if centre else ""
+    st.caption(
+        f"{n_win} windows of {seq_len} tokens, chunks of {chunk}, basis from {basis_from}{centred}{exact}."
+    )
     if split_how and not any("layer_ranks" in r for r in rows):
         st.warning(
             "Ranks per layer apply to ranks given as a share of L"

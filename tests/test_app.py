@@ -273,6 +273,13 @@ def test_serving_page_encoder_message_and_decoder_generation():
     assert all("window alone" in c.proto.spec for c in _charts(at)), "no reference line for the window alone"
     assert any("basis from keys" in c.value and "2 tokens and the 32" in c.value for c in at.caption)
     assert not any("covers the whole past" in w.value for w in at.warning)
+    before = list(at.dataframe[0].value["perplexity [95% CI]"])
+    at.checkbox(key="ppl_centre").check().run()  # the centred basis: another grid, said in the caption
+    at.button(key="ppl_go").click().run()
+    assert not at.exception, at.exception
+    assert any("basis from keys (centred)" in c.value for c in at.caption)
+    assert list(at.dataframe[0].value["perplexity [95% CI]"])[2:] != before[2:]  # the ATP rows moved
+    at.checkbox(key="ppl_centre").uncheck().run()
     at.number_input(key="ppl_window").set_value(96).run()  # 128-token windows in chunks of 32: past <= 96
     at.button(key="ppl_go").click().run()
     assert any("covers the whole past of every chunk" in w.value for w in at.warning)

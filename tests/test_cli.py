@@ -230,6 +230,8 @@ def test_a_run_tuned_with_a_centred_basis_is_read_with_it(tmp_path, text_file, c
     argv = ["perplexity", "--model", f"tuned:{run}", "--text-file", str(long_text), "--ranks", "4",
             "--forms", "exact", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0 and json.loads(out.read_text())["centre_basis"] is True
+    gen = ["generate", "--model", f"tuned:{run}", "--prompt-file", str(text_file), "--max-new-tokens", "2"]
+    assert main([*gen, "--json", str(out)]) == 0 and json.loads(out.read_text())["centre_basis"] is True
     assert main([*argv[:-4], "--forms", "linear", "--basis-update", "moments"]) == 2
     assert "--centre-basis needs --basis-update recompute" in capsys.readouterr().err
 

@@ -444,6 +444,7 @@ def generate(
     basis_from: str = "input",
     stop: Callable[[], bool] | None = None,
     progress: ProgressFn | None = None,
+    centre_basis: bool = False,
 ) -> Generation:
     """Greedy decoding. ``rank=None``: dense cache. Otherwise the prompt (prefilled densely; the
     prompt is fully known, so its basis is legitimate) is compressed to ``rank`` principal
@@ -467,7 +468,11 @@ def generate(
     empty = _new_memories(loaded)
     logits = _run_piece(loaded, StreamPlan(memories=empty, form="exact", stores=prompt), prompt_ids, 0)
     # Dense prefill (no past, exact causal). Then the cache: the prompt exact, or compressed once.
-    cache = prompt if rank is None else [compressed(m, rank, basis_from=basis_from) for m in prompt]
+    cache = (
+        prompt
+        if rank is None
+        else [compressed(m, rank, basis_from=basis_from, centre=centre_basis) for m in prompt]
+    )
     plan = StreamPlan(
         memories=cache,
         form=form if rank is not None else "exact",

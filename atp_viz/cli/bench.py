@@ -192,6 +192,12 @@ def run_prefill(args: argparse.Namespace) -> int:
             setattr(args, name, trained[name] if getattr(args, name) is None else getattr(args, name))
         if args.sinks is None and args.window and trained["window"]:
             args.sinks = trained["sinks"]
+        if trained["centre_basis"]:
+            print(
+                "note: this model was tuned with a centred basis; the prefill benchmark times and scores the "
+                "plain basis (its running sums cannot centre one).",
+                file=sys.stderr,
+            )
     for name, default in {**PREFILL_DEFAULTS, "window": 0, "sinks": 0}.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     keep = exact_keep(args)

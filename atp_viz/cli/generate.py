@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atp_viz.cli.common import MODEL_HELP, add_form, rank_arg, read_text_file, write_json
+from atp_viz.cli.common import MODEL_HELP, add_centre_basis, add_form, rank_arg, read_text_file, write_json
 
 
 def register(sub) -> None:
@@ -18,6 +18,7 @@ def register(sub) -> None:
     )  # fmt: skip
     add_form(g, default=None)
     g.add_argument("--basis-from", choices=("input", "keys"), help="default: a tuned model's own, else input")
+    add_centre_basis(g, tuned_default=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json")
     g.set_defaults(func=run)
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     args.form = args.form or trained["form"]
     args.rank = (0.5 if trained["rank"] is None else trained["rank"]) if args.rank is None else args.rank
     args.basis_from = args.basis_from or trained["basis_from"]
+    args.centre_basis = trained["centre_basis"] if args.centre_basis is None else args.centre_basis
     if trained["window"]:
         print(
             f"note: this model was tuned behind an {describe_window(trained['window'], trained['sinks'])}; "
@@ -52,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
     dense = serving.generate(loaded, ids, rank=None, max_new_tokens=args.max_new_tokens)
     comp = serving.generate(
-        loaded, ids, rank=r, form=args.form, max_new_tokens=args.max_new_tokens, basis_from=args.basis_from
+        loaded,
+        ids,
+        rank=r,
+        form=args.form,
+        max_new_tokens=args.max_new_tokens,
+        basis_from=args.basis_from,
+        centre_basis=args.centre_basis,
     )
     for name, g in (("dense", dense), ("ATP", comp)):
         if g.context_notice:
@@ -65,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "rank": r,
         "form": args.form,
         "basis_from": args.basis_from,
+        "centre_basis": args.centre_basis,
         "truncation_notice": tok.notice,
         "dense_text": dec(list(dense.new_ids)),
         "atp_text": dec(list(comp.new_ids)),

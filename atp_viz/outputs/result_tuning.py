@@ -267,7 +267,9 @@ _RECIPE = {
 def basis_note(s: dict) -> str:
     """', basis from keys, centred' for a run's basis (empty for the paper's: X, plain)."""
     basis = s.get("basis_from", "input")
-    return ("" if basis == "input" else f", basis from {basis}") + (", centred" if s.get("centre_basis") else "")
+    return ("" if basis == "input" else f", basis from {basis}") + (
+        ", centred" if s.get("centre_basis") else ""
+    )
 
 
 def recipe_note(s: dict) -> str:
