@@ -28,25 +28,26 @@ def _final(run):
 
 
 @pytest.mark.parametrize("key", TINY + ("minilm", "smollm2"))
-@pytest.mark.parametrize("source", ["input", "keys"])
+@pytest.mark.parametrize("source", ["input", "keys", "keys, centred"])
 def test_exact_form_at_full_rank_equals_dense_end_to_end(load, key, source):
     loaded = load(key)
     tok = _tok(loaded)
     dense = compare.forward(loaded, tok)
-    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="exact", basis_source=source))
+    basis = {"basis_source": source.split(",")[0], "centre_basis": source.endswith("centred")}
+    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="exact", **basis))
     assert run.ranks == (tok.n_tokens,)
     np.testing.assert_allclose(_final(run), _final(dense), **TOL)
+    # float32: the centred basis rounds once more (the mean taken out, then the last direction completed);
+    # through SmolLM2's 30 layers that reaches 3.3e-4 in one of 9,216 entries of a layer's output
+    atol = 5e-4 if basis["centre_basis"] else 2e-4
     for a, d in zip(run.layer_outputs, dense.layer_outputs, strict=True):
-        np.testing.assert_allclose(a, d, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(a, d, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "minilm"])
-def test_a_centred_basis_reaches_every_layer_and_is_exact_at_full_rank(load, key):
+def test_a_centred_basis_reaches_every_layer(load, key):
     loaded = load(key)
     tok = _tok(loaded)
-    dense = compare.forward(loaded, tok)
-    full = compare.forward(loaded, tok, ATPConfig(rank=1.0, basis_source="keys", centre_basis=True))
-    np.testing.assert_allclose(_final(full), _final(dense), **TOL)
     runs = {
         c: compare.forward(
             loaded, tok, ATPConfig(rank=0.25, basis_source="keys", centre_basis=c), map_layers=[0]
