@@ -143,10 +143,10 @@ def test_explorer_closed_views_compute_nothing(monkeypatch):
     recorded = []
     real = compare.forward
 
-    def spy(loaded, tok, config=None, *, map_layers=()):
+    def spy(loaded, tok, config=None, *, map_layers=(), **kw):
         if config is not None:
             recorded.append(tuple(map_layers))
-        return real(loaded, tok, config, map_layers=map_layers)
+        return real(loaded, tok, config, map_layers=map_layers, **kw)
 
     monkeypatch.setattr(compare, "forward", spy)
     from atp_app import runtime
@@ -356,9 +356,9 @@ def test_changing_only_the_view_does_not_run_the_model_again(monkeypatch):
     calls = []
     real = compare.forward
 
-    def spy(loaded, tok, config=None, *, map_layers=()):
+    def spy(loaded, tok, config=None, *, map_layers=(), **kw):
         calls.append(config)
-        return real(loaded, tok, config, map_layers=map_layers)
+        return real(loaded, tok, config, map_layers=map_layers, **kw)
 
     monkeypatch.setattr(compare, "forward", spy)
     runtime.atp_forward.clear()

@@ -191,6 +191,7 @@ def test_explorer_slider_shared_link_and_downloads(server, new_page):
         "form": ["exact"],
         "basis": ["input"],
         "method": ["exact"],
+        "centre": ["0"],
         "split": ["one"],
         "layers": ["all"],
         "lowrank": ["0"],
