@@ -608,6 +608,17 @@ def test_centred_basis_rebuilds_the_mean_and_ignores_a_common_shift():
     assert (_projector(principal_basis(x + shift, 4)) - plain).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("spread", [0.0, 1e-6, 1e-2])
+def test_centred_basis_stays_orthonormal_when_the_tokens_barely_differ(spread):
+    """A repeated token (a RoPE decoder's first layer on 'a a a a'): centring leaves only rounding along the
+    mean, which must not come back as a second copy of the mean column."""
+    row = 300 * torch.randn(1, 16, generator=_gen(8))
+    x = (row.repeat(9, 1) + spread * torch.randn(9, 16, generator=_gen(9))).float()
+    for r in (2, 5, 9):
+        u = principal_basis(x, r, centre=True).double()
+        torch.testing.assert_close(u.mT @ u, torch.eye(r, dtype=u.dtype), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_form_on_a_full_rank_centred_basis_equals_dense(causal):
     x = _randn(1, 12, 20, seed=7) + 3

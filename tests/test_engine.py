@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import numpy as np
@@ -42,6 +43,18 @@ def test_exact_form_at_full_rank_equals_dense_end_to_end(load, key, source):
     atol = 5e-4 if basis["centre_basis"] else 2e-4
     for a, d in zip(run.layer_outputs, dense.layer_outputs, strict=True):
         np.testing.assert_allclose(a, d, atol=atol, rtol=1e-4)
+
+
+def test_a_centred_basis_at_full_rank_is_exact_on_a_repeated_token(load):
+    loaded = load("tiny-llama")  # RoPE: the first layer's inputs are identical rows
+    ids = torch.full((1, 12), 100)
+    tok = dataclasses.replace(
+        _tok(loaded), input_ids=ids, attention_mask=torch.ones_like(ids), tokens=("a",) * 12, n_original=12
+    )
+    dense = compare.forward(loaded, tok)
+    run = compare.forward(loaded, tok, ATPConfig(rank=1.0, form="exact", centre_basis=True))
+    for a, d in zip(run.layer_outputs, dense.layer_outputs, strict=True):
+        np.testing.assert_allclose(a, d, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "minilm"])

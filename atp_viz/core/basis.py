@@ -181,7 +181,11 @@ def principal_basis(
         mask = valid.to(device=x.device, dtype=work)
         xw = xw * mask.unsqueeze(-1)  # (..., L, d)
 
+    scale = None
     if centre:
+        # Directions are judged against the input as given: centring a near-constant input leaves only a
+        # rounding residue along the mean itself, which must not count as a direction of its own.
+        scale = torch.linalg.matrix_norm(xw)[..., None]  # (..., 1)
         xw, mean_col = _centred(xw, mask)
         if rank == 1:
             return mean_col.to(out_dtype)
@@ -199,10 +203,15 @@ def principal_basis(
 
     # Singular directions with (numerically) zero singular value are arbitrary: with padding they may
     # leak into padded rows, so they are rebuilt by the completion step (as are columns beyond min(L, d)).
-    tol = S[..., :1] * (max(L, d) * torch.finfo(work).eps)
+    tol = (S[..., :1] if scale is None else scale) * (max(L, d) * torch.finfo(work).eps)
     good = S.gt(tol)  # (..., m); singular values are sorted, so the good columns are leading
-    if centre:  # the mean column leads; the centred directions with sigma > 0 are orthogonal to it
-        U = torch.cat([mean_col, U[..., : rank - 1]], dim=-1)
+    if centre:  # the mean column leads; the centred directions with sigma > 0 are orthogonal to it, up to
+        # rounding, which is taken out (twice is enough) so that the columns stay orthonormal
+        U = U[..., : rank - 1]
+        for _ in range(2):
+            U = U - mean_col @ (mean_col.mT @ U)
+        U = U / U.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(work).tiny)
+        U = torch.cat([mean_col, U], dim=-1)
         good = torch.cat([torch.ones_like(good[..., :1]), good[..., : rank - 1]], dim=-1)
         m = U.shape[-1]
     if rank > m or not bool(good.all()) and (mask is not None or centre):
