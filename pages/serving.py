@@ -156,8 +156,8 @@ if st.session_state.get("_ppl_model") != sel.model_key:
     # Another model: the widgets whose defaults come from it start from them again (a kept value would
     # read a tuned run otherwise than it was tuned, or an untuned model as the last tuned run).
     for key in (
-        "ppl_seq", "ppl_chunk", "ppl_rank_mode", "ppl_basis", "ppl_window", "ppl_sinks", "ppl_update",
-        "ppl_ranks", "ppl_layer_split",
+        "ppl_seq", "ppl_chunk", "ppl_rank_mode", "ppl_basis", "ppl_centre", "ppl_window", "ppl_sinks",
+        "ppl_update", "ppl_ranks", "ppl_layer_split",
     ):  # fmt: skip
         st.session_state.pop(key, None)
     st.session_state["_ppl_model"] = sel.model_key
@@ -253,6 +253,9 @@ def _perplexity(
 go = st.button("Run the perplexity grid", key="ppl_go")
 if go and not (form_names and ranks):
     st.warning("Pick at least one form and one rank for the grid.")
+elif go and centre and basis_update == "moments":  # refused before any row runs, as the CLI does
+    st.warning("A centred basis needs the SVD per chunk: pick Basis update 'recompute', or untick it.")
+    go = False
 if go and form_names and ranks:
     settings = tuple((r, f) for f in form_names for r in sorted(ranks, key=float))
     text = None if src.startswith("Held") else sel.text

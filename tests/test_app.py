@@ -279,10 +279,18 @@ def test_serving_page_encoder_message_and_decoder_generation():
     assert not at.exception, at.exception
     assert any("basis from keys (centred)" in c.value for c in at.caption)
     assert list(at.dataframe[0].value["perplexity [95% CI]"])[2:] != before[2:]  # the ATP rows moved
+    at.radio(key="ppl_update").set_value("moments").run()
+    at.button(key="ppl_go").click().run()  # refused at the click, before the dense row runs
+    assert any("A centred basis needs the SVD per chunk" in w.value for w in at.warning)
+    at.radio(key="ppl_update").set_value("recompute").run()
     at.checkbox(key="ppl_centre").uncheck().run()
     at.number_input(key="ppl_window").set_value(96).run()  # 128-token windows in chunks of 32: past <= 96
     at.button(key="ppl_go").click().run()
     assert any("covers the whole past of every chunk" in w.value for w in at.warning)
+    at.checkbox(key="ppl_centre").check().run()
+    at.selectbox(key="model_choice").set_value("tiny-llama").run()  # another model starts from its own
+    assert not at.exception, at.exception
+    assert not at.checkbox(key="ppl_centre").value
 
 
 def test_serving_perplexity_grid_shares_each_budget_over_the_layers(tmp_path, monkeypatch):

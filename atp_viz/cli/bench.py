@@ -194,8 +194,8 @@ def run_prefill(args: argparse.Namespace) -> int:
             args.sinks = trained["sinks"]
         if trained["centre_basis"]:
             print(
-                "note: this model was tuned with a centred basis; the prefill benchmark times and scores the "
-                "plain basis (its running sums cannot centre one).",
+                "note: this model was tuned with a centred basis; the prefill benchmark does not centre its "
+                "basis, so it times and scores this model with the plain one.",
                 file=sys.stderr,
             )
     for name, default in {**PREFILL_DEFAULTS, "window": 0, "sinks": 0}.items():
