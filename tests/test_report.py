@@ -103,13 +103,18 @@ def test_a_report_into_a_used_folder_leaves_nothing_of_the_earlier_one(load, tmp
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium-here"))  # this report writes no PNG
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
-    for name in ("capture.npz", "figures/map_dense.png", "my_notes.txt"):
+    for name in ("capture.npz", "figures/map_dense.png", "figures/my_plot.png", "my_notes.txt"):
         (out / name).write_text("from an earlier report, or the user's")
     make_report(load("tiny-bert"), TEXT, out, ReportSettings(ranks=(2,)))
+    assert (out / "capture.npz").exists()  # no report.html: not a report's folder, nothing removed
+    make_report(load("tiny-bert"), TEXT, out, ReportSettings(ranks=(2,)))  # now it is one
     assert not (out / "capture.npz").exists() and not (out / "figures" / "map_dense.png").exists()
-    assert (out / "my_notes.txt").exists()  # not a report's file: left alone
+    assert (out / "my_notes.txt").exists() and (out / "figures" / "my_plot.png").exists()  # not a report's
     page = (out / "report.html").read_text()
-    assert "its 2 files were removed first (capture.npz, figures/map_dense.png)" in page
+    assert (
+        "removed first (report.html, spectra.npz, sweep.csv, sweep.json, capture.npz, figures/map_dense.png)"
+        in page
+    )
 
 
 def test_report_cli(tmp_path, capsys):

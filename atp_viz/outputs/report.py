@@ -177,11 +177,16 @@ def _map_sections(
     where = f"layer {layer}, head {head}, r = {map_r} of L = {L}, {settings.form} form"
     tokens = readable_tokens(cap.tokens)
     sections = []
-    for name, m, title in (
-        ("dense", maps.dense, "Dense attention (L x L)"),
-        ("principal", maps.principal, f"ATP weights on {map_r} principal keys (L x r)"),
-        ("lifted", maps.lifted, "ATP lifted back to tokens (L x L)"),
-        ("difference", maps.difference, "ATP lifted minus dense"),
+    for name, m, title in zip(
+        MAP_NAMES,
+        (maps.dense, maps.principal, maps.lifted, maps.difference),
+        (
+            "Dense attention (L x L)",
+            f"ATP weights on {map_r} principal keys (L x r)",
+            "ATP lifted back to tokens (L x L)",
+            "ATP lifted minus dense",
+        ),
+        strict=True,
     ):
         fig = maps_fig.token_map(
             m,
@@ -211,12 +216,17 @@ def _write_pngs(sections: list[Section], settings: ReportSettings, write) -> str
 
 
 OWN_FILES = ("report.html", "spectra.npz", "sweep.csv", "sweep.json", "capture.npz")
+MAP_NAMES = ("dense", "principal", "lifted", "difference")
+FIGURE_NAMES = ("spectra", "energy", "ranks_needed", "rank_sweep", *(f"map_{n}" for n in MAP_NAMES))
 
 
 def _clear_earlier_report(out: Path) -> list[str]:
-    """Remove what an earlier report left in ``out`` (its own file names and ``figures/*.png``; nothing
-    else), so that no file from another model or text sits next to this one. Returns what was removed."""
-    old = [out / name for name in OWN_FILES] + sorted((out / "figures").glob("*.png"))
+    """In a folder that holds an earlier report (its report.html), remove that report's files (the names a
+    report writes, nothing else), so that no file from another model or text sits next to this one.
+    Returns what was removed; a folder without a report.html is left as it is."""
+    if not (out / "report.html").is_file():
+        return []
+    old = [out / name for name in OWN_FILES] + [out / "figures" / f"{n}.png" for n in FIGURE_NAMES]
     removed = []
     for path in old:
         if path.is_file():
