@@ -29,10 +29,11 @@ def test_every_shipped_run_is_complete_and_its_json_is_committed():
 
 @pytest.mark.parametrize("run", MINILM, ids=[p.name for p in MINILM])
 def test_a_shipped_minilm_run_gains_over_untuned_what_its_json_says(run):
-    """On the first 32 held-out texts, the loaded run under its own form, rank and basis gains at least a
-    quarter of its recorded gain (on all 475) over the untuned model on the same texts (a run loaded
-    without its adapters or its form's parameters gains nothing; 32 texts are a sample, and a run whose
-    untuned start is already close, like the centred basis at L/2, gains 0.004 in all)."""
+    """On the first 32 held-out texts, the loaded run under its own form, rank and basis gains at least half
+    of its recorded gain (on all 475) over the untuned model on the same texts (a run loaded without its
+    adapters or its form's parameters gains nothing). A run that gained less than 0.01 in all (the
+    centred basis at L/2: 0.004) must still gain on these texts, by a quarter of it: half of so small a
+    gain is within what 32 texts of 475 move."""
     from atp_viz import forms
     from atp_viz.analysis import protocol
     from atp_viz.analysis.finetune.evaluation import embeddings
@@ -51,7 +52,7 @@ def test_a_shipped_minilm_run_gains_over_untuned_what_its_json_says(run):
     now = float(np.mean((embeddings(tuned, cfg, texts, s["max_tokens"]) * dense).sum(-1)))
     before = float(np.mean((embeddings(base, cfg, texts, s["max_tokens"]) * dense).sum(-1)))
     gain = rows["atp_tuned"]["cosine_mean"] - rows["atp_untuned"]["cosine_mean"]
-    assert now - before > 0.25 * gain, (now, before, gain)
+    assert now - before > (0.5 if gain >= 0.01 else 0.25) * gain, (now, before, gain)
     if forms.get(s["form"]).param_defaults:
         # The form's trained per-head parameters add little next to the adapters (taylor2's expansion
         # points: about +0.003 on these texts), so the gain above cannot tell a run loaded without them;

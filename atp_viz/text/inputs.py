@@ -159,10 +159,10 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def readable_tokens(tokens: tuple[str, ...] | list[str]) -> list[str]:
-    """Tokens as a person reads them: SentencePiece's space marker as a space, a newline as \\n (byte-level
-    tokens are already text, :func:`token_texts`)."""
+    """Tokens as a person reads them: SentencePiece's space marker as a space, a newline, tab or carriage
+    return as \\n, \\t, \\r (byte-level tokens are already text, :func:`token_texts`, so a real Ġ stays)."""
     out = []
     for t in tokens:
-        t = t.replace("\u0120", " ").replace("\u010a", "\\n").replace("\n", "\\n").replace("\u2581", " ")
+        t = t.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace("\u2581", " ")
         out.append(t)
     return out
