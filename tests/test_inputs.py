@@ -118,7 +118,6 @@ def test_byte_level_tokens_show_as_text_not_as_their_byte_stand_ins(load):
     assert "é" in shown and " —" in shown and "\\n" in shown  # not 'Ã©', 'ĠâĢĶ', 'Ċ'
     assert not any(ch in "".join(shown) for ch in "ÃâĠĊ")
     assert " \\xc3" in shown and "\\xbc" in shown  # ü split over two tokens: its bytes, escaped
-    maltese = "".join(readable_tokens(tokenize(load("smollm2").tokenizer, "Ġesù\tqed", 100).tokens))
-    assert "Ġ" in maltese and "\\t" in maltese  # a real letter stays; a tab is shown escaped
+    assert readable_tokens(["Ġesù", "a\tb"]) == ["Ġesù", "a\\tb"]  # a real letter stays; a tab shows
     bert = tokenize(load("minilm").tokenizer, "Café — über", 100).tokens  # WordPiece: as it has it
     assert bert[0] == "[CLS]" and "cafe" in bert
