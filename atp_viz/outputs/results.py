@@ -144,6 +144,7 @@ RESULTS: tuple[Result, ...] = (
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("layer-split-smollm2", tables.render_layer_split, 18, tables.measure_layer_split),
+    _measured("centred-smollm2", centred.render_centred_smollm2, 30, centred.measure_centred_smollm2),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
     Result(
         "goals",
