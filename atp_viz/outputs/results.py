@@ -140,11 +140,11 @@ RESULTS: tuple[Result, ...] = (
     _measured("untuned-smollm2", tables.render_untuned_smollm2, 6, tables.measure_untuned_smollm2),
     _measured("forms-minilm", tuning.render_forms_minilm, 10, tuning.measure_forms_minilm),
     _measured("projection-split-minilm", tuning.render_projection_split, 3, tuning.measure_projection_split),
-    _measured("centred-minilm", centred.render_centred_minilm, 8, centred.measure_centred_minilm),
+    _measured("centred-minilm", centred.render_centred_minilm, 15, centred.measure_centred_minilm),
     _measured("sinks-smollm2", tables.render_sinks, 2, tables.measure_sinks),
     _measured("perplexity-smollm2", tables.render_perplexity, 35, tables.measure_perplexity),
     _measured("layer-split-smollm2", tables.render_layer_split, 18, tables.measure_layer_split),
-    _measured("centred-smollm2", centred.render_centred_smollm2, 30, centred.measure_centred_smollm2),
+    _measured("centred-smollm2", centred.render_centred_smollm2, 33, centred.measure_centred_smollm2),
     _measured("generation-smollm2", tables.render_generation, 3, tables.measure_generation),
     Result(
         "goals",
