@@ -71,6 +71,24 @@ def test_no_future_leak_inside_the_current_chunk(load, form, basis_from, method)
     assert not torch.allclose(a[j], b[j])
 
 
+@pytest.mark.parametrize("form", forms.names())
+def test_a_centred_basis_reads_no_later_token(load, form):
+    """The centred basis takes each chunk's mean from its past alone: changing token j leaves every logit
+    before j unchanged, with a window of exact tokens or without."""
+    loaded = load("tiny-llama")
+    ids = torch.randint(5, 3000, (1, 96), generator=torch.Generator().manual_seed(1))
+    j = 3 * 24 + 5
+    other = ids.clone()
+    other[0, j] = 7
+    for keep in (None, serving.ExactKeep(2, 16)):
+        kw = dict(rank=4, form=form, chunk=24, basis_from="keys", centre_basis=True, keep=keep)
+        with torch.inference_mode():
+            a = serving.chunked_logits(loaded, ids, **kw)
+            b = serving.chunked_logits(loaded, other, **kw)
+        torch.testing.assert_close(a[:j], b[:j], atol=0, rtol=0)
+        assert not torch.allclose(a[j], b[j])
+
+
 def test_dense_scoring_is_the_teacher_forced_model_on_the_scored_positions(load):
     """The protocol's dense scores are the plain model's on positions chunk .. L-2, and a setting equal
     to dense has a paired difference of exactly 0 with the interval [0, 0]."""
