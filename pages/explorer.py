@@ -168,6 +168,12 @@ def _controls() -> ATPConfig | None:
         return None
 
 
+def _adopt(view: dict[str, str]) -> None:
+    """on_click: these values into the view; the widgets above take them on the rerun."""
+    for name, value in view.items():
+        state.put(name, value)
+
+
 def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: compare.Forward) -> None:
     """A fine-tuned model: the original model dense and with ATP untuned, next to this model."""
     try:
@@ -213,7 +219,17 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
     ):
         st.info(
             "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
-            "setting it never trained for: pick the tuned ones above to see what training did."
+            "setting it never trained for: the button below shows what training did."
+        )
+    as_tuned = urlstate.tuned_view(trained, L)
+    if as_tuned is not None and any(state.get(name) != value for name, value in as_tuned.items()):
+        st.button(
+            "Show the setting it was tuned with",
+            key="explorer_as_tuned",
+            on_click=_adopt,
+            args=(as_tuned,),
+            help="Sets the rank, form, basis and ranks per layer above to the ones this model was tuned at "
+            "(on every layer, exact SVD, linear layers dense).",
         )
     rows = compare.side_by_side(base_dense, runs)
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="explorer_before_after")

@@ -265,8 +265,16 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     assert len(table) == 4 and table["setting"].iloc[0].startswith("original model, dense")
     assert table["embedding cosine to dense"].iloc[0] == pytest.approx(1.0)
     assert not [i for i in at.info if "never trained for" in i.value]  # the run's own setting
+    assert not [b for b in at.button if b.key == "explorer_as_tuned"]
     at.radio(key="basis_source").set_value("keys").run()
+    at.slider(key="rank_frac").set_value(0.25).run()
     assert [i for i in at.info if "never trained for" in i.value]  # a basis it was not tuned with
+    at.button(key="explorer_as_tuned").click().run()  # one click back to the setting it was tuned at
+    assert not at.exception, at.exception
+    assert at.radio(key="basis_source").value == "input" and at.slider(key="rank_frac").value == 0.5
+    assert (at.query_params["basis"], at.query_params["rank"]) == ("input", "0.50")
+    assert not [i for i in at.info if "never trained for" in i.value]
+    assert not [b for b in at.button if b.key == "explorer_as_tuned"]
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ fall back to defaults with a message, never an exception."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,24 @@ def test_layers_are_read_and_written_back_in_one_form():
         ranks.parse_layers("9", 6)
     with pytest.raises(ValueError, match="layers='one': Cannot read"):
         urlstate.parse_layers("one", 6)
+
+
+def test_the_view_a_tuned_run_was_trained_at():
+    """The explorer's one-click "setting it was tuned with": every value the run's ATP depended on, in
+    the view's words; a fixed number of principal keys is no share of the text, so no view."""
+    run = {"rank": 0.5, "form": "taylor2", "basis_from": "keys", "centre_basis": True, "layer_ranks": []}
+    view = urlstate.tuned_view(run, 40)
+    assert view == {
+        "form": "taylor2", "basis": "keys", "centre": "1", "rank": "0.50", "split": "one", "layers": "all",
+        "method": "exact", "lowrank": "0",
+    }  # fmt: skip
+    fitted, problems = urlstate.fit_view(view, replace(SHAPE, forms=("taylor2",), bases=("input", "keys")))
+    assert not problems and {k: fitted[k] for k in view} == view  # in the view's own words: nothing to fit
+    per_layer = urlstate.tuned_view({"rank": 0.25, "form": "exact", "layer_ranks": [0.125, 0.375]}, 40)
+    assert per_layer["split"] == "tuned" and per_layer["basis"] == "input" and per_layer["centre"] == "0"
+    assert urlstate.tuned_view({"rank": 1 / 3, "form": "exact"}, 40)["rank"] == "13"  # off the slider: r
+    assert urlstate.tuned_view({"rank": 128, "form": "pksoftmax", "window": 512}, 40) is None
+    assert urlstate.tuned_view({"rank": 128, "form": "exact"}, 40) is None
 
 
 def test_model_id_shapes():

@@ -111,6 +111,27 @@ class ViewShape:
     methods: Sequence[str]  # how it is computed (exact SVD first)
 
 
+def tuned_view(settings: Mapping, n_tokens: int) -> dict[str, str] | None:
+    """The view of the ATP setting a tuned run trained at (``settings``: its ``atp_tuning.json``'s), for a
+    text of ``n_tokens``: its form, basis and centring, its rank (the mean share, with its own per-layer
+    ranks when it has them), on every layer, by exact SVD, linear layers dense, as tuning runs ATP. None
+    for a run trained at a fixed number of principal keys (behind an exact window or not): the
+    explorer's rank is a share of the whole text, so it cannot show that setting."""
+    rank = settings["rank"]
+    if settings.get("window") or isinstance(rank, int):
+        return None
+    return {
+        "form": settings["form"],
+        "basis": settings.get("basis_from", "input"),
+        "centre": CENTRE[1] if settings.get("centre_basis") else CENTRE[0],
+        "rank": format_rank(*parse_rank(f"{rank:g}", n_tokens)),
+        "split": "tuned" if settings.get("layer_ranks") else "one",
+        "layers": "all",
+        "method": "exact",
+        "lowrank": LOWRANK[0],
+    }
+
+
 def fit_view(view: Mapping[str, str], shape: ViewShape) -> tuple[dict[str, str], list[str]]:
     """``view`` (the URL's strings: rank, form, basis, method, centre, split, layers (which run ATP), lowrank,
     layer (the one shown), head, query, scale, sinks, and others passed through) with every value that
