@@ -64,10 +64,13 @@ def get(name: str) -> str | None:
 
 
 def put(name: str, value: Any) -> None:
-    """Set one value of the view (None removes it); the URL follows at :func:`sync_url`. A value set here
-    is chosen: it no longer follows the model's or text's default (:func:`fit_view`)."""
-    st.session_state.get(DEFAULTED, set()).discard(name)
+    """Set one value of the view (None removes it); the URL follows at :func:`sync_url`. A value changed
+    here is chosen: it no longer follows the model's or text's default (:func:`fit_view`). Setting the
+    value the view holds changes nothing (clicking the selected query token again keeps the default)."""
     v = view()
+    if value is not None and v.get(name) == str(value):
+        return
+    st.session_state.get(DEFAULTED, set()).discard(name)
     if value is None:
         v.pop(name, None)
     else:
@@ -158,9 +161,15 @@ def fit_view(n_tokens: int, n_layers: int, n_heads: int, is_decoder: bool) -> No
     chosen = {name: value for name, value in view().items() if name not in defaulted}
     fitted, problems = urlstate.fit_view(chosen, shape)
     defaulted.update(name for name in fitted if name not in chosen)
+    first = not st.session_state.get("_view_fitted")  # the values came from the link
+    if first:
+        # Every link names the whole view, defaults included (sync_url), so a link's value that is this
+        # model's and text's default is taken as one: after a reload, the middle layer still follows the
+        # model. (A link's layer that differs from the default stays chosen.)
+        defaults = urlstate.fit_view({}, shape)[0]
+        defaulted.update(name for name in chosen if fitted.get(name) == defaults.get(name))
     view().clear()
     view().update(fitted)
-    first = not st.session_state.get("_view_fitted")  # the values came from the link
     st.session_state["_view_fitted"] = True
     if problems:
         # Later, a value stops fitting because the model or text changed (or was typed): not a link's fault.

@@ -332,6 +332,15 @@ def test_a_default_nobody_chose_follows_the_model_and_text_silently():
     at.selectbox(key="map_layer").set_value(4).run()  # chosen: checked from now on
     at.selectbox(key="model_choice").set_value("tiny-bert").run()
     assert at.selectbox(key="map_layer").value == 1 and "layer=4 does not exist" in _infos(at)
+    # A reload (or a link) names the defaults too: one that is still this view's default stays one.
+    reloaded = _explorer(**{k: at.query_params[k] for k in VIEW_KEYS})  # tiny-bert, layer 1 (its default)
+    query = reloaded.query_params["query"]
+    reloaded.pills(key="query_pills").set_value(None).run()  # clicking the selected token again
+    assert reloaded.query_params["query"] == query
+    reloaded.selectbox(key="model_choice").set_value("minilm").run()
+    assert reloaded.selectbox(key="map_layer").value == 3 and "Reset to fit" not in _infos(reloaded)
+    reloaded.selectbox(key="sample").set_value(SHORT).run()
+    assert "Reset to fit" not in _infos(reloaded) and reloaded.query_params["query"] != query
 
 
 # ---- one view across pages --------------------------------------------------------------------------
