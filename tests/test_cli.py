@@ -120,6 +120,17 @@ def test_bad_inputs_exit_2(tmp_path, text_file, capsys):
     assert "--new-tokens is for decoders" in capsys.readouterr().err  # read, and said to do nothing
 
 
+def test_a_bad_continuation_length_is_refused_before_the_model_loads(text_file, capsys, monkeypatch):
+    from atp_viz.hf import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --new-tokens was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["compare", "--model", "smollm2", "--text-file", str(text_file), "--new-tokens", "-1"]) == 2
+    assert "--new-tokens must be 0 (no continuation) or more, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
 def test_a_tuned_model_is_also_compared_with_its_original(tmp_path, text_file, model):
     """compare and perplexity on ``tuned:DIR`` also report the figures against the untouched base model.

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from atp_viz.hf.models import load_model
     from atp_viz.text.inputs import tokenize
 
+    if args.new_tokens < 0:  # before the model loads (seconds to minutes): nothing to wait for
+        raise ValueError(f"--new-tokens must be 0 (no continuation) or more, got {args.new_tokens}")
     text = read_text_file(args.text_file)
     _as_tuned_by_default(args)
     loaded = load_model(args.model)
@@ -65,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
             "note: --new-tokens is for decoders (a greedy continuation); an encoder has none.",
             file=sys.stderr,
         )
-    if args.new_tokens < 0:
-        raise ValueError(f"--new-tokens must be 0 (no continuation) or more, got {args.new_tokens}")
     tok = tokenize(loaded.tokenizer, text, loaded.info.max_tokens)
     config = ATPConfig(
         rank=args.rank,
