@@ -58,7 +58,7 @@ _UNAVAILABLE = {
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _measurement(model_key: str, how: str, form: str, basis_source: str) -> np.ndarray:
+def _measurement(model_key: str, how: str, form: str, basis_source: str, centre: bool) -> np.ndarray:
     """The budget-free measurement a split is chosen from, once per server (and kept on disk by the
     library, so a restart reads it back)."""
     with (
@@ -66,12 +66,17 @@ def _measurement(model_key: str, how: str, form: str, basis_source: str) -> np.n
         widgets.progress("Choosing per-layer ranks...") as bar,
     ):
         return allocation.split_measurement(
-            how, runtime.get_model(model_key), form=form, basis_source=basis_source, progress=bar
+            how,
+            runtime.get_model(model_key),
+            form=form,
+            basis_source=basis_source,
+            centre_basis=centre,
+            progress=bar,
         )
 
 
 def layer_shares(
-    column, model_key: str, info: ModelInfo, budget: float, form: str, basis_source: str
+    column, model_key: str, info: ModelInfo, budget: float, form: str, basis_source: str, centre: bool
 ) -> Split:
     """The radio in ``column`` and what it chose. ``budget`` is the slider's rank as a share of L. A busy
     server is said on the page and falls back to one rank."""
@@ -103,7 +108,7 @@ def layer_shares(
         return Split(trained, note + "slider is set aside.", mean)
     try:
         # The spectra do not depend on the form: one measurement serves every form.
-        found = _measurement(model_key, how, form if how == MEASURED else "exact", basis_source)
+        found = _measurement(model_key, how, form if how == MEASURED else "exact", basis_source, centre)
     except BusyError as err:
         st.warning(f"{err} Showing one rank in every layer meanwhile.")
         return Split()

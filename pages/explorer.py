@@ -147,7 +147,7 @@ def _controls() -> ATPConfig | None:
     )
     e1, e2 = st.columns([3, 4])
     budget = rank if isinstance(rank, float) else rank / L
-    split = layer_split.layer_shares(e1, sel.model_key, info, budget, form, source)
+    split = layer_split.layer_shares(e1, sel.model_key, info, budget, form, source, centre)
     if split.note:
         e2.caption(split.note + (" The budget is shared over all layers; only the chosen ones run ATP." if
                            layer_spec.strip().lower() not in ("", "all") else ""))  # fmt: skip

@@ -239,7 +239,7 @@ def _perplexity(
         split = None
         if split_how:  # the spectra are measured once per weights and basis, then read from disk
             split = allocation.budget_splitter(
-                split_how, m, basis_source=basis_from, budget=split_budget,
+                split_how, m, basis_source=basis_from, centre_basis=centre, budget=split_budget,
                 progress=within(bar, 0.0, 0.05, "per-layer ranks: "),
             )  # fmt: skip
         rows = protocol.perplexity_grid(

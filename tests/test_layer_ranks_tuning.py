@@ -62,6 +62,9 @@ def test_layer_losses_run_one_layer_at_a_time(load):
 
     alone = loss(ATPConfig(rank=0.5, layers=(1,)))
     assert losses[1, 0] == pytest.approx(alone, rel=1e-6) and alone > 1e-4
+    centred = allocation.layer_losses(loaded, TEXTS, grid=2, centre_basis=True)  # what a centred run costs
+    alone_centred = loss(ATPConfig(rank=0.5, layers=(1,), centre_basis=True))
+    assert centred[1, 0] == pytest.approx(alone_centred, rel=1e-6) and abs(alone_centred - alone) > 1e-5
     assert loss(ATPConfig(rank=0.5)) > 2 * alone  # every layer at once is not what was measured
     with pytest.raises(ValueError, match="encoders"):
         allocation.layer_losses(load("tiny-llama"), TEXTS)
@@ -122,6 +125,29 @@ def test_training_chooses_measured_ranks_when_it_starts(load, tmp_path):
     assert meta["settings"]["layer_ranks"] == list(cfg.layer_ranks) and meta["layer_ranks_seconds"] > 0
     chosen = TuneConfig(model="tiny-bert", rank=0.375, layer_ranks=(0.5, 0.25), layer_ranks_from="given")
     assert training._choose_layer_ranks(chosen, load("tiny-bert"), lambda f, m: None) is chosen
+
+
+def test_a_centred_setting_chooses_its_ranks_with_the_centred_basis(load, tmp_path, monkeypatch):
+    """A centred run, and compare --centre-basis, split the budget by what the centred basis keeps or
+    costs, not by the plain basis's measurement."""
+    seen = []
+
+    def choose(how, loaded, share, **kwargs):
+        seen.append(kwargs.get("centre_basis"))
+        return (share, share), how
+
+    monkeypatch.setattr(allocation, "choose_layer_ranks", choose)
+    pending = TuneConfig(model="tiny-bert", rank=0.5, layer_ranks_from="measured", centre_basis=True)
+    assert training._choose_layer_ranks(pending, load("tiny-bert"), lambda f, m: None).layer_ranks == (
+        0.5,
+        0.5,
+    )
+    text = tmp_path / "t.txt"
+    text.write_text(TEXTS[0])
+    argv = ["compare", "--model", "tiny-bert", "--text-file", str(text), "--layer-ranks", "measured"]
+    assert main([*argv, "--centre-basis", "--json", str(tmp_path / "c.json")]) == 0
+    assert main([*argv, "--json", str(tmp_path / "p.json")]) == 0
+    assert seen == [True, True, False]
 
 
 def test_a_run_trains_and_evaluates_with_its_per_layer_ranks(tmp_path, monkeypatch):
@@ -231,7 +257,7 @@ def test_a_split_is_measured_once_per_weights_form_and_basis(load, tmp_path, mon
     real = allocation.layer_losses
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("form"))
+        calls.append(kwargs.get("form") + (" centred" if kwargs.get("centre_basis") else ""))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(allocation, "layer_losses", counted)
@@ -253,6 +279,9 @@ def test_a_split_is_measured_once_per_weights_form_and_basis(load, tmp_path, mon
         finally:
             weight[0, 0] -= 1.0
     assert calls == ["exact", "exact", "linear", "exact"]
+    allocation.split_measurement("measured", loaded, texts=TEXTS, centre_basis=True)  # another basis
+    allocation.split_measurement("measured", loaded, texts=TEXTS, centre_basis=True)
+    assert calls == ["exact", "exact", "linear", "exact", "exact centred"]
     with pytest.raises(ValueError, match="'spectrum' or 'measured'"):
         allocation.split_measurement("energy", loaded)
 

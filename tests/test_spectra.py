@@ -29,6 +29,30 @@ def test_singular_values_match_numpy(rng):
     )
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_basis_values_are_what_each_basis_keeps_column_by_column(rng, shape):
+    """The energy curve a split is chosen from is the energy the basis really keeps: with k columns of
+    principal_basis (plain or centred), ||U_k U_k^T X||^2 is the sum of the first k squared values."""
+    import torch
+
+    from atp_viz.core.basis import principal_basis
+
+    x = rng.normal(size=shape) + 3.0 * rng.normal(size=(1, shape[1]))  # a large mean token, as keys have
+    t = torch.from_numpy(x)
+    for centre in (False, True):
+        values = spectra.basis_values(x, centre=centre)
+        assert values.shape == (min(shape),)
+        for k in (1, 2, 5, min(shape)):
+            u = principal_basis(t, k, centre=centre)
+            kept = float((u @ (u.mT @ t)).square().sum())
+            assert (values[:k] ** 2).sum() == pytest.approx(kept, rel=1e-6), (centre, k)
+    plain, centred = spectra.basis_values(x), spectra.basis_values(x, centre=True)
+    # The plain SVD keeps the most energy at every k (Eckart-Young); the centred basis another amount, so a
+    # centred run gets its own split.
+    assert np.all(np.cumsum(centred**2) <= np.cumsum(plain**2) * (1 + 1e-9))
+    assert not np.allclose(np.cumsum(centred**2)[:-1], np.cumsum(plain**2)[:-1])
+
+
 def test_low_rank_matrix_has_low_rank_needed(rng):
     x = rng.normal(size=(50, 3)) @ rng.normal(size=(3, 20))  # rank 3
     sp = spectra.spectrum(x)

@@ -52,10 +52,12 @@ def layer_curves(
     texts: Sequence[str],
     *,
     basis_source: str = "input",
+    centre_basis: bool = False,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Each layer's cumulative energy curve of its basis source (attention input X, or the keys of
-    all kv heads side by side), averaged over ``texts``: ``[n_layers, grid + 1]``."""
+    all kv heads side by side), averaged over ``texts``: ``[n_layers, grid + 1]``; with
+    ``centre_basis``, the energy the centred basis keeps (:func:`spectra.basis_values`)."""
     if not texts:
         raise ValueError("No calibration texts.")
     total = np.zeros((loaded.info.n_layers, spectra.ALLOCATION_GRID + 1))
@@ -63,7 +65,7 @@ def layer_curves(
         cap = capture(loaded, text, attentions="none")
         for layer in cap.layers:
             src = layer.x if basis_source == "input" else layer.k.transpose(1, 0, 2).reshape(cap.n_tokens, -1)
-            total[layer.index] += spectra.energy_curve(spectra.singular_values(src))
+            total[layer.index] += spectra.energy_curve(spectra.basis_values(src, centre=centre_basis))
         if progress:
             progress((i + 1) / len(texts), f"calibration text {i + 1} of {len(texts)}")
     return total / len(texts)
@@ -75,12 +77,13 @@ def calibrated_layer_ranks(
     texts: Sequence[str] | None = None,
     *,
     basis_source: str = "input",
+    centre_basis: bool = False,
     progress: ProgressFn | None = None,
 ) -> tuple[float, ...]:
     """Per-layer shares of L with mean ``share``, from the calibration texts' spectra."""
     curves = layer_curves(
         loaded, calibration_texts(loaded) if texts is None else texts, basis_source=basis_source,
-        progress=progress,
+        centre_basis=centre_basis, progress=progress,
     )  # fmt: skip
     return spectra.allocate(curves, share)
 
@@ -104,6 +107,7 @@ def layer_losses(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    centre_basis: bool = False,
     grid: int = MEASURED_GRID,
     max_tokens: int = 128,
     progress: ProgressFn | None = None,
@@ -124,7 +128,13 @@ def layer_losses(
     out = np.zeros((n, grid))
     for layer in range(n):
         for k in range(1, grid + 1):
-            cfg = ATPConfig(rank=k / grid, form=form, layers=(layer,), basis_source=basis_source)
+            cfg = ATPConfig(
+                rank=k / grid,
+                form=form,
+                layers=(layer,),
+                basis_source=basis_source,
+                centre_basis=centre_basis,
+            )
             out[layer, k - 1] = 1.0 - float(
                 (embeddings(loaded, cfg, texts, max_tokens) * dense).sum(-1).mean()
             )
@@ -168,13 +178,14 @@ def measured_layer_ranks(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    centre_basis: bool = False,
     progress: ProgressFn | None = None,
 ) -> tuple[float, ...]:
     """Per-layer shares of L with mean ``share``, chosen by what each layer's rank costs the output on
     the calibration texts (training split; :func:`layer_losses`, :func:`allocate_measured`)."""
     losses = layer_losses(
         loaded, calibration_texts(loaded) if texts is None else texts, form=form,
-        basis_source=basis_source, progress=progress,
+        basis_source=basis_source, centre_basis=centre_basis, progress=progress,
     )  # fmt: skip
     return allocate_measured(losses, share)
 
@@ -227,17 +238,21 @@ def split_measurement(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    centre_basis: bool = False,
     texts: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """What a per-layer split is chosen from, whatever the budget: "spectrum", the calibration texts'
     energy curves (:func:`layer_curves`; the form plays no part), or "measured", each layer's loss at
-    each share (:func:`layer_losses`). Read from the disk cache when these weights, form, basis and
-    texts were measured before; otherwise measured (with ``progress``) and kept there."""
+    each share (:func:`layer_losses`), with the plain or the centred basis (``centre_basis``). Read from
+    the disk cache when these weights, form, basis and texts were measured before; otherwise measured
+    (with ``progress``) and kept there."""
     if how not in ("spectrum", "measured"):
         raise ValueError(f"A split is chosen from 'spectrum' or 'measured', not {how!r}.")
     texts = calibration_texts(loaded) if texts is None else list(texts)
-    params = {"basis_source": basis_source}
+    params: dict = {"basis_source": basis_source}
+    if centre_basis:  # only then: the plain basis's files, measured before it existed, keep their names
+        params["centre_basis"] = True
     if how == "measured":
         params.update(form=form, grid=MEASURED_GRID)
     else:
@@ -248,9 +263,13 @@ def split_measurement(
     except (OSError, ValueError):  # not measured yet, or a file cut short: measure again
         pass
     if how == "measured":
-        out = layer_losses(loaded, texts, form=form, basis_source=basis_source, progress=progress)
+        out = layer_losses(
+            loaded, texts, form=form, basis_source=basis_source, centre_basis=centre_basis, progress=progress
+        )
     else:
-        out = layer_curves(loaded, texts, basis_source=basis_source, progress=progress)
+        out = layer_curves(
+            loaded, texts, basis_source=basis_source, centre_basis=centre_basis, progress=progress
+        )
     try:  # written aside, then renamed: two sessions measuring at once never read half a file
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(f".{os.getpid()}.part")
@@ -280,6 +299,7 @@ def choose_layer_ranks(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    centre_basis: bool = False,
     progress: ProgressFn | None = None,
 ) -> tuple[tuple[float, ...], str]:
     """``(shares, source)`` for ``how``: "measured", "spectrum", or shares of L typed by the user (one
@@ -289,7 +309,9 @@ def choose_layer_ranks(
     if not isinstance(share, float):
         raise ValueError("Per-layer ranks share a budget given as a share of L (e.g. 0.25), not a key count.")
     if how in ("measured", "spectrum"):
-        found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
+        found = split_measurement(
+            how, loaded, form=form, basis_source=basis_source, centre_basis=centre_basis, progress=progress
+        )
         return split_budget(how, found, share), how
     return given_shares(how, loaded), "given"
 
@@ -320,6 +342,7 @@ def budget_splitter(
     *,
     form: str = "exact",
     basis_source: str = "input",
+    centre_basis: bool = False,
     budget: float | None = None,
     progress: ProgressFn | None = None,
 ) -> Callable[[float], tuple[float, ...] | None]:
@@ -329,7 +352,9 @@ def budget_splitter(
     may differ from their mean by the split's rounding) only, and any other budget keeps one rank (None)."""
     how = (how or "").strip()
     if how in ("measured", "spectrum"):
-        found = split_measurement(how, loaded, form=form, basis_source=basis_source, progress=progress)
+        found = split_measurement(
+            how, loaded, form=form, basis_source=basis_source, centre_basis=centre_basis, progress=progress
+        )
         return lambda share: split_budget(how, found, share)
     shares = given_shares(how, loaded)
     serves = float(np.mean(shares)) if budget is None else float(budget)

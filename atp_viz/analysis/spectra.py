@@ -94,6 +94,20 @@ def singular_values(
     return torch.linalg.svdvals(t).numpy()
 
 
+def basis_values(x: np.ndarray | torch.Tensor, *, centre: bool = False) -> np.ndarray:
+    """The singular values of ``x`` ``[L, d]`` in the order a basis of it keeps them (their squares: the
+    energy each further column keeps). ``centre=True``: the centred basis's
+    (:func:`atp_viz.core.basis.principal_basis`): its mean column keeps sqrt(L) |mean token|, then the
+    centred input's singular values follow; as many values as ``x`` has (min(L, d)). The mean's value
+    need not be the largest, so this curve need not be concave at its first step."""
+    if not centre:
+        return singular_values(x)
+    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+    mean_part = float(np.sqrt(t.shape[0]) * np.linalg.norm(np.asarray(t).mean(axis=0)))
+    s = singular_values(x, centered=True)
+    return np.concatenate([[mean_part], s])[: min(t.shape)]
+
+
 def spectrum(x: np.ndarray | torch.Tensor, *, centered: bool = False, skip_first: bool = False) -> Spectrum:
     s = singular_values(x, centered=centered, skip_first=skip_first)
     n_rows = x.shape[0] - (1 if skip_first else 0)

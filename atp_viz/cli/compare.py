@@ -167,7 +167,7 @@ def _layer_ranks(args: argparse.Namespace, loaded) -> tuple[float, ...] | None:
 
     shares, _ = choose_layer_ranks(  # measured the first time for a form and basis: about 35 s on MiniLM
         args.layer_ranks, loaded, args.rank, form=args.form, basis_source=args.basis,
-        progress=stderr_progress(),
+        centre_basis=args.centre_basis, progress=stderr_progress(),
     )  # fmt: skip
     return shares
 

@@ -214,8 +214,9 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dic
         shares = allocation.given_shares(how, loaded)
         budget = allocation.typed_budget(shares, trained["layer_ranks"], trained["rank"])
     split = allocation.budget_splitter(
-        how, loaded, basis_source=basis_from, budget=budget, progress=stderr_progress()
-    )
+        how, loaded, basis_source=basis_from, centre_basis=args.centre_basis, budget=budget,
+        progress=stderr_progress(),
+    )  # fmt: skip
     if any(split(r) is None for r in args.ranks):
         raise ValueError(
             f"The per-layer shares serve r = {budget!r} L: give it as the one rank (--ranks {budget!r})."

@@ -343,8 +343,9 @@ def _choose_layer_ranks(cfg: TuneConfig, loaded: LoadedModel, say: ProgressFn) -
     from atp_viz.analysis.allocation import choose_layer_ranks
 
     shares, _ = choose_layer_ranks(
-        cfg.layer_ranks_from, loaded, cfg.rank, form=cfg.form, basis_source=cfg.basis_from, progress=say
-    )
+        cfg.layer_ranks_from, loaded, cfg.rank, form=cfg.form, basis_source=cfg.basis_from,
+        centre_basis=cfg.centre_basis, progress=say,
+    )  # fmt: skip
     logger.info("per-layer ranks (%s): %s", cfg.layer_ranks_from, shares)
     return replace(cfg, layer_ranks=shares)
 
