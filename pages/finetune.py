@@ -125,6 +125,12 @@ with st.form("tune_form"):
         help="What U_r decomposes: the attention input X (the paper) or the keys. On MiniLM, untuned, the "
         "keys' basis keeps the exact form closer to dense (the README's table).",
     )  # fmt: skip
+    centre_basis = e2.checkbox(
+        "Centred basis", key="tune_centre_basis",
+        help="The mean token as U_r's first column, the top r - 1 directions of the centred input after it: "
+        "the same rank and cost. Not the paper's; what it changes, untuned and tuned, is measured in the "
+        "README ('A centred basis').",
+    )  # fmt: skip
     attention = e3.radio(
         "Train with", list(TRAIN_ATTENTION), key="tune_attention", format_func=TRAIN_ATTENTION.get,
         help="Decoders: 'dense' trains the same adapters with the same data and loss but dense attention "
@@ -160,7 +166,7 @@ if start:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
             lora_r=int(lora_r), lora_alpha=2 * int(lora_r), transfer_steps=int(transfer_steps),
-            rank_mode=rank_mode, basis_from=basis_from, attention=attention,
+            rank_mode=rank_mode, basis_from=basis_from, centre_basis=centre_basis, attention=attention,
             layer_ranks_from=layer_ranks_from,
         )  # fmt: skip
         training.check_trains(cfg)

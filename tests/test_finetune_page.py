@@ -78,6 +78,18 @@ def test_the_page_passes_per_layer_ranks_on(tmp_path, monkeypatch):
     assert "per layer (measured)" in job.cfg.label()
 
 
+def test_the_page_passes_the_centred_basis_on(tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch)
+    at.selectbox(key="tune_model").set_value("tiny-bert")
+    at.radio(key="tune_basis_from").set_value("keys")
+    at.checkbox(key="tune_centre_basis").check()
+    with heavy_job("rank sweep"):  # the job starts and is refused at once: nothing is trained here
+        at.button[0].click().run()
+        assert not at.exception, at.exception
+        job = _finished(at)
+    assert job.cfg.centre_basis and job.cfg.basis_from == "keys" and "centred" in job.cfg.label()
+
+
 def test_a_run_the_model_cannot_take_is_refused_before_it_starts(tmp_path, monkeypatch):
     """Nothing to train (0 + 0 steps), or measured per-layer ranks on a decoder: an error at Start and no
     job, not a job that fails (or saves an untrained run) after it started."""
