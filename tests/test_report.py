@@ -107,6 +107,9 @@ def test_a_report_into_a_used_folder_leaves_nothing_of_the_earlier_one(load, tmp
         (out / name).write_text("from an earlier report, or the user's")
     make_report(load("tiny-bert"), TEXT, out, ReportSettings(ranks=(2,)))
     assert (out / "capture.npz").exists()  # no report.html: not a report's folder, nothing removed
+    # ... but the files with a report's names that it did not write are named, not passed off as its own
+    said = "also holds capture.npz, figures/map_dense.png, not written by this report (left as they were)"
+    assert said in (out / "report.html").read_text()
     make_report(load("tiny-bert"), TEXT, out, ReportSettings(ranks=(2,)))  # now it is one
     assert not (out / "capture.npz").exists() and not (out / "figures" / "map_dense.png").exists()
     assert (out / "my_notes.txt").exists() and (out / "figures" / "my_plot.png").exists()  # not a report's

@@ -235,6 +235,17 @@ def _clear_earlier_report(out: Path) -> list[str]:
     return removed
 
 
+def _not_written_here(out: Path, written: list[Path]) -> str | None:
+    """A sentence naming the files in ``out`` with a report's own names that this report did not write
+    (a folder without an earlier report.html is not cleared, and this report may leave out capture.npz
+    or the figures): they are left as they are, but they are not this report's."""
+    names = [name for name in OWN_FILES if name != "report.html"] + [f"figures/{n}.png" for n in FIGURE_NAMES]
+    others = [name for name in names if (out / name).is_file() and out / name not in written]
+    if not others:
+        return None
+    return f"This folder also holds {', '.join(others)}, not written by this report (left as they were)."
+
+
 def make_report(
     loaded: LoadedModel,
     text: str,
@@ -306,10 +317,10 @@ def make_report(
     write("sweep.json", export.table_json(rows))
     if settings.write_capture:
         write("capture.npz", export.capture_npz(cap))
-    png_note = _write_pngs(sections, settings, write)
-    if png_note:
-        report.notes.append(png_note)
-        say(0.95, png_note)
+    for note in (_write_pngs(sections, settings, write), _not_written_here(out, report.files)):
+        if note:
+            report.notes.append(note)
+            say(0.95, note)
     facts = {
         "sweep ranks": ", ".join(map(str, ranks)) + f" ({', '.join(forms.names())})",
         "sweep metric": sweep.metric,
