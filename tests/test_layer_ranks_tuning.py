@@ -127,6 +127,19 @@ def test_training_chooses_measured_ranks_when_it_starts(load, tmp_path):
     assert training._choose_layer_ranks(chosen, load("tiny-bert"), lambda f, m: None) is chosen
 
 
+def test_the_runs_tables_caption_is_no_one_runs_per_layer_ranks():
+    """The caption under the README's runs table says what every row scored; a run with its own per-layer
+    ranks (each row shows its shares) must not lend it its note, whichever file sorts first."""
+    from pathlib import Path
+
+    runs_dir = Path(__file__).resolve().parent.parent / "docs" / "finetune-runs"
+    runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("minilm-exact-keys-*r0.25*.json"))]
+    per_layer = [r for r in runs if r["settings"].get("layer_ranks")]
+    assert per_layer and runs[0] is per_layer[0]  # the case: a per-layer run sorts first
+    caption = render_runs(runs).split("\n\n", 1)[1]
+    assert "per-layer ranks" not in caption and "475 held-out texts" in caption
+
+
 def test_a_centred_setting_chooses_its_ranks_with_the_centred_basis(load, tmp_path, monkeypatch):
     """A centred run, and compare --centre-basis, split the budget by what the centred basis keeps or
     costs, not by the plain basis's measurement."""

@@ -357,7 +357,12 @@ def render_runs(data: list[dict]) -> str:
     head += ["tuned weights, dense attention", "minutes (train + eval)", "threads, load at end",
              "skipped steps", "adapters in data/tuned"]  # fmt: skip
     plain = [d for d in data if not d["settings"].get("window")]  # a window run's note says more than its row
-    usual = [d for d in plain if decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS]
+    # The caption is one run's description of what was scored: not one naming its own per-layer ranks
+    # (each such row shows its shares) nor one scored on shorter texts.
+    usual = [
+        d for d in plain
+        if (decoder or texts_of(d["settings"]) == PROTOCOL_TOKENS) and not d["settings"].get("layer_ranks")
+    ]  # fmt: skip
     what = (usual or data)[0]["metrics"]["what"]
     if not decoder and any(texts_of(d["settings"]) != PROTOCOL_TOKENS for d in data):
         what += (
