@@ -46,7 +46,7 @@ def test_a_shipped_minilm_run_gains_over_untuned_what_its_json_says(run):
     texts, _ = protocol.heldout_texts(base.tokenizer, max_tokens=s["max_tokens"], max_texts=32)
     cfg = ATPConfig(
         rank=s["rank"], form=s["form"], basis_source=s.get("basis_from", "input"),
-        centre_basis=s.get("centre_basis", False),
+        centre_basis=s.get("centre_basis", False), layer_ranks=tuple(s.get("layer_ranks") or ()) or None,
     )  # fmt: skip
     dense = embeddings(base, None, texts, s["max_tokens"])
     now = float(np.mean((embeddings(tuned, cfg, texts, s["max_tokens"]) * dense).sum(-1)))
