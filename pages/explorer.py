@@ -10,7 +10,7 @@ from atp_app.sidebar import page_inputs
 from atp_viz import forms
 from atp_viz.analysis import compare, token_view
 from atp_viz.core.basis import METHOD_LABELS, METHODS, NonFiniteError
-from atp_viz.core.ranks import format_layer_shares, parse_layers
+from atp_viz.core.ranks import format_layer_shares, parse_layers, resolve_rank
 from atp_viz.deploy import urlstate
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import maps as maps_fig
@@ -174,13 +174,61 @@ def _adopt(view: dict[str, str]) -> None:
         state.put(name, value)
 
 
+def _tuned_notes(trained: dict, config: ATPConfig) -> list[str]:
+    """What the rows here do not share with how the run was tuned, one sentence each (all of them)."""
+    if trained.get("attention", "atp") == "dense":
+        return [
+            "This is a dense-tuned control: it was tuned with dense attention and trained no ATP parameter, "
+            "so every ATP row is a setting it never trained for. It separates what ATP costs a tuned model "
+            "from what tuning on docstrings buys (README: 'A dense control')."
+        ]
+    notes = []
+    if info.is_decoder:
+        window = " with an exact window and the rest of the past compressed" if trained.get("window") else ""
+        notes.append(
+            f"This model was tuned in the strictly causal chunked mode{window}; the rows here run ATP over "
+            "the whole text at once. The Serving page's perplexity (as it was tuned) measures the setting it "
+            "was trained for."
+        )
+    if trained.get("layer_ranks") and tuple(trained["layer_ranks"]) != config.layer_ranks:
+        shares, mean = format_layer_shares(trained["layer_ranks"]), f"{trained['rank']:g}"
+        notes.append(
+            f"This model was tuned with its own rank per layer ({shares} of L, mean {mean}); the rows here "
+            f"run other ranks (`python -m atp_viz compare --rank {mean} --layer-ranks {shares}`: its "
+            "own)."
+        )
+    basis = trained.get("basis_from", "input")
+    if (
+        basis != config.basis_source
+        or trained["form"] != config.form
+        or bool(trained.get("centre_basis")) != config.centre_basis
+    ):
+        notes.append(
+            "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
+            "setting it never trained for."
+        )
+    return notes
+
+
+def _shows(view: dict[str, str]) -> bool:
+    """Whether the explorer shows this view already (the rank compared in tokens, whatever its unit)."""
+    for name, value in view.items():
+        if name == "rank":
+            same = state.rank_tokens(L) == resolve_rank(urlstate.parse_rank(value, L)[1], L)[0]
+        else:
+            same = state.get(name) == value
+        if not same:
+            return False
+    return True
+
+
 def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: compare.Forward) -> None:
     """A fine-tuned model: the original model dense and with ATP untuned, next to this model."""
     try:
         meta = tuned.read_settings(sel.model_key.removeprefix(TUNED_PREFIX))
         base_key = meta["base_model"]
         base_dense = runtime.dense_forward(base_key, sel.text)
-        base_run = compare.forward(runtime.get_model(base_key), runtime.tokenized(base_key, sel.text), config)
+        base_run = runtime.atp_forward(base_key, sel.text, config, ())  # cached: a click does not rerun it
     except (ModelLoadError, KeyError, NonFiniteError) as err:
         st.warning(f"Cannot show the original model next to this tuned one: {err}")
         return
@@ -191,38 +239,25 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
         f"tuned model, {config.label()}": tuned_run,
     }
     trained = meta["settings"]
-    basis = trained.get("basis_from", "input")
+    if trained.get("attention", "atp") == "dense":
+        how = "a dense-tuned control, trained without ATP"
+    else:
+        basis = BASIS_SOURCES.get(trained.get("basis_from", "input"), trained.get("basis_from"))
+        if trained.get("centre_basis"):
+            basis = "centred basis from " + basis.removesuffix(
+                " (paper)"
+            )  # the centred basis is not the paper's
+        else:
+            basis = "basis from " + basis
+        how = f"this model was tuned at {tuned.trained_setting(trained)}, {trained['form']} form, {basis}"
     st.markdown(
-        f"**Before / after fine-tuning** (this model was tuned at {tuned.trained_setting(trained)}, "
-        f"{trained['form']} form, {'centred ' if trained.get('centre_basis') else ''}basis from "
-        f"{BASIS_SOURCES.get(basis, basis)}; the current setting is "
-        f"{config.label()}). Every row is measured against the *original* model's dense run on this text."
+        f"**Before / after fine-tuning** ({how}; the current setting is {config.label()}). Every row is "
+        "measured against the *original* model's dense run on this text."
     )
-    if trained.get("window"):
-        st.info(
-            "This model was tuned in the strictly causal chunked mode, with an exact window and the rest of "
-            "the past compressed; the rows here run ATP over the whole text at once. The Serving page's "
-            "perplexity (exact window and sinks as it was tuned) measures the setting it was trained for."
-        )
-    elif trained.get("layer_ranks") and tuple(trained["layer_ranks"]) != config.layer_ranks:
-        shares, mean = format_layer_shares(trained["layer_ranks"]), f"{trained['rank']:g}"
-        st.info(
-            f"This model was tuned with its own rank per layer ({shares} of L, mean {mean}); the rows here "
-            "run other ranks. Pick 'as this model was tuned' under *Ranks per layer* to see the setting it "
-            f"was trained for (`python -m atp_viz compare --rank {mean} --layer-ranks {shares}` on the "
-            "command line)."
-        )
-    elif (
-        basis != config.basis_source
-        or trained["form"] != config.form
-        or bool(trained.get("centre_basis")) != config.centre_basis
-    ):
-        st.info(
-            "The current form or basis is not the one this model was tuned with, so its ATP rows show a "
-            "setting it never trained for: the button below shows what training did."
-        )
-    as_tuned = urlstate.tuned_view(trained, L)
-    if as_tuned is not None and any(state.get(name) != value for name, value in as_tuned.items()):
+    for note in _tuned_notes(trained, config):
+        st.info(note)
+    as_tuned = None if trained.get("attention", "atp") == "dense" else urlstate.tuned_view(trained, L)
+    if as_tuned is not None and not _shows(as_tuned):
         st.button(
             "Show the setting it was tuned with",
             key="explorer_as_tuned",

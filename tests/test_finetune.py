@@ -275,6 +275,32 @@ def test_explorer_shows_a_tuned_model_next_to_dense_and_untuned(tmp_path, monkey
     assert (at.query_params["basis"], at.query_params["rank"]) == ("input", "0.50")
     assert not [i for i in at.info if "never trained for" in i.value]
     assert not [b for b in at.button if b.key == "explorer_as_tuned"]
+    at.radio(key="rank_unit").set_value("tokens").run()  # the same rank in another unit: the same setting
+    assert not [b for b in at.button if b.key == "explorer_as_tuned"]
+
+
+def test_the_explorer_says_a_dense_control_trained_no_atp_setting(tmp_path, monkeypatch):
+    """A dense-tuned control trained no ATP setting: the before/after table says so, claims no 'tuned at'
+    setting and offers no button to show one; a decoder's rows are said to run over the whole text."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    cfg = TuneConfig(model="tiny-llama", attention="dense", transfer_steps=0, steps=1, seq_len=96, chunk=16,
+                     eval_windows=1)  # fmt: skip
+    run = training.train(cfg, texts=[" ".join(SHORT_TEXTS)]).out_dir
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.switch_page("pages/explorer.py")
+    at.query_params["model"] = f"{TUNED_PREFIX}{run}"
+    at.run()
+    assert not at.exception, at.exception
+    heading = next(m.value for m in at.markdown if m.value.startswith("**Before / after"))
+    assert "dense-tuned control, trained without ATP" in heading and "tuned at" not in heading
+    infos = " ".join(i.value for i in at.info)
+    assert "dense-tuned control" in infos and "strictly causal chunked mode" not in infos
+    at.slider(key="rank_frac").set_value(0.25).run()  # off its default ATP rows: still nothing to go back to
+    assert not [b for b in at.button if b.key == "explorer_as_tuned"]
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):

@@ -250,6 +250,10 @@ def test_the_explorer_runs_a_per_layer_run_as_it_was_tuned(tmp_path, monkeypatch
     assert not at.exception, at.exception
     notes = [i.value for i in at.info if "its own rank per layer" in i.value]
     assert notes and "--rank 0.375 --layer-ranks 0.5,0.25" in notes[0]
+    at.radio(key="basis_source").set_value("keys").run()  # a second difference: both are said
+    assert [i for i in at.info if "its own rank per layer" in i.value]
+    assert [i for i in at.info if "never trained for" in i.value]
+    at.radio(key="basis_source").set_value("input").run()
     at.radio(key="layer_split").set_value("tuned").run()
     assert not at.exception, at.exception
     assert not [i.value for i in at.info if "its own rank per layer" in i.value]
