@@ -44,6 +44,7 @@ def test_a_run_refused_by_the_heavy_job_cap_leaves_no_progress_bar(tmp_path, mon
     at.run()
     assert not at.exception, at.exception
     assert any("Another heavy job is running (rank sweep" in w.value for w in at.warning)
+    assert not any("BusyError" in w.value for w in at.warning)  # a refusal, not a crash with a class name
     assert not at.get("progress")  # once showed a "Starting... (0 s)" bar that never went away
 
 

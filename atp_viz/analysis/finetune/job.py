@@ -10,6 +10,7 @@ from pathlib import Path
 
 from atp_viz.analysis.finetune.config import Cancelled, TuneConfig, TuneResult, default_out_dir
 from atp_viz.analysis.finetune.training import train
+from atp_viz.deploy.jobs import BusyError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class TuneJob:
                 )
             with self._lock:
                 self.result = res
-        except Cancelled as err:
+        except (Cancelled, BusyError) as err:  # a user's cancel, or the cap on heavy jobs: no failure
             with self._lock:
                 self.error = str(err)
         except Exception as err:  # noqa: BLE001 - shown to the user; the app keeps running
