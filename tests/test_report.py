@@ -184,3 +184,25 @@ def test_report_files_are_readable_without_pickle(report_dir):
     for name in ("spectra.npz", "capture.npz"):
         with np.load(io.BytesIO((report_dir / name).read_bytes()), allow_pickle=False) as npz:
             assert npz.files
+
+
+def test_a_report_on_a_tuned_model_does_not_call_it_untuned(tmp_path, capsys, monkeypatch):
+    """The report reads any model with the paper's basis and one rank; on a tuned run it says so (page and
+    terminal) instead of calling the model untuned."""
+    from atp_viz.analysis.finetune import training
+    from atp_viz.analysis.finetune.config import TuneConfig
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path / "cache"))
+    run = training.train(
+        TuneConfig(model="tiny-bert", steps=1, batch=4, eval_texts=4), texts=[TEXT] * 8
+    ).out_dir
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    argv = ["report", "--text-file", str(text), "--ranks", "2", "--no-png"]
+    assert main([*argv, "--model", f"tuned:{run}", "--out", str(tmp_path / "tuned")]) == 0
+    page = (tmp_path / "tuned" / "report.html").read_text()
+    assert "Untuned model" not in page and "A fine-tuned model, read here with the paper's basis" in page
+    assert "note: a tuned model is read here" in capsys.readouterr().err
+    assert main([*argv, "--model", "tiny-bert", "--out", str(tmp_path / "plain")]) == 0
+    assert "Untuned model" in (tmp_path / "plain" / "report.html").read_text()
+    assert "note: a tuned model" not in capsys.readouterr().err

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.text_file)
     say(0.0, f"loading {args.model}")
     loaded = load_model(args.model)
+    if args.model.startswith("tuned:"):
+        say(0.0, "note: a tuned model is read here with the paper's basis and one rank in every layer, "
+            "not as it was tuned; `python -m atp_viz compare` reads it as it was tuned")  # fmt: skip
     settings = ReportSettings(
         ranks=tuple(args.ranks) if args.ranks else None,
         form=args.form,

@@ -30,7 +30,7 @@ from atp_viz.core.ranks import resolve_rank
 from atp_viz.figures import maps as maps_fig
 from atp_viz.figures import plots
 from atp_viz.hf.engine import ATPConfig
-from atp_viz.hf.model_info import LoadedModel
+from atp_viz.hf.model_info import TUNED_PREFIX, LoadedModel
 from atp_viz.outputs import export
 from atp_viz.text.inputs import readable_tokens, tokenize
 
@@ -112,11 +112,16 @@ def _header(loaded: LoadedModel, cap: Any, settings: ReportSettings, facts: dict
     )
     text = cap.text
     preview = text if len(text) <= TEXT_PREVIEW else text[:TEXT_PREVIEW] + " ..."
+    tuning = (
+        "A fine-tuned model, read here with the paper's basis (from X) and one rank in every layer, "
+        "whatever it was tuned with: <code>python -m atp_viz compare</code> reads it as it was tuned."
+        if i.key.startswith(TUNED_PREFIX)
+        else "Untuned model: the paper's accuracy figures were measured after fine-tuning."
+    )
     parts = [
         "<h1>ATP report</h1>",
         "<p>Attention on Top Principal keys (arXiv 2403.02352): how low-rank this model's attention inputs "
-        "are on this text, and what ATP loses at each rank. Untuned model: the paper's accuracy figures "
-        "were measured after fine-tuning.</p>",
+        f"are on this text, and what ATP loses at each rank. {tuning}</p>",
         f"<table>\n{table}\n</table>",
         f"<p>Text ({len(text):,} characters):</p><pre>{html.escape(preview)}</pre>",
     ]
