@@ -264,6 +264,20 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
     out = tmp_path / "c.json"
     assert main([*compare, "--json", str(out)]) == 0  # no --rank: the shares' mean is the budget
     assert json.loads(out.read_text())["config"]["rank"] == 0.375
+    split = [
+        "perplexity",
+        "--model",
+        "tiny-llama",
+        "--forms",
+        "exact",
+        "--windows",
+        "1",
+        "--layer-ranks",
+        "0.5,0.25",
+    ]
+    assert main(split) == 2  # no --ranks: the default ranks are key counts, and the message says so
+    err = capsys.readouterr().err
+    assert "give --ranks as shares" in err and "without --ranks, the default ranks do" in err
 
 
 def test_generate_compares_caches_and_reads_a_tuned_run_as_tuned(tmp_path, text_file, capsys):

@@ -204,7 +204,9 @@ def _layer_split(args: argparse.Namespace, loaded, basis_from: str, trained: dic
         return None
     if any(not isinstance(r, float) for r in args.ranks):
         raise ValueError(
-            "--layer-ranks shares budgets given as shares of L (e.g. --ranks 0.5,0.25), not key counts."
+            "--layer-ranks shares budgets given as shares of L: give --ranks as shares (e.g. --ranks "
+            f"0.5,0.25); the ranks here, {','.join(map(str, args.ranks))}, include key counts (without "
+            "--ranks, the default ranks do)."
         )
     how = args.layer_ranks.strip()
     if how == "measured":
