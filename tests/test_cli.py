@@ -245,6 +245,14 @@ def test_a_run_tuned_with_a_centred_basis_is_read_with_it(tmp_path, text_file, c
     assert main([*gen, "--json", str(out)]) == 0 and json.loads(out.read_text())["centre_basis"] is True
     assert main([*argv[:-4], "--forms", "linear", "--basis-update", "moments"]) == 2
     assert "--centre-basis needs --basis-update recompute" in capsys.readouterr().err
+    per_layer = TuneConfig(model="tiny-llama", rank=0.375, layer_ranks=(0.5, 0.25), layer_ranks_from="given",
+                           steps=1, seq_len=48, chunk=16, eval_windows=1)  # fmt: skip
+    run = training.train(per_layer, tmp_path / "per-layer", texts=[text_file.read_text() * 6]).out_dir
+    gen[2] = f"tuned:{run}"
+    assert main([*gen, "--json", str(out)]) == 0  # generation has one rank: said, not hidden
+    assert "tuned with its own rank per layer (0.5,0.25 of L); generation runs one rank, r = 0.375" in (
+        capsys.readouterr().err
+    )
 
 
 def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, text_file, capsys):

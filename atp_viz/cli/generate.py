@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atp_viz.analysis import serving
-    from atp_viz.core.ranks import describe_window, resolve_rank
+    from atp_viz.core.ranks import describe_window, format_layer_shares, resolve_rank
     from atp_viz.hf.models import load_model
     from atp_viz.hf.tuned import as_tuned
     from atp_viz.text.inputs import tokenize
@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
             f"note: this model was tuned behind an {describe_window(trained['window'], trained['sinks'])}; "
             "generation compresses the whole prompt without one (perplexity and bench --prefill read it as "
             "tuned).",
+            file=sys.stderr,
+        )
+    if trained["layer_ranks"]:  # generation has one rank for every layer (serving.generate)
+        shares = format_layer_shares(trained["layer_ranks"])
+        print(
+            f"note: this model was tuned with its own rank per layer ({shares} of L); generation runs one "
+            f"rank, r = {args.rank:g}, in every layer (perplexity reads it as tuned).",
             file=sys.stderr,
         )
     loaded = load_model(args.model)
