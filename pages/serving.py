@@ -8,7 +8,13 @@ from atp_app.sidebar import offer_decoder, page_inputs
 from atp_viz import forms
 from atp_viz.analysis import allocation, protocol, serving
 from atp_viz.core.progress import within
-from atp_viz.core.ranks import RANK_MODE_LABELS, RANK_MODES, describe_window, resolve_rank
+from atp_viz.core.ranks import (
+    RANK_MODE_LABELS,
+    RANK_MODES,
+    describe_window,
+    format_layer_shares,
+    resolve_rank,
+)
 from atp_viz.deploy.jobs import BusyError
 from atp_viz.figures import plots
 from atp_viz.hf.engine import BASIS_SOURCES
@@ -108,8 +114,15 @@ if widgets.run_button("Generate", "serve_go", (sel.model_key, sel.text), type="p
     k4.metric("KV cache, dense", f"{dense.kv_cache_bytes / 1e6:.2f} MB")
     if trained["rank"] is not None:
         centred = ", centred" if trained["centre_basis"] else ""
+        per_layer = (
+            f" It was tuned with its own rank per layer ({format_layer_shares(trained['layer_ranks'])} of "
+            "L); generation runs one rank in every layer (the perplexity below reads it as tuned)."
+            if trained["layer_ranks"]
+            else ""
+        )
         st.caption(
             f"The prompt's basis: the {BASIS_SOURCES[trained['basis_from']]}{centred}, as this run was tuned."
+            + per_layer
         )
     dec = [loaded.tokenizer.decode([i]) for i in dense.new_ids]
     atp_dec = [loaded.tokenizer.decode([i]) for i in comp.new_ids]

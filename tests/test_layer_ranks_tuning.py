@@ -467,3 +467,24 @@ def test_perplexity_takes_per_layer_ranks(tmp_path, monkeypatch):
     assert row["layer_ranks"] == [0.5, 0.25] and row["attended_share"] > 0
     for ranks, how in (("0.5", "0.5,0.25"), ("16", "spectrum"), ("0.5", "measured")):
         assert main([*argv, "--ranks", ranks, "--layer-ranks", how, "--json", str(out)]) == 2
+
+
+def test_the_serving_page_says_generation_runs_one_rank_for_a_per_layer_run(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from atp_viz.hf.model_info import TUNED_PREFIX
+
+    monkeypatch.setenv("ATP_VIZ_CACHE", str(tmp_path))
+    cfg = TuneConfig(model="tiny-llama", rank=0.375, layer_ranks=(0.5, 0.25), layer_ranks_from="given",
+                     steps=1, seq_len=48, chunk=16, eval_windows=1)  # fmt: skip
+    run = training.train(cfg, texts=[" ".join(TEXTS) * 4]).out_dir
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.switch_page("pages/serving.py")
+    at.query_params["model"] = f"{TUNED_PREFIX}{run}"
+    at.run()
+    at.button(key="serve_go").click().run()
+    assert not at.exception, at.exception
+    said = "own rank per layer (0.5,0.25 of L); generation runs one rank in every layer"
+    assert any(said in c.value for c in at.caption)
