@@ -155,13 +155,10 @@ with st.form("tune_form"):
     )
     start = st.form_submit_button("Start fine-tuning", disabled=busy, type="primary")
 if start:
-    if attention == "dense" and transfer_steps:
-        # the form's default of 200 would make every control fail; say what is dropped instead
-        st.info(
-            f"A dense control has no stage 1 (layer-wise transfer fits ATP to dense attention): its "
-            f"{int(transfer_steps)} stage-1 steps are not run."
-        )
-        transfer_steps = 0
+    # A dense control has no stage 1: the form's default of 200 would make every control fail, so the
+    # steps are dropped, and said once the run starts.
+    dropped = int(transfer_steps) if attention == "dense" else 0
+    transfer_steps = 0 if dropped else transfer_steps
     try:
         cfg = TuneConfig(
             model=model, rank=float(rank), form=form, steps=int(steps), lr=float(lr),
@@ -174,6 +171,11 @@ if start:
     except (ValueError, ModelLoadError) as err:
         st.error(str(err))
     else:
+        if dropped:
+            st.info(
+                "A dense control has no stage 1 (layer-wise transfer fits ATP to dense attention): its "
+                f"{dropped} stage-1 steps are not run."
+            )
         limit = settings.max_heavy_jobs
         st.session_state.tune_job = TuneJob(cfg, guard=lambda: jobs.heavy_job("fine-tuning", limit))
         job = st.session_state.tune_job

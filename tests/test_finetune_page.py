@@ -109,3 +109,14 @@ def test_a_run_the_model_cannot_take_is_refused_before_it_starts(tmp_path, monke
     assert not at.exception, at.exception
     assert any("Measured per-layer ranks are for encoders" in e.value for e in at.error)
     assert "tune_job" not in at.session_state
+    # A dense control on an encoder is refused, and the page does not also say its stage 1 is dropped
+    # (as if the run went ahead).
+    at.selectbox(key="tune_model").set_value("tiny-bert")
+    at.radio(key="tune_layer_ranks").set_value("")
+    at.radio(key="tune_attention").set_value("dense")
+    at.number_input(key="tune_transfer_steps").set_value(200)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("A dense control is for decoders" in e.value for e in at.error)
+    assert not any("stage-1 steps are not run" in i.value for i in at.info)
+    assert "tune_job" not in at.session_state

@@ -304,7 +304,10 @@ def check_trains(cfg: TuneConfig) -> None:
     """ValueError when a run would train nothing (0 + 0 steps): asked where a user starts a run (the page,
     the command line); ``train`` itself takes such a run, the base model with an evaluation."""
     if not (cfg.steps or cfg.transfer_steps):
-        raise ValueError("Both stages have 0 steps (--steps, --transfer-steps): nothing would be trained.")
+        raise ValueError(
+            "Both stages have 0 steps (stage 1, layer-wise transfer: --transfer-steps; stage 2, end to end: "
+            "--steps): nothing would be trained."
+        )
 
 
 def check_fits(cfg: TuneConfig, info: ModelInfo) -> None:
