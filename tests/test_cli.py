@@ -271,7 +271,13 @@ def test_impossible_outputs_and_lengths_are_refused_before_any_work(tmp_path, te
     assert "serve r = 0.375 L, not --rank 0.5" in capsys.readouterr().err
     out = tmp_path / "c.json"
     assert main([*compare, "--json", str(out)]) == 0  # no --rank: the shares' mean is the budget
-    assert json.loads(out.read_text())["config"]["rank"] == 0.375
+    got = json.loads(out.read_text())
+    assert got["config"]["rank"] == 0.375
+    ranks = got["layer_ranks"]  # the summary's mean is the layers' mean, not the budget's r
+    assert (
+        f"per layer {', '.join(map(str, ranks))} (mean {sum(ranks) / len(ranks):g})"
+        in capsys.readouterr().err
+    )
     split = [
         "perplexity",
         "--model",

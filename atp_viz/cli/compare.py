@@ -105,8 +105,12 @@ def run(args: argparse.Namespace) -> int:
             "errors": {name: errs.tolist() for name, errs in sw.errors.items()},
         }
     summary = f"{config.label()}: r = {result['rank']} of L = {result['n_tokens']}"
-    if "layer_ranks" in result:
-        summary += f" on average (per layer {', '.join(map(str, result['layer_ranks']))})"
+    if "layer_ranks" in result:  # the budget's r, and the layers' own ranks with their mean
+        ranks = result["layer_ranks"]
+        summary = (
+            f"{config.label()}: the budget's r = {result['rank']} of L = {result['n_tokens']}; per layer "
+        )
+        summary += f"{', '.join(map(str, ranks))} (mean {sum(ranks) / len(ranks):g})"
     if "embedding_cosine_to_original_dense" in result:
         summary += (
             f", embedding cosine to the original model {result['embedding_cosine_to_original_dense']:.4f}"
