@@ -109,6 +109,16 @@ def test_verbose_is_read_before_or_after_the_command():
 def test_bad_inputs_exit_2(tmp_path, text_file, capsys):
     assert main(["compare", "--model", "tiny-bert", "--text-file", str(tmp_path / "none.txt")]) == 2
     assert "No such text file" in capsys.readouterr().err
+    assert main(["compare", "--model", "tiny-bert", "--text-file", str(tmp_path)]) == 2
+    assert "is a folder: give a text file" in capsys.readouterr().err
+    runs = (
+        ("tuned:", "No run folder given after 'tuned:'"),
+        (f"tuned:{tmp_path / 'nope'}", "No such run folder"),
+        (f"tuned:{tmp_path}", "is not an ATP fine-tuning run"),
+    )
+    for model, said in runs:
+        assert main(["compare", "--model", model, "--text-file", str(text_file)]) == 2
+        assert said in capsys.readouterr().err, model
     with pytest.raises(SystemExit) as bad_rank:  # refused while parsing, with the reason
         main(["compare", "--model", "tiny-bert", "--text-file", str(text_file), "--rank", "0"])
     assert bad_rank.value.code == 2 and "at least 1" in capsys.readouterr().err

@@ -89,8 +89,10 @@ def decode_upload(data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPL
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file given on the command line, checked like an upload."""
     p = Path(path)
+    if p.is_dir():
+        raise TextError(f"{path} is a folder: give a text file.")
     if not p.is_file():
-        raise TextError(f"No such text file: {path}")
+        raise TextError(f"No such text file: {path}" if not p.exists() else f"{path} is not a regular file.")
     return decode_upload(p.read_bytes(), p.name)
 
 
