@@ -126,7 +126,8 @@ def _reevaluate(args: argparse.Namespace) -> int:
     given += ["--layer-ranks"] if args.layer_ranks_how else []
     if given:
         print(
-            f"--reevaluate measures the run with its own settings; drop {', '.join(given)}.", file=sys.stderr
+            f"error: --reevaluate measures the run with its own settings; drop {', '.join(given)}.",
+            file=sys.stderr,
         )
         return 2
 
