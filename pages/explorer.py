@@ -242,13 +242,10 @@ def _before_after(config: ATPConfig, tuned_dense: compare.Forward, tuned_run: co
     if trained.get("attention", "atp") == "dense":
         how = "a dense-tuned control, trained without ATP"
     else:
-        basis = BASIS_SOURCES.get(trained.get("basis_from", "input"), trained.get("basis_from"))
-        if trained.get("centre_basis"):
-            basis = "centred basis from " + basis.removesuffix(
-                " (paper)"
-            )  # the centred basis is not the paper's
-        else:
-            basis = "basis from " + basis
+        source = BASIS_SOURCES.get(trained.get("basis_from", "input"), trained.get("basis_from"))
+        # A centred basis is not the paper's, whatever it decomposes.
+        centred = trained.get("centre_basis")
+        basis = f"centred basis from {source.removesuffix(' (paper)')}" if centred else f"basis from {source}"
         how = f"this model was tuned at {tuned.trained_setting(trained)}, {trained['form']} form, {basis}"
     st.markdown(
         f"**Before / after fine-tuning** ({how}; the current setting is {config.label()}). Every row is "

@@ -75,9 +75,9 @@ def run_key(folder: str | Path) -> str:
 
 
 def read_settings(folder: str | Path) -> dict:
-    path = run_folder(folder) / SETTINGS_FILE
     if not str(folder).strip():
         raise ModelLoadError("No run folder given after 'tuned:' (e.g. tuned:data/tuned/RUN).")
+    path = run_folder(folder) / SETTINGS_FILE
     if not path.parent.is_dir():
         raise ModelLoadError(f"No such run folder: {folder}.")
     if not path.is_file():
