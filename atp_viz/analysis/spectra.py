@@ -102,10 +102,9 @@ def basis_values(x: np.ndarray | torch.Tensor, *, centre: bool = False) -> np.nd
     need not be the largest, so this curve need not be concave at its first step."""
     if not centre:
         return singular_values(x)
-    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
-    mean_part = float(np.sqrt(t.shape[0]) * np.linalg.norm(np.asarray(t).mean(axis=0)))
-    s = singular_values(x, centered=True)
-    return np.concatenate([[mean_part], s])[: min(t.shape)]
+    a = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+    mean_part = np.sqrt(a.shape[0]) * np.linalg.norm(a.mean(axis=0))
+    return np.concatenate([[mean_part], singular_values(a, centered=True)])[: min(a.shape)]
 
 
 def spectrum(x: np.ndarray | torch.Tensor, *, centered: bool = False, skip_first: bool = False) -> Spectrum:
